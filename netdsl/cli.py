@@ -1,0 +1,118 @@
+"""The `netdsl` command.  Bad input gives `file:line:col: error: ...`, the
+line, a caret, and exit status 2 -- never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .diagnostics import NetdslError, render_all
+
+EXIT_OK, EXIT_INVALID, EXIT_INTERNAL = 0, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: same shape, status 2
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"netdsl: error: {message}\n")
+        raise SystemExit(EXIT_INVALID)
+
+
+def _input_shape(text: str):
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W or F as integers, got '{text}'") from None
+    if len(dims) not in (1, 3) or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W or F as positive integers, got '{text}'")
+    return dims
+
+
+def parse_value(text: str):
+    """A --set value: a number, true/false, a quoted string or a list of those."""
+    from . import ir
+    from .expr import EvalError, evaluate
+    from .parser import parse
+
+    try:
+        prog = parse(f"net _ input({text}) {{ }}", "--set")
+        args = prog.nets[0].input
+        if len(args) != 1 or args[0].name is not None:
+            raise ValueError
+        expr = args[0].value
+
+        def literal(e):
+            if isinstance(e, (ir.Name, ir.Func, ir.Index)):
+                raise ValueError
+            for v in vars(e).values():
+                for x in v if isinstance(v, tuple) else (v,):
+                    if isinstance(x, (ir.Const, ir.Name, ir.Unary, ir.Binary, ir.TupleExpr, ir.ListExpr, ir.Index, ir.Func)):
+                        literal(x)
+
+        literal(expr)
+        return evaluate(expr, {})
+    except (NetdslError, ValueError, EvalError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a value (a number, true/false, \"text\" or [list])") from None
+
+
+def _assignment(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected name=value, got '{text}'")
+    name, value = text.split("=", 1)
+    return name.strip(), parse_value(value.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="netdsl", description="Compile declarative CNN specs into fused Triton kernels.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    c = sub.add_parser("check", help="check shapes and print per-layer shapes, parameters and MACs")
+    c.add_argument("file")
+    c.add_argument("--net", help="only this network")
+    c.add_argument("--input", type=_input_shape, metavar="C,H,W", help="override the declared input shape")
+    c.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a network parameter (repeatable)")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return p
+
+
+def cmd_check(args) -> int:
+    from .compiler import check_file
+    from .report import table, to_json
+
+    res = check_file(args.file, args.net, dict(args.set), args.input)
+    if args.json:
+        print(json.dumps({"networks": [to_json(n) for n in res.nets if _valid(n, res)],
+                          "errors": [f"{d.pos}: {d.message}" for d in res.diagnostics]}))
+    else:
+        for n in res.nets:
+            if _valid(n, res):
+                print(table(n))
+    if res.diagnostics:
+        sys.stderr.write(render_all(res.diagnostics, res.sources))
+        count = len(res.diagnostics)
+        sys.stderr.write(f"{count} error{'s' if count != 1 else ''}\n")
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _valid(net, res) -> bool:
+    return net.out_shape is not None and None not in net.out_shape and res.ok
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"check": cmd_check}[args.command](args)
+    except NetdslError as e:
+        sys.stderr.write(render_all(e.diagnostics, e.sources))
+        return EXIT_INVALID
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # a netdsl bug: say so plainly instead of a traceback
+        sys.stderr.write(f"netdsl: internal error: {type(e).__name__}: {e}\n"
+                         "please report this with the spec that caused it\n")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

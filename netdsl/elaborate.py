@@ -1,0 +1,389 @@
+"""Elaboration: spec IR -> graph IR for one network.
+
+Evaluates parameters and expressions, instantiates blocks, unrolls `repeat` /
+`for`, picks `if` branches, and gives every layer its dotted module name:
+`name:` labels a layer or group, unlabeled items are numbered by position like
+nn.Sequential.  A labeled item (or a block instance) opens a name scope;
+unlabeled groups, loops and ifs are transparent.
+
+The pass is pure: it reads the Program and returns a `Net` (or None when the
+net could not be set up at all), appending problems to `diags`.
+"""
+from __future__ import annotations
+
+import re
+
+from . import ir
+from .diagnostics import Diagnostics, Pos, did_you_mean
+from .expr import EvalError, evaluate
+from .ops import OPS, REQUIRED, ArgError, show, stateless
+
+_COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+
+# ------------------------------------------------------------------ static checks
+
+
+def _calls(stmts):
+    """Every Call inside a body, through all nested items and both if-branches."""
+    for st in stmts:
+        if isinstance(st, ir.Chain):
+            for it in st.items:
+                yield from _item_calls(it)
+
+
+def _item_calls(it):
+    if isinstance(it, ir.Call):
+        yield it
+    elif isinstance(it, ir.If):
+        yield from _calls(it.then)
+        yield from _calls(it.orelse)
+    elif isinstance(it, ir.Residual):
+        yield from _calls(it.body)
+        if it.shortcut is not None:
+            yield from _item_calls(it.shortcut)
+    elif isinstance(it, (ir.Group, ir.Repeat, ir.Branches, ir.DenseItem)):
+        yield from _calls(it.body)
+
+
+def check_program(prog: ir.Program, diags: Diagnostics) -> None:
+    """File-wide checks: duplicate definitions, unknown layers/blocks, recursion."""
+    seen: dict[str, ir.Pos] = {}
+    for d in (*prog.blocks, *prog.nets):
+        if d.name in OPS:
+            diags.error(d.pos, f"'{d.name}' is a builtin layer and cannot be redefined")
+        elif d.name in seen and d.pos.file == prog.file:
+            diags.error(d.pos, f"'{d.name}' is already defined at {seen[d.name]}")
+        seen.setdefault(d.name, d.pos)
+    blocks = {b.name: b for b in prog.blocks}
+    known = list(OPS) + list(blocks)
+    bodies = [(b.name, b.body) for b in prog.blocks]
+    bodies += [(n.name, n.body + ((ir.Chain((n.alias,), n.pos),) if n.alias else ())) for n in prog.nets]
+    for _, body in bodies:
+        for c in _calls(body):
+            if c.name not in OPS and c.name not in blocks:
+                diags.error(c.pos, f"unknown layer or block '{c.name}'{did_you_mean(c.name, known)}")
+    # recursion: depth-first search over the block call graph
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]):
+        state[name] = 1
+        for c in _calls(blocks[name].body):
+            if c.name not in blocks:
+                continue
+            if state.get(c.name) == 1:
+                cycle = path[path.index(c.name):] + [c.name] if c.name in path else [name, c.name]
+                diags.error(c.pos, f"block '{c.name}' is recursive: {' -> '.join(cycle)}")
+            elif c.name not in state:
+                visit(c.name, path + [c.name])
+        state[name] = 2
+
+    for b in prog.blocks:
+        if b.name not in state:
+            visit(b.name, [b.name])
+
+
+# ------------------------------------------------------------------ scopes
+
+
+class _Scope:
+    """A module path prefix with nn.Sequential-style numbering of its slots."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.count = 0
+        self.taken: dict[str, tuple[str, Pos]] = {}
+
+    def full(self, local: str) -> str:
+        return f"{self.prefix}.{local}" if self.prefix else local
+
+    def slot(self, label: str | None, kind: str, pos: Pos, diags: Diagnostics, trace) -> str:
+        local = label if label is not None else str(self.count)
+        self.count += 1
+        prev = self.taken.get(local)
+        if prev is not None and not (prev[0] == kind and stateless(kind)):
+            diags.error(pos, f"name '{self.full(local)}' is already used by the item at {prev[1]}", _notes(trace))
+        self.taken.setdefault(local, (kind, pos))
+        return self.full(local)
+
+
+def _label_pos(it) -> Pos:
+    return it.label.pos if it.label is not None else it.pos
+
+
+def _notes(trace):
+    return tuple((p, f"in block '{name}' used here") for p, name in reversed(trace))
+
+
+# ------------------------------------------------------------------ elaboration
+
+
+class _Elaborator:
+    def __init__(self, prog: ir.Program, diags: Diagnostics):
+        self.prog = prog
+        self.blocks = {b.name: b for b in prog.blocks}
+        self.diags = diags
+
+    # -- helpers
+    def err(self, pos, msg, trace):
+        self.diags.error(pos, msg, _notes(trace))
+
+    def eval(self, e, env):
+        return evaluate(e, env)
+
+    def label(self, label: ir.Label | None, env) -> str | None:
+        if label is None:
+            return None
+        text = ""
+        for part in label.parts:
+            if isinstance(part, str):
+                text += part
+            else:
+                v = self.eval(part, env)
+                if isinstance(v, bool) or not isinstance(v, (int, str)):
+                    raise EvalError(part.pos, f"a label part must be an integer or a string, got {show(v)}")
+                text += str(v)
+        if not _COMPONENT.fullmatch(text):
+            raise EvalError(label.pos, f"'{text}' is not a valid layer name (letters, digits and '_')")
+        return text
+
+    def bind(self, params, args, what: str, env, pos, trace, defaults_env=None):
+        """Match call arguments to parameters: positional first, then keywords."""
+        values: dict = {}
+        names = [p.name for p in params]
+        positional = [a for a in args if a.name is None]
+        if any(a.name is None for a in args[len(positional):]):
+            bad = next(a for a in args[len(positional):] if a.name is None)
+            raise EvalError(bad.pos, "a positional argument cannot follow a keyword argument")
+        if len(positional) > len(params):
+            raise EvalError(positional[len(params)].pos,
+                            f"{what} takes at most {len(params)} positional argument{'s' if len(params) != 1 else ''}, got {len(positional)}")
+        for p, a in zip(params, positional):
+            values[p.name] = (self.eval(a.value, env), a.value.pos)
+        for a in args[len(positional):]:
+            if a.name not in names:
+                raise EvalError(a.pos, f"{what} has no argument '{a.name}'{did_you_mean(a.name, names)}")
+            if a.name in values:
+                raise EvalError(a.pos, f"{what} got argument '{a.name}' twice")
+            values[a.name] = (self.eval(a.value, env), a.value.pos)
+        return values
+
+    # -- nets
+    def net(self, nd: ir.NetDef, overrides: dict, input_override) -> ir.Net | None:
+        env: dict = {}
+        trace: tuple = ()
+        try:
+            for p in nd.params:
+                if p.name in overrides:
+                    v = overrides[p.name]
+                    if p.default is not None:
+                        d = self.eval(p.default, env)
+                        if type(d) is not type(v) and not (isinstance(d, float) and isinstance(v, int)):
+                            raise EvalError(p.pos, f"--set {p.name}={show(v)} does not match the parameter's type (default {show(d)})")
+                    env[p.name] = v
+                elif p.default is None:
+                    raise EvalError(p.pos, f"network '{nd.name}' needs a value for '{p.name}' (use --set {p.name}=...)")
+                else:
+                    env[p.name] = self.eval(p.default, env)
+            if input_override is not None:
+                shape = tuple(input_override)
+            else:
+                if any(a.name is not None for a in nd.input):
+                    raise EvalError(nd.pos, "input() takes positional sizes: input(C, H, W) or input(F)")
+                shape = tuple(self.eval(a.value, env) for a in nd.input)
+            if len(shape) not in (1, 3) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+                raise EvalError(nd.input[0].pos if nd.input else nd.pos,
+                                f"the input must be C, H, W or F positive integers, got {show(shape)}")
+        except EvalError as e:
+            self.err(e.pos, e.message, trace)
+            return None
+        scope = _Scope("")
+        if nd.alias is not None:
+            if nd.alias.name not in self.blocks:
+                if nd.alias.name in OPS:
+                    self.err(nd.alias.pos, f"`net {nd.name} ... = {nd.alias.name}(...)` needs a block, not a builtin layer; "
+                                           "write the layer in a body instead", trace)
+                return None  # an unknown name is reported by check_program
+            try:
+                nodes = self.block_call(nd.alias, env, scope, trace, inline=True)
+            except EvalError as e:
+                self.err(e.pos, e.message, trace)
+                return None
+        else:
+            nodes = self.stmts(nd.body, env, scope, trace)
+        return ir.Net(nd.name, shape, ir.Seq(tuple(nodes)), nd.pos, dict(env))
+
+    # -- bodies
+    def stmts(self, body, env, scope, trace) -> list:
+        out = []
+        for st in body:
+            if isinstance(st, ir.Assign):
+                try:
+                    env[st.name] = self.eval(st.value, env)
+                except EvalError as e:
+                    self.err(e.pos, e.message, trace)
+                    env[st.name] = None
+                continue
+            for it in st.items:
+                out += self.item(it, env, scope, trace)
+        return out
+
+    def item(self, it, env, scope: _Scope, trace) -> list:
+        try:
+            label = self.label(it.label, env)
+            if isinstance(it, ir.Call):
+                if it.name in self.blocks:
+                    return self.block_call(it, env, scope, trace, label=label)
+                if it.name not in OPS:  # reported once by check_program
+                    return [self.poison(it, scope, trace)]
+                return [self.layer(it, env, scope, trace, label)]
+            if isinstance(it, ir.Group):
+                return self.stmts(it.body, env, self.sub(scope, label, "group", _label_pos(it), trace), trace)
+            if isinstance(it, ir.Repeat):
+                return self.repeat(it, env, scope, trace, label)
+            if isinstance(it, ir.If):
+                chosen = it.then if self.condition(it, env) else it.orelse
+                if not chosen:
+                    return []
+                return self.stmts(chosen, env, self.sub(scope, label, "group", _label_pos(it), trace), trace)
+            if isinstance(it, ir.Residual):
+                inner = self.sub(scope, label, "group", _label_pos(it), trace)
+                body = self.stmts(it.body, env, inner, trace)
+                short = self.item(it.shortcut, env, inner, trace) if it.shortcut is not None else []
+                return [ir.Join("residual", (ir.Seq(tuple(body)), ir.Seq(tuple(short))), inner.prefix, it.pos, trace)]
+            if isinstance(it, ir.Branches):
+                inner = self.sub(scope, label, "group", _label_pos(it), trace)
+                branches = self.branches(it.body, env, inner, trace)
+                if len(branches) < 2 and it.kind == "add" or not branches:
+                    raise EvalError(it.pos, f"{it.kind} needs at least {2 if it.kind == 'add' else 1} branches, one per line")
+                return [ir.Join(it.kind, tuple(branches), inner.prefix, it.pos, trace)]
+            if isinstance(it, ir.DenseItem):
+                inner = self.sub(scope, label, "group", _label_pos(it), trace)
+                steps = self.branches(it.body, env, inner, trace)
+                return [ir.Dense(tuple(steps), inner.prefix, it.pos, trace)]
+        except EvalError as e:
+            self.err(e.pos, e.message, trace)
+            return [self.poison(it, scope, trace)]
+        raise AssertionError(f"unhandled item {type(it).__name__}")
+
+    def poison(self, it, scope, trace) -> ir.Layer:
+        """Stands in for an item that had an error: its output shape is unknown,
+        so nothing after it reports a consequential error."""
+        return ir.Layer(scope.full("?"), "unknown", {}, it.pos, trace)
+
+    def sub(self, scope, label, kind, pos, trace) -> _Scope:
+        if label is None:
+            return scope
+        return _Scope(scope.slot(label, kind, pos, self.diags, trace))
+
+    def branches(self, body, env, scope, trace) -> list:
+        """One Seq per statement of `concat`/`add`/`dense`, after unrolling:
+        an unlabeled for/repeat/if/group standing alone on a line contributes
+        one branch per statement of its body (so `for` can make dense layers)."""
+        out = []
+        for st in body:
+            if isinstance(st, ir.Assign):
+                self.stmts((st,), env, scope, trace)
+                continue
+            it = st.items[0] if len(st.items) == 1 else None
+            if it is not None and it.label is None and isinstance(it, (ir.Repeat, ir.If, ir.Group)):
+                try:
+                    out += self.unrolled(it, env, scope, trace)
+                except EvalError as e:
+                    self.err(e.pos, e.message, trace)
+                continue
+            out.append(ir.Seq(tuple(self.stmts((st,), env, scope, trace))))
+        return out
+
+    def unrolled(self, it, env, scope, trace) -> list:
+        if isinstance(it, ir.Group):
+            return self.branches(it.body, env, scope, trace)
+        if isinstance(it, ir.If):
+            return self.branches(it.then if self.condition(it, env) else it.orelse, env, scope, trace)
+        out = []
+        for v in self.iteration(it, env):
+            if it.var is not None:
+                env[it.var] = v
+            out += self.branches(it.body, env, scope, trace)
+        return out
+
+    def condition(self, it: ir.If, env) -> bool:
+        cond = self.eval(it.cond, env)
+        if not isinstance(cond, bool):
+            raise EvalError(it.cond.pos, f"an if condition must be true or false, got {show(cond)}")
+        return cond
+
+    def iteration(self, it: ir.Repeat, env) -> list:
+        n = self.eval(it.iterable, env)
+        if it.var is None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise EvalError(it.iterable.pos, f"repeat needs a count >= 0, got {show(n)}")
+            return [None] * n
+        if not isinstance(n, (list, tuple)):
+            raise EvalError(it.iterable.pos, f"for needs a list or range(...), got {show(n)}")
+        return list(n)
+
+    def repeat(self, it: ir.Repeat, env, scope, trace, label) -> list:
+        values = self.iteration(it, env)
+        inner = self.sub(scope, label, "group", _label_pos(it), trace)
+        out = []
+        for v in values:
+            if it.var is not None:
+                env[it.var] = v
+            out += self.stmts(it.body, env, inner, trace)
+        return out
+
+    # -- layers and blocks
+    def layer(self, call: ir.Call, env, scope, trace, label) -> ir.Layer:
+        spec = OPS[call.name]
+        given = self.bind(spec.params, call.args, call.name, env, call.pos, trace)
+        attrs = {}
+        weight_given = "weight" in given
+        for p in spec.params:
+            if p.name in given:
+                value, vpos = given[p.name]
+                try:
+                    attrs[p.name] = p.check(value, f"{call.name}'s {p.name}")
+                except ArgError as e:
+                    raise EvalError(vpos, str(e)) from None
+            elif p.default is REQUIRED:
+                if call.name == "conv" and weight_given and p.name in ("out_channels", "kernel_size"):
+                    attrs[p.name] = None
+                    continue
+                raise EvalError(call.pos, f"{call.name} is missing its required argument '{p.name}'")
+            else:
+                attrs[p.name] = p.check(p.default, p.name) if p.default is not None else None
+        if call.name == "conv" and weight_given and ("out_channels" in given or "kernel_size" in given):
+            raise EvalError(call.pos, "a conv with literal weights takes its channels and kernel size from them; drop out_channels and kernel_size")
+        if call.name == "conv" and attrs["weight"] is not None:
+            w = attrs["weight"]
+            if attrs["scale"] != 1.0:
+                w = {"shape": w["shape"], "values": tuple(v * attrs["scale"] for v in w["values"])}
+            attrs["weight"] = w
+            attrs["bias"] = False
+        name = scope.slot(label, call.name, _label_pos(call), self.diags, trace)
+        return ir.Layer(name, call.name, attrs, call.pos, trace)
+
+    def block_call(self, call: ir.Call, env, scope, trace, label=None, inline=False) -> list:
+        block = self.blocks[call.name]
+        if any(name == block.name for _, name in trace):  # reported once by check_program
+            return [self.poison(call, scope, trace)]
+        given = self.bind(block.params, call.args, f"block '{block.name}'", env, call.pos, trace)
+        benv: dict = {}
+        for p in block.params:
+            if p.name in given:
+                benv[p.name] = given[p.name][0]
+            elif p.default is not None:
+                benv[p.name] = self.eval(p.default, benv)
+            else:
+                raise EvalError(call.pos, f"block '{block.name}' is missing its required argument '{p.name}'")
+        inner = scope if inline else _Scope(scope.slot(label, "block", _label_pos(call), self.diags, trace))
+        return self.stmts(block.body, benv, inner, trace + ((call.pos, block.name),))
+
+
+def elaborate(prog: ir.Program, net: str, diags: Diagnostics, overrides: dict | None = None,
+              input_shape=None) -> ir.Net | None:
+    """Program + network name -> graph IR (unchecked shapes)."""
+    nd = prog.net(net)
+    if nd is None:
+        raise KeyError(net)
+    return _Elaborator(prog, diags).net(nd, dict(overrides or {}), input_shape)

@@ -1,0 +1,328 @@
+"""The netdsl IR: frozen dataclasses with source positions.
+
+Two levels share this module:
+- the *spec* level, built straight from the parse tree (expressions, items,
+  blocks, nets), still parametric;
+- the *graph* level, produced by elaboration: concrete layers (`Layer`) with
+  dotted names, arranged in sequences (`Seq`), parallel joins (`Join`) and
+  dense blocks (`Dense`).  Shape inference fills in shapes and counts; the
+  fusion pass groups layers into kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .diagnostics import Pos
+
+# ---------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Any  # int, float, bool or str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Name:
+    id: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str  # "-", "not"
+    operand: "Expr"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # + - * / // % ** == != < <= > >= and or
+    left: "Expr"
+    right: "Expr"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class TupleExpr:
+    items: tuple["Expr", ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class ListExpr:
+    items: tuple["Expr", ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Index:
+    base: "Expr"
+    index: "Expr"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Func:
+    name: str  # len, min, max, int, float
+    args: tuple["Expr", ...]
+    pos: Pos
+
+
+Expr = Union[Const, Name, Unary, Binary, TupleExpr, ListExpr, Index, Func]
+
+# ---------------------------------------------------------------- spec items
+
+
+@dataclass(frozen=True)
+class Label:
+    """`name:` before an item; parts are literal text or `{expr}` pieces."""
+
+    parts: tuple[Union[str, Expr], ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str | None  # None for positional
+    value: Expr
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Call:
+    """A builtin layer (`conv(64, 3)`) or a block instance (`ResBlk(64, 128)`)."""
+
+    name: str
+    args: tuple[Arg, ...]
+    label: Label | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Group:
+    body: tuple["Stmt", ...]
+    label: Label | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """`repeat n { }` (var None) or `for v in iterable { }`."""
+
+    var: str | None
+    iterable: Expr
+    body: tuple["Stmt", ...]
+    label: Label | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class If:
+    cond: Expr
+    then: tuple["Stmt", ...]
+    orelse: tuple["Stmt", ...]
+    label: Label | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Residual:
+    """body(x) + shortcut(x); the shortcut is the identity when absent or empty."""
+
+    body: tuple["Stmt", ...]
+    shortcut: "Item | None"
+    label: Label | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Branches:
+    """`concat { }` / `add { }`: every statement is a branch fed the same input."""
+
+    kind: str  # "concat" | "add"
+    body: tuple["Stmt", ...]
+    label: Label | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class DenseItem:
+    """`dense { }`: each statement sees the concatenation of all earlier outputs."""
+
+    body: tuple["Stmt", ...]
+    label: Label | None
+    pos: Pos
+
+
+Item = Union[Call, Group, Repeat, If, Residual, Branches, DenseItem]
+
+
+@dataclass(frozen=True)
+class Chain:
+    items: tuple[Item, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Assign:
+    name: str
+    value: Expr
+    pos: Pos
+
+
+Stmt = Union[Chain, Assign]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Expr | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class BlockDef:
+    name: str
+    params: tuple[Param, ...]
+    body: tuple[Stmt, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class NetDef:
+    """A network: parameters, an input shape (C, H, W or F), and a body.
+
+    `alias` is set for `net X input(...) = Block(args)`: the block's layers are
+    laid out at the root (no name prefix), so templates like ResNet(...) serve
+    several networks."""
+
+    name: str
+    params: tuple[Param, ...]
+    input: tuple[Arg, ...]
+    body: tuple[Stmt, ...]
+    alias: Call | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Import:
+    path: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Program:
+    """One parsed file, with the blocks of its imports merged in."""
+
+    file: str
+    imports: tuple[Import, ...]
+    blocks: tuple[BlockDef, ...]
+    nets: tuple[NetDef, ...]
+    sources: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def block(self, name: str) -> BlockDef | None:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        return None
+
+    def net(self, name: str) -> NetDef | None:
+        for n in self.nets:
+            if n.name == name:
+                return n
+        return None
+
+
+# ---------------------------------------------------------------- graph level
+
+Shape = tuple  # (C, H, W) or (F,); an entry is None where an error made it unknown
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A parameter or buffer a layer owns, relative to the layer's name."""
+
+    suffix: str  # "weight", "running_mean", ...
+    shape: tuple[int, ...]
+    kind: str  # "param", "frozen" (param with requires_grad False), "buffer"
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str  # dotted module path, e.g. "layer1.0.conv1"
+    op: str  # builtin op name, e.g. "conv"
+    attrs: dict = field(hash=False)
+    pos: Pos
+    trace: tuple = ()  # (call site, block name) of enclosing block instances, outermost first
+    in_shape: Shape | None = None
+    out_shape: Shape | None = None
+    tensors: tuple[Tensor, ...] = ()
+    params: int = 0
+    macs: int = 0
+
+
+@dataclass(frozen=True)
+class Seq:
+    items: tuple["Node", ...]
+    in_shape: Shape | None = None
+    out_shape: Shape | None = None
+
+
+@dataclass(frozen=True)
+class Join:
+    """Parallel branches fed the same input, joined by "add", "concat" or
+    "residual" (an add whose second branch is the shortcut, empty = identity)."""
+
+    kind: str
+    branches: tuple[Seq, ...]
+    name: str  # scope the join lives in (for tables and kernel names)
+    pos: Pos
+    trace: tuple = ()
+    in_shape: Shape | None = None
+    out_shape: Shape | None = None
+
+
+@dataclass(frozen=True)
+class Dense:
+    """DenseNet block: step k sees concat(input, out_0, ..., out_{k-1})."""
+
+    steps: tuple[Seq, ...]
+    name: str
+    pos: Pos
+    trace: tuple = ()
+    in_shape: Shape | None = None
+    out_shape: Shape | None = None
+
+
+Node = Union[Layer, Seq, Join, Dense]
+
+
+@dataclass(frozen=True)
+class Net:
+    name: str
+    input_shape: Shape
+    body: Seq
+    pos: Pos
+    params: dict = field(hash=False, default_factory=dict)  # resolved net parameters
+
+    @property
+    def out_shape(self):
+        return self.body.out_shape
+
+
+def walk_layers(node: Node):
+    """Every Layer under node, in execution order."""
+    if isinstance(node, Layer):
+        yield node
+    elif isinstance(node, Seq):
+        for n in node.items:
+            yield from walk_layers(n)
+    elif isinstance(node, Join):
+        for b in node.branches:
+            yield from walk_layers(b)
+    elif isinstance(node, Dense):
+        for s in node.steps:
+            yield from walk_layers(s)
