@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
                    help="override a network parameter (repeatable)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    k = sub.add_parser("compile", help="generate a Python module: Triton kernels and nn.Modules")
+    k.add_argument("file")
+    k.add_argument("--net", help="only this network")
+    k.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a network parameter (repeatable)")
+    k.add_argument("--target", choices=("triton", "torch"), default="triton",
+                   help="triton (default): fused Triton kernels; torch: the same network in plain PyTorch")
+    k.add_argument("-o", "--output", metavar="OUT.py", help="where to write (default: FILE's name with .py, here)")
     return p
 
 
@@ -95,6 +103,33 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
+def cmd_compile(args) -> int:
+    import os
+
+    from .compiler import compile_program
+    from .fusion import kernels_of
+    from .parser import load
+    from .codegen.triton_module import kernel_names
+
+    source, nets = compile_program(load(args.file), args.net, dict(args.set), target=args.target)
+    stem = os.path.splitext(os.path.basename(args.file))[0]
+    out = args.output or f"{stem}{'_torch' if args.target == 'torch' else ''}.py"
+    with open(out, "w") as f:
+        f.write(source)
+    print(f"wrote {out}: {len(nets)} network{'s' if len(nets) != 1 else ''} ({', '.join(n.name for n in nets)})")
+    if args.target == "torch":
+        return EXIT_OK
+    print(f"{len(kernel_names(source))} Triton kernels")
+    for net in nets:
+        units = [u for u in kernels_of(net.body) if hasattr(u, "layers")]
+        fused = [u for u in units if len(u.layers) + (u.act is not None) + u.residual > 1]
+        print(f"{net.name}: {len(fused)} fused kernels")
+        for u in fused:
+            parts = [l.name for l in u.layers] + (["add"] if u.residual else []) + ([u.act.name] if u.act else [])
+            print(f"  {' + '.join(parts)}  ->  {u.describe()}")
+    return EXIT_OK
+
+
 def _valid(net, res) -> bool:
     return net.out_shape is not None and None not in net.out_shape and res.ok
 
@@ -102,7 +137,7 @@ def _valid(net, res) -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"check": cmd_check}[args.command](args)
+        return {"check": cmd_check, "compile": cmd_compile}[args.command](args)
     except NetdslError as e:
         sys.stderr.write(render_all(e.diagnostics, e.sources))
         return EXIT_INVALID

@@ -88,3 +88,21 @@ def checked_net(path_or_prog, net: str, overrides=None, input_shape=None) -> ir.
     if not res.ok:
         raise NetdslError(res.diagnostics, res.sources)
     return res.nets[0]
+
+
+def compile_program(prog: ir.Program, net: str | None = None, overrides=None, input_shape=None,
+                    target: str = "triton") -> tuple[str, list[ir.Net]]:
+    """Spec -> Python source for every network of the file (or only `net`).
+
+    front -> fuse (triton target) -> generate; raises NetdslError on any problem."""
+    from .codegen import torch_module, triton_module
+    from .fusion import fuse
+
+    res = check_program_nets(prog, net, overrides, input_shape)
+    if not res.ok:
+        raise NetdslError(res.diagnostics, res.sources)
+    source = prog.file
+    if target == "torch":
+        return torch_module.generate(res.nets, source), res.nets
+    fused = [fuse(n) for n in res.nets]  # conv+bn+act, linear+act, bn+act, residual epilogues
+    return triton_module.generate(fused, source), fused

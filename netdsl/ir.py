@@ -274,7 +274,10 @@ class Seq:
 @dataclass(frozen=True)
 class Join:
     """Parallel branches fed the same input, joined by "add", "concat" or
-    "residual" (an add whose second branch is the shortcut, empty = identity)."""
+    "residual" (an add whose second branch is the shortcut, empty = identity).
+
+    `fused` (set by the fusion pass): the add happens in the epilogue of the
+    body's last kernel, which then takes the shortcut as its residual input."""
 
     kind: str
     branches: tuple[Seq, ...]
@@ -283,6 +286,7 @@ class Join:
     trace: tuple = ()
     in_shape: Shape | None = None
     out_shape: Shape | None = None
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,44 @@ class Dense:
     out_shape: Shape | None = None
 
 
-Node = Union[Layer, Seq, Join, Dense]
+@dataclass(frozen=True)
+class Fused:
+    """Several layers run as one kernel (or one conv + its BN statistics in
+    training): `conv`/`linear` with an optional BN and activation, or a
+    standalone `bn` with an activation.  `residual`: the epilogue also adds the
+    enclosing residual's shortcut before the activation."""
+
+    kind: str  # "conv" | "linear" | "bn"
+    layers: tuple[Layer, ...]  # the main layer, then its BN if any
+    act: Layer | None = None
+    residual: bool = False
+
+    @property
+    def main(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def bn(self) -> Layer | None:
+        return next((l for l in self.layers if l.op == "bn"), None) if self.kind != "bn" else self.layers[0]
+
+    @property
+    def in_shape(self):
+        return self.layers[0].in_shape
+
+    @property
+    def out_shape(self):
+        return self.layers[-1].out_shape if self.act is None else self.act.out_shape
+
+    @property
+    def pos(self):
+        return self.layers[0].pos
+
+    def describe(self) -> str:
+        parts = [l.op for l in self.layers] + (["add"] if self.residual else []) + ([self.act.op] if self.act else [])
+        return "_".join(parts)
+
+
+Node = Union[Layer, Seq, Join, Dense, Fused]
 
 
 @dataclass(frozen=True)
@@ -326,3 +367,7 @@ def walk_layers(node: Node):
     elif isinstance(node, Dense):
         for s in node.steps:
             yield from walk_layers(s)
+    elif isinstance(node, Fused):
+        yield from node.layers
+        if node.act is not None:
+            yield node.act

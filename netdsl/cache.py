@@ -1,0 +1,65 @@
+"""`netdsl.build(...)`: compile a spec, cache the generated module by content
+hash, import it and return a network instance."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .compiler import compile_program
+from .parser import load
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("NETDSL_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "netdsl"))
+    (d / "modules").mkdir(parents=True, exist_ok=True)
+    return d / "modules"
+
+
+def _kernel_sources() -> str:
+    here = Path(__file__).resolve().parent
+    return "".join(p.read_text() for p in sorted((here / "kernels").glob("*.py")) + sorted((here / "codegen").glob("*.py")))
+
+
+def _key(prog, net, overrides, target) -> str:
+    h = hashlib.sha256()
+    for name in sorted(prog.sources):
+        h.update(name.encode() + b"\0" + prog.sources[name].encode() + b"\0")
+    h.update(repr((net, sorted((overrides or {}).items()), target, __version__)).encode())
+    h.update(_kernel_sources().encode())
+    return h.hexdigest()[:20]
+
+
+def import_file(path: str | os.PathLike, name: str | None = None):
+    """Import a generated file as a module (kernels need a real file: Triton reads their source)."""
+    path = str(path)
+    name = name or "netdsl_generated_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def compile_to_module(path, net: str | None = None, target: str = "triton", **overrides):
+    """The generated module for a spec file, from the cache when the content is unchanged."""
+    prog = load(path)
+    key = _key(prog, net, overrides, target)
+    out = cache_dir() / f"{Path(str(path)).stem}_{key}.py"
+    if not out.exists():
+        source, _ = compile_program(prog, net, overrides, target=target)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(source)
+        os.replace(tmp, out)
+    return import_file(out, f"netdsl_gen_{key}")
+
+
+def build(path, net: str, target: str = "triton", **overrides):
+    """A ready module instance: `netdsl.build("specs/resnet.net", net="ResNet18", num_classes=10)`."""
+    mod = compile_to_module(path, net, target, **overrides)
+    return mod.NETWORKS[net]()

@@ -1,0 +1,310 @@
+"""The Triton target: one standalone file with the kernels (templates filled
+with what the spec fixes), and one nn.Module per network whose forward is a
+straight line of kernel launches through netdsl's runtime."""
+from __future__ import annotations
+
+from .. import ir
+from ..diagnostics import Diagnostic, NetdslError
+from ..kernels import conv as kconv
+from ..kernels import elementwise as kew
+from ..kernels import norm as knorm
+from ..kernels import pool as kpool
+from ..kernels import render
+from .layers import check_class_name, init_lines, shape_text, where
+
+GENERIC = {  # kernels with nothing spec-specific; one copy per file
+    "bn_stats": knorm.BN_STATS,
+    "bn_fold": knorm.BN_FOLD,
+    "channel_affine": knorm.CHANNEL_AFFINE,
+    "elementwise": kew.ELEMENTWISE,
+    "adaptive_avgpool": kpool.ADAPTIVE_AVGPOOL2D,
+    "softmax": knorm.SOFTMAX,
+}
+
+_GENERIC_DOC = {
+    "bn_stats": "batch-norm statistics: per-channel mean and biased variance (training)",
+    "bn_fold": "batch-norm scale/shift from batch or running statistics; running-stat update",
+    "channel_affine": "y = act(x·scale[c] + shift[c] + residual): batch norm apply",
+    "elementwise": "activations, unfused adds, dropout, copies",
+    "adaptive_avgpool": "adaptive / global average pooling",
+    "softmax": "softmax over channels",
+}
+
+
+def mangle(name: str) -> str:
+    return name.replace(".", "_") or "root"
+
+
+class _Kernels:
+    """Distinct specialized kernels, named after their first user."""
+
+    def __init__(self):
+        self.by_key: dict = {}
+        self.order: list = []
+
+    def get(self, template: str, what: str, user, label: str, **consts) -> str:
+        key = (template, tuple(sorted(consts.items())))
+        entry = self.by_key.get(key)
+        if entry is None:
+            entry = {"name": f"{what}__{mangle(label)}", "template": template, "consts": consts,
+                     "users": [], "title": _title(what, consts)}
+            self.by_key[key] = entry
+            self.order.append(entry)
+        entry["users"].append(user)
+        return entry["name"]
+
+    def source(self) -> list[str]:
+        out = []
+        for e in self.order:
+            users = e["users"]
+            shown = [f"  {u}" for u in users[:8]] + ([f"  ... and {len(users) - 8} more"] if len(users) > 8 else [])
+            header = "\n".join([e["title"], "used by:"] + shown)
+            out.append(render(e["template"], e["name"], header, **e["consts"]))
+        return out
+
+
+def _title(what, c) -> str:
+    if "KH" in c:
+        return (f"{what}: {c['KH']}×{c['KW']} window, stride {c['SH']}×{c['SW']}, padding {c['PH']}×{c['PW']}, "
+                f"dilation {c['DH']}×{c['DW']}" + (f", groups {c['GROUPS']}" if "GROUPS" in c else ""))
+    return what
+
+
+def _conv_consts(a):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel_size"], a["stride"], a["padding"], a["dilation"]
+    return dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, GROUPS=a["groups"])
+
+
+def _chain_text(f: ir.Fused) -> str:
+    names = [l.name for l in f.layers] + (["(+ shortcut)"] if f.residual else []) + ([f.act.name] if f.act else [])
+    return f"{' -> '.join(names)}  ({where(f.main)})"
+
+
+def _preserves_size(node) -> bool:
+    """True when node's output has its input's spatial size for every input size."""
+    if isinstance(node, ir.Layer):
+        a = node.attrs
+        if node.op in ("conv", "maxpool", "avgpool"):
+            kh, kw = a["kernel_size"]
+            d = a.get("dilation", (1, 1))
+            return a["stride"] == (1, 1) and all(2 * p == dd * (k - 1) for p, k, dd in zip(a["padding"], (kh, kw), d))
+        return node.op not in ("conv_transpose", "upsample", "adaptive_avgpool", "global_avgpool", "flatten", "linear")
+    if isinstance(node, ir.Fused):
+        return all(_preserves_size(l) for l in node.layers)
+    if isinstance(node, ir.Seq):
+        return all(_preserves_size(n) for n in node.items)
+    if isinstance(node, (ir.Join, ir.Dense)):
+        return all(_preserves_size(b) for b in (node.branches if isinstance(node, ir.Join) else node.steps))
+    return False
+
+
+class _Forward:
+    def __init__(self, kernels: _Kernels):
+        self.k = kernels
+        self.lines: list[str] = []
+        self.count = 0
+        self.residual: list[str] = []  # shortcut tensors awaiting a fused epilogue
+
+    def var(self) -> str:
+        self.count += 1
+        return f"t{self.count}"
+
+    def put(self, line: str):
+        self.lines.append(line)
+
+    def emit(self, node, x: str, out: str | None = None) -> str:
+        """Emit code computing node(x); with `out`, the result lands in that tensor."""
+        if isinstance(node, ir.Seq):
+            if not node.items:
+                return self._into(x, out)
+            for item in node.items[:-1]:
+                x = self.emit(item, x)
+            return self.emit(node.items[-1], x, out)
+        if isinstance(node, ir.Fused):
+            return self.fused(node, x, out)
+        if isinstance(node, ir.Layer):
+            return self.layer(node, x, out)
+        if isinstance(node, ir.Join):
+            return self.join(node, x, out)
+        if isinstance(node, ir.Dense):
+            return self.dense(node, x, out)
+        raise AssertionError(type(node).__name__)
+
+    def _into(self, v: str, out: str | None) -> str:
+        if out is None:
+            return v
+        self.put(f"rt.copy(K, {v}, {out})")
+        return out
+
+    def _out(self, out):
+        return f", out={out}" if out else ""
+
+    def fused(self, f: ir.Fused, x: str, out: str | None) -> str:
+        v = self.var()
+        main = f.main
+        at = f"{main.name} ({where(main)})"
+        act = f", act={f.act.op!r}" if f.act else ""
+        if f.act is not None and f.act.op == "leaky_relu":
+            act += f", slope={f.act.attrs['negative_slope']!r}"
+        res = f", residual={self.residual[-1]}" if f.residual else ""
+        self.put(f"# {_chain_text(f)}")
+        if f.kind == "conv":
+            kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
+            bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
+            self.put(f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{self._out(out)}, at={at!r})")
+        elif f.kind == "linear":
+            kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
+                              KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
+            self.put(f"{v} = rt.linear({kern}, self.layer({main.name!r}), {x}{act}{self._out(out)}, at={at!r})")
+        else:
+            self.put(f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{self._out(out)}, at={at!r})")
+        return v
+
+    def layer(self, l: ir.Layer, x: str, out: str | None) -> str:
+        a, op, v = l.attrs, l.op, self.var()
+        at = f"{l.name} ({where(l)})"
+        o = self._out(out)
+        if op in ("relu", "sigmoid", "tanh", "leaky_relu"):
+            slope = f", slope={a['negative_slope']!r}" if op == "leaky_relu" else ""
+            self.put(f"{v} = rt.activation(K, {x}, {op!r}{slope}{o})  # {at}")
+        elif op in ("maxpool", "avgpool"):
+            consts = dict(_conv_consts(dict(a, dilation=a.get("dilation", (1, 1)), groups=1)),
+                          IS_MAX=op == "maxpool", COUNT_INCLUDE_PAD=a.get("count_include_pad", True))
+            consts.pop("GROUPS")
+            kern = self.k.get(kpool.POOL2D, op, f"{l.name}  ({where(l)})", l.name, **consts)
+            self.put(f"{v} = rt.pool({kern}, {x}, {tuple(a['kernel_size'])}, {tuple(a['stride'])}, {tuple(a['padding'])}, "
+                     f"{tuple(a.get('dilation', (1, 1)))}, ceil_mode={a['ceil_mode']}{o}, at={at!r})")
+        elif op in ("adaptive_avgpool", "global_avgpool"):
+            self.put(f"{v} = rt.adaptive_avgpool(K, {x}, {tuple(a['output_size'])}{o}, at={at!r})")
+        elif op == "upsample":
+            kern = self.k.get(kpool.UPSAMPLE2D, f"upsample_{a['mode']}", f"{l.name}  ({where(l)})", l.name,
+                              BILINEAR=a["mode"] == "bilinear", ALIGN_CORNERS=a["align_corners"])
+            self.put(f"{v} = rt.upsample({kern}, {x}, {a['scale_factor']!r}, {a['align_corners']}{o}, at={at!r})")
+        elif op == "flatten":
+            self.put(f"{v} = rt.flatten(K, {x})  # {at}")
+            return self._into(v, out)
+        elif op == "dropout":
+            self.put(f"{v} = rt.dropout(K, {x}, {a['p']!r}, self.training{o})  # {at}")
+        elif op == "lrn":
+            kern = self.k.get(knorm.LRN, "lrn", f"{l.name}  ({where(l)})", l.name, SIZE=a["size"])
+            self.put(f"{v} = rt.lrn({kern}, self.layer({l.name!r}), {x}{o}, at={at!r})")
+        elif op == "softmax":
+            if a["dim"] != 1:
+                raise NetdslError([Diagnostic(l.pos, "the Triton target supports softmax over dim 1 only")])
+            self.put(f"{v} = rt.softmax(K, {x}{o}, at={at!r})")
+        elif op == "identity":
+            return self._into(x, out)
+        elif op == "conv_transpose":
+            kern = self.k.get(kconv.CONV_TRANSPOSE2D, "conv_transpose", f"{l.name}  ({where(l)})", l.name,
+                              **_conv_consts(a))
+            self.put(f"{v} = rt.conv_transpose({kern}, self.layer({l.name!r}), {x}{o}, at={at!r})")
+        else:
+            raise AssertionError(f"unfused {op}")
+        return out or v
+
+    def join(self, j: ir.Join, x: str, out: str | None) -> str:
+        if j.kind == "concat":
+            return self.concat(j, x, out)
+        body, short = j.branches if j.kind == "residual" else (j.branches[0], None)
+        if j.fused:
+            s = self.emit(short, x) if short.items else x
+            self.residual.append(s)
+            v = self.emit(body, x, out)
+            self.residual.pop()
+            return v
+        outs = [self.emit(b, x) for b in j.branches]
+        v = self.var()
+        self.put(f"{v} = rt.add(K, {outs[0]}, {outs[1]}{self._out(out if len(outs) == 2 else None)}, "
+                 f"at={(j.name or 'add') + ' (' + where(j) + ')'!r})")
+        for extra in outs[2:]:
+            w = self.var()
+            self.put(f"{w} = rt.add(K, {v}, {extra})")
+            v = w
+        return self._into(v, out) if len(outs) > 2 else (out or v)
+
+    def concat(self, j: ir.Join, x: str, out: str | None) -> str:
+        C = j.out_shape[0]
+        buf = out or self.var()
+        if all(_preserves_size(b) for b in j.branches):
+            # every branch writes straight into its channel slice: no copies
+            if out is None:
+                self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # concat {j.name} ({where(j)})")
+            c0 = 0
+            for b in j.branches:
+                c1 = c0 + b.out_shape[0]
+                self.emit(b, x, f"{buf}[:, {c0}:{c1}]")
+                c0 = c1
+            return buf
+        outs = [self.emit(b, x) for b in j.branches]
+        if out is None:
+            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {outs[0]}.shape[2], {outs[0]}.shape[3])  # concat ({where(j)})")
+        c0 = 0
+        for b, o in zip(j.branches, outs):
+            c1 = c0 + b.out_shape[0]
+            self.put(f"rt.copy(K, {o}, {buf}[:, {c0}:{c1}])")
+            c0 = c1
+        return buf
+
+    def dense(self, d: ir.Dense, x: str, out: str | None) -> str:
+        if not all(_preserves_size(s) for s in d.steps):
+            raise NetdslError([Diagnostic(d.pos, "a dense block's layers must keep the spatial size")])
+        C = d.out_shape[0]
+        buf = out or self.var()
+        if out is None:
+            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
+        c = d.in_shape[0]
+        self.put(f"rt.copy(K, {x}, {buf}[:, 0:{c}])")
+        for step in d.steps:
+            g = step.out_shape[0]
+            self.emit(step, f"{buf}[:, 0:{c}]", f"{buf}[:, {c}:{c + g}]")
+            c += g
+        return buf
+
+
+def generate(nets: list[ir.Net], source: str) -> str:
+    kernels = _Kernels()
+    classes = []
+    for net in nets:
+        check_class_name(net)
+        fwd = _Forward(kernels)
+        result = fwd.emit(net.body, "x")
+        classes.append((net, fwd.lines, result))
+    out = [f'"""Generated by netdsl from {source}: Triton kernels and the nn.Modules that run them.',
+           "",
+           "On CUDA tensors the kernels run compiled; on CPU tensors through Triton's interpreter.",
+           'Do not edit; regenerate with `netdsl compile`."""',
+           "import torch",
+           "import torch.nn as nn",
+           "import triton",
+           "import triton.language as tl",
+           "",
+           "from netdsl import runtime as rt",
+           ""]
+    for name, template in GENERIC.items():
+        out += ["", render(template, name, _GENERIC_DOC[name])]
+    for src in kernels.source():
+        out += ["", src]
+    out += ["", "K = rt.Kernels(" + ", ".join(f"{n}={n}" for n in GENERIC) + ")", ""]
+    for net, lines, result in classes:
+        out += ["",
+                f"class {net.name}(rt.NetModule):",
+                f'    """{net.name} ({where(net)}): input {shape_text(net.input_shape)}, output {shape_text(net.out_shape)}."""',
+                "",
+                f"    input_shape = {tuple(net.input_shape)!r}",
+                "",
+                "    def __init__(self):",
+                "        super().__init__()"]
+        out += [f"        {line}" for line in init_lines(net)]
+        out += ["",
+                "    def forward(self, x):",
+                f"        x = rt.check_input(x, self.input_shape, {net.name!r})"]
+        out += [f"        {line}" for line in lines]
+        out += [f"        return {result}", ""]
+    out += ["", f"NETWORKS = {{{', '.join(f'{n.name!r}: {n.name}' for n, _, _ in classes)}}}", ""]
+    return "\n".join(out)
+
+
+def kernel_names(source: str) -> list[str]:
+    import re
+
+    return re.findall(r"^def (\w+)\(", source, flags=re.M)

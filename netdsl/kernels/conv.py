@@ -1,0 +1,200 @@
+"""Convolution as implicit GEMM: conv2d (and linear, as a 1×1 conv on a 1×1
+image) and transposed conv2d, with fused epilogues.
+
+GEMM view of a conv: M = N·Ho·Wo output pixels, N = C_out/groups, K =
+(C_in/groups)·KH·KW.  A program computes a BLOCK_M × BLOCK_N tile, walking the
+kernel window and BLOCK_K input channels at a time with `tl.dot` (fp32
+accumulation).  Tensors are addressed through strides, so NCHW and
+channels_last inputs and channel slices of a concat buffer all work.
+
+Epilogue (constexpr flags): y = act(acc · scale[c] + shift[c] + residual).
+`scale`/`shift` carry a bias or a folded BatchNorm.
+"""
+import triton
+
+from . import ACT_CODES
+
+CONV2D = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    # sizes
+    N, H, W, C_in, Ho, Wo, C_out, slope,
+    # strides
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
+    # meta-parameters
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    KH = $KH
+    KW = $KW
+    SH = $SH
+    SW = $SW
+    PH = $PH
+    PW = $PW
+    DH = $DH
+    DW = $DW
+    G = $GROUPS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    cin_g = C_in // G
+    cout_g = C_out // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < N * Ho * Wo
+    n_mask = offs_n < cout_g
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    n = offs_m // (Wo * Ho)
+    co = g * cout_g + offs_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        ih = oh * SH - PH + kh * DH
+        for kw in range(KW):
+            iw = ow * SW - PW + kw * DW
+            pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = n * sxn + ih * sxh + iw * sxw
+            for c0 in range(0, cin_g, BLOCK_K):
+                offs_k = c0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < cin_g
+                a = tl.load(x_ptr + x_row[:, None] + (g * cin_g + offs_k)[None, :] * sxc,
+                            mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(w_ptr + co[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + co, mask=n_mask, other=0.0)[None, :]
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
+        acc = acc + r.to(tl.float32)
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = tl.where(acc >= 0.0, acc, acc * slope)
+    elif ACT == 3:
+        acc = tl.sigmoid(acc)
+    elif ACT == 4:
+        acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+    y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+'''
+
+# Transposed conv gathers: output pixel (oh, ow) takes input (ih, iw) where
+# oh = ih·S − P + kh·D, i.e. ih = (oh + P − kh·D) / S when that divides exactly.
+CONV_TRANSPOSE2D = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    x_ptr, w_ptr, shift_ptr, y_ptr,
+    # sizes
+    N, H, W, C_in, Ho, Wo, C_out,
+    # strides
+    sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw,
+    # meta-parameters
+    HAS_SHIFT: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    KH = $KH
+    KW = $KW
+    SH = $SH
+    SW = $SW
+    PH = $PH
+    PW = $PW
+    DH = $DH
+    DW = $DW
+    G = $GROUPS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    cin_g = C_in // G
+    cout_g = C_out // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < N * Ho * Wo
+    n_mask = offs_n < cout_g
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    n = offs_m // (Wo * Ho)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        th = oh + PH - kh * DH
+        ih = th // SH
+        h_ok = (th >= 0) & (th - ih * SH == 0) & (ih < H)
+        for kw in range(KW):
+            tw = ow + PW - kw * DW
+            iw = tw // SW
+            pix_ok = m_mask & h_ok & (tw >= 0) & (tw - iw * SW == 0) & (iw < W)
+            x_row = n * sxn + ih * sxh + iw * sxw
+            for c0 in range(0, cin_g, BLOCK_K):
+                offs_k = c0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < cin_g
+                ci = g * cin_g + offs_k
+                a = tl.load(x_ptr + x_row[:, None] + ci[None, :] * sxc,
+                            mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(w_ptr + ci[:, None] * swi + offs_n[None, :] * swo + kh * swh + kw * sww,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc += tl.dot(a, b, input_precision=PRECISION)
+    co = g * cout_g + offs_n
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+'''
+
+
+def _pow2(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def conv_blocks(M, cout_g, cin_g, on_gpu):
+    # tl.dot needs every block dimension >= 16.  The interpreter prefers big
+    # tiles (fewer, larger numpy ops); GPU sizes are a starting point for autotuning.
+    if on_gpu:
+        return 64 if M >= 64 else 16, _pow2(cout_g, 16, 128), _pow2(cin_g, 16, 32)
+    return _pow2(M, 16, 1024), _pow2(cout_g, 16, 512), _pow2(cin_g, 16, 512)
+
+
+def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
+           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual)."""
+    N, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    Ho, Wo = out.shape[2], out.shape[3]
+    M = N * Ho * Wo
+    on_gpu = x.is_cuda
+    BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, on_gpu)
+    dummy = out
+    r = residual if residual is not None else dummy
+    grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
+    rt.launch(kernel, grid,
+              x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy, r, out,
+              N, H, W, C_in, Ho, Wo, C_out, float(slope),
+              *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
+              HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
+              ACT=ACT_CODES[act], IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
+              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return out
+
+
+def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1):
+    N, C_in, H, W = x.shape
+    C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
+    M = N * Ho * Wo
+    BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, x.is_cuda)
+    grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
+    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, out,
+              N, H, W, C_in, Ho, Wo, C_out, *x.stride(), *weight.stride(), *out.stride(),
+              HAS_SHIFT=bias is not None, IDX64=rt.needs_int64(x, weight, out), PRECISION=rt.precision(x),
+              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return out

@@ -1,0 +1,383 @@
+"""The small runtime that generated modules import.
+
+It launches the generated Triton kernels: compiled on CUDA tensors, through
+Triton's interpreter on CPU tensors (the same kernel source, no environment
+variable needed).  Torch is only used here to allocate, view and check shapes;
+every arithmetic op of a forward pass is a Triton kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+
+import torch
+import torch.nn as nn
+
+from .kernels import conv as _conv
+from .kernels import elementwise as _ew
+from .kernels import norm as _norm
+from .kernels import pool as _pool
+
+# ------------------------------------------------------------------ launching
+
+_local = threading.local()
+_interpreted: dict = {}
+_dropout_calls = itertools.count()
+
+
+class ShapeError(ValueError):
+    """An input size that breaks a layer; names the layer and its spec line."""
+
+
+@contextlib.contextmanager
+def kernel_log():
+    """Record every kernel launch made by netdsl modules inside the block:
+    `with netdsl.kernel_log() as log: model(x)` -> log is a list of (name, grid)."""
+    stack = getattr(_local, "logs", None)
+    if stack is None:
+        stack = _local.logs = []
+    log: list = []
+    stack.append(log)
+    try:
+        yield log
+    finally:
+        stack.remove(log)
+
+
+def _interpreter(kernel):
+    # keyed by id: hashing a JITFunction computes its cache key, which fails
+    # while the interpreter has triton.language patched
+    entry = _interpreted.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        entry = _interpreted[id(kernel)] = (kernel, InterpretedFunction(kernel.fn))
+    return entry[1]
+
+
+_interp_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _nested_jit_interpreted():
+    """Inside an interpreted kernel, calls to other @triton.jit functions
+    (triton.language's own tl.zeros, tl.sum, tl.sigmoid, ...) must run
+    interpreted too.  Under TRITON_INTERPRET=1 Triton arranges this at import
+    time for every kernel; here only CPU launches are interpreted, so the
+    switch is made around each of them."""
+    from triton.runtime.jit import JITFunction
+
+    with _interp_lock:
+        original = JITFunction.__call__
+        JITFunction.__call__ = lambda self, *a, **k: _interpreter(self)(*a, **k)
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
+
+def launch(kernel, grid, *args, **meta):
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    for log in getattr(_local, "logs", ()) or ():
+        log.append((kernel.fn.__name__, tuple(grid)))
+    if device.type == "cpu":
+        with _nested_jit_interpreted():
+            _interpreter(kernel)[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def needs_int64(*tensors) -> bool:
+    """True when an offset into any tensor can pass 2^31 - 1 elements."""
+    for t in tensors:
+        if t is not None and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0) >= 2**31 - 1:
+            return True
+    return False
+
+
+def precision(x) -> str:
+    # fp32 tl.dot uses TF32 on GPUs unless told otherwise; follow torch's own
+    # setting for convolutions (torch.backends.cudnn.allow_tf32).
+    if x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ------------------------------------------------------------------ tensors
+
+
+def as4d(x):
+    """[N, F] -> [N, F, 1, 1] view; [N, C, H, W] as is."""
+    return x if x.dim() == 4 else x.view(x.shape[0], x.shape[1], 1, 1)
+
+
+def empty(shape, like, channels_last=True):
+    if len(shape) == 4 and channels_last:
+        return torch.empty(shape, device=like.device, dtype=like.dtype, memory_format=torch.channels_last)
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+def check_input(x, shape, net: str):
+    """The module's input: [N, C, H, W] (any H, W) or [N, F]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{net} expects a tensor, got {type(x).__name__}")
+    if x.dim() != len(shape) + 1 or x.shape[1] != shape[0]:
+        want = "×".join(str(d) for d in shape)
+        raise ShapeError(f"{net} expects input [N, {', '.join(['C', 'H', 'W'][:len(shape)] if len(shape) == 3 else ['F'])}] "
+                         f"with {shape[0]} channel{'s' if shape[0] != 1 else ''} (declared {want}), got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{net} expects a floating-point input, got {x.dtype}")
+    return x
+
+
+def _window(n, k, s, p, d, ceil_mode):
+    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _spatial(x, kernel, stride, padding, dilation, ceil_mode, at):
+    H, W = x.shape[2], x.shape[3]
+    Ho = _window(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    Wo = _window(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    if Ho < 1 or Wo < 1:
+        raise ShapeError(f"{at}: a {H}×{W} input is too small for this layer "
+                         f"({kernel[0]}×{kernel[1]} window, stride {stride}, padding {padding}); "
+                         f"the output would be {Ho}×{Wo}")
+    return Ho, Wo
+
+
+def _channels(x, want, at):
+    if x.shape[1] != want:
+        raise ShapeError(f"{at}: expects {want} input channels, got {x.shape[1]}")
+
+
+# ------------------------------------------------------------------ ops
+
+
+class Kernels:
+    """The generic kernels of a generated file (BN statistics, folding, apply,
+    elementwise, adaptive pooling), handed to the ops below."""
+
+    def __init__(self, **kernels):
+        self.__dict__.update(kernels)
+
+
+def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
+    C = bn.num_features
+    scale = torch.empty(C, device=y4.device, dtype=torch.float32)
+    shift = torch.empty(C, device=y4.device, dtype=torch.float32)
+    use_batch = training or bn.running_mean is None
+    if use_batch:
+        count = y4.shape[0] * y4.shape[2] * y4.shape[3]
+        if count <= 1 and training:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
+        mean = torch.empty(C, device=y4.device, dtype=torch.float32)
+        var = torch.empty(C, device=y4.device, dtype=torch.float32)
+        _norm.bn_stats(_rt, K.bn_stats, y4, mean, var)
+        _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, True, count, mean, var)
+    else:
+        _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, False, 1, conv_bias=conv_bias)
+    return scale, shift
+
+
+def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
+    """conv [+ BN] [+ residual] [+ act].  Eval: one kernel, BN folded into the
+    epilogue.  Training: the conv, then BN statistics, then one apply kernel."""
+    _channels(x, layer.in_channels, at)
+    Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
+    N = x.shape[0]
+    if out is None:
+        out = empty((N, layer.out_channels, Ho, Wo), x)
+    _check_residual(residual, out, at)
+    kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    if bn is None:
+        return _conv.conv2d(_rt, kernel, x, layer.weight, out, shift=layer.bias, residual=residual,
+                            act=act, slope=slope, **kw)
+    if bn.training or bn.running_mean is None:
+        raw = empty((N, layer.out_channels, Ho, Wo), x)
+        _conv.conv2d(_rt, kernel, x, layer.weight, raw, shift=layer.bias, **kw)
+        scale, shift = _bn_scale_shift(K, bn, raw, True)
+        _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope)
+        return out
+    scale, shift = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
+    return _conv.conv2d(_rt, kernel, x, layer.weight, out, scale=scale, shift=shift, residual=residual,
+                        act=act, slope=slope, **kw)
+
+
+def conv_transpose(kernel, layer, x, *, out=None, at=""):
+    _channels(x, layer.in_channels, at)
+    H, W = x.shape[2], x.shape[3]
+    dims = []
+    for n, k, s, p, op, d in zip((H, W), layer.kernel_size, layer.stride, layer.padding,
+                                 layer.output_padding, layer.dilation):
+        dims.append((n - 1) * s - 2 * p + d * (k - 1) + op + 1)
+    if min(dims) < 1:
+        raise ShapeError(f"{at}: a {H}×{W} input gives a {dims[0]}×{dims[1]} output")
+    if out is None:
+        out = empty((x.shape[0], layer.out_channels, *dims), x)
+    return _conv.conv_transpose2d(_rt, kernel, x, layer.weight, out, bias=layer.bias, groups=layer.groups)
+
+
+def linear(kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
+    """A linear layer is a 1×1 conv on a 1×1 image: the same GEMM kernel."""
+    if x.dim() != 2 or x.shape[1] != layer.in_features:
+        raise ShapeError(f"{at}: expects [N, {layer.in_features}] input features, got {list(x.shape)} "
+                         "(a different input size changes what reaches this layer)")
+    if out is None:
+        out = torch.empty((x.shape[0], layer.out_features), device=x.device, dtype=x.dtype)
+    w4 = layer.weight.view(layer.out_features, layer.in_features, 1, 1)
+    _conv.conv2d(_rt, kernel, as4d(x), w4, as4d(out), shift=layer.bias, act=act, slope=slope)
+    return out
+
+
+def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, at=""):
+    _channels(x, bn.num_features, at)
+    x4 = as4d(x)
+    if out is None:
+        out = empty(tuple(x.shape), x)
+    _check_residual(residual, out, at)
+    scale, shift = _bn_scale_shift(K, bn, x4, bn.training)
+    _norm.channel_affine(_rt, K.channel_affine, x4, scale, shift, as4d(out),
+                         as4d(residual) if residual is not None else None, act, slope)
+    return out
+
+
+def activation(K, x, act, slope=0.01, out=None):
+    if out is None:
+        out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
+    _ew.elementwise(_rt, K.elementwise, 0, as4d(x), as4d(out), act=act, slope=slope)
+    return out
+
+
+def add(K, a, b, act=None, out=None, at=""):
+    _check_residual(b, a, at)
+    if out is None:
+        out = empty(tuple(a.shape), a, channels_last=_is_cl(a))
+    _ew.elementwise(_rt, K.elementwise, 1, as4d(a), as4d(out), other4=as4d(b), act=act)
+    return out
+
+
+def copy(K, x, out):
+    _ew.elementwise(_rt, K.elementwise, 3, as4d(x), as4d(out))
+    return out
+
+
+def dropout(K, x, p, training, out=None):
+    if not training or p == 0.0:
+        return x if out is None else copy(K, x, out)
+    if out is None:
+        out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
+    offset = next(_dropout_calls) * x.numel()
+    _ew.elementwise(_rt, K.elementwise, 2, as4d(x), as4d(out), p=p, seed=torch.initial_seed() % (2**31 - 1),
+                    offset=offset % (2**31 - x.numel() - 1))
+    return out
+
+
+def pool(kernel, x, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=False, out=None, at=""):
+    Ho, Wo = _spatial(x, kernel_size, stride, padding, dilation, ceil_mode, at)
+    if out is None:
+        out = empty((x.shape[0], x.shape[1], Ho, Wo), x)
+    _pool.pool2d(_rt, kernel, x, out)
+    return out
+
+
+def adaptive_avgpool(K, x, size, out=None, at=""):
+    if out is None:
+        out = empty((x.shape[0], x.shape[1], *size), x)
+    _pool.adaptive_avgpool2d(_rt, K.adaptive_avgpool, x, out)
+    return out
+
+
+def upsample(kernel, x, scale, align_corners=False, out=None, at=""):
+    Ho, Wo = int(x.shape[2] * scale), int(x.shape[3] * scale)
+    if out is None:
+        out = empty((x.shape[0], x.shape[1], Ho, Wo), x)
+    _pool.upsample2d(_rt, kernel, x, out, scale, align_corners)
+    return out
+
+
+def lrn(kernel, layer, x, out=None, at=""):
+    if out is None:
+        out = empty(tuple(x.shape), x)
+    _norm.lrn(_rt, kernel, x, out, layer.alpha, layer.beta, layer.k)
+    return out
+
+
+def softmax(K, x, out=None, at=""):
+    if out is None:
+        out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
+    _norm.softmax(_rt, K.softmax, as4d(x), as4d(out))
+    return out
+
+
+def flatten(K, x):
+    """torch.flatten(x, 1): a view when x is NCHW-contiguous, else one copy kernel."""
+    if x.dim() == 2:
+        return x
+    if not x.is_contiguous():
+        x = copy(K, x, torch.empty(x.shape, device=x.device, dtype=x.dtype))
+    return x.view(x.shape[0], -1)
+
+
+def _is_cl(x):
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _check_residual(r, out, at):
+    if r is not None and tuple(r.shape) != tuple(out.shape):
+        raise ShapeError(f"{at}: residual add of unequal shapes {list(out.shape)} and {list(r.shape)}")
+
+
+def concat_buffer(x, channels: int, H: int, W: int):
+    return empty((x.shape[0], channels, H, W), x)
+
+
+# ------------------------------------------------------------------ modules
+
+
+class NetModule(nn.Module):
+    """Base of generated networks: layers registered under their dotted spec
+    names (so state_dict keys are torchvision's for the zoo)."""
+
+    def _add(self, path: str, module: nn.Module) -> nn.Module:
+        parent = self
+        parts = path.split(".")
+        for p in parts[:-1]:
+            child = parent._modules.get(p)
+            if child is None:
+                child = nn.Module()
+                parent.add_module(p, child)
+            parent = child
+        existing = parent._modules.get(parts[-1])
+        if existing is not None:  # a stateless layer used twice, like torchvision's shared ReLU
+            return existing
+        parent.add_module(parts[-1], module)
+        return module
+
+    def layer(self, path: str) -> nn.Module:
+        m = self
+        for p in path.split("."):
+            m = m._modules[p]
+        return m
+
+
+def frozen_conv(in_channels, out_channels, kernel_size, groups, values, **kw):
+    """A conv with literal weights that never train (requires_grad False)."""
+    m = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False, **kw)
+    w = torch.tensor(values, dtype=torch.float32).view(m.weight.shape)
+    m.weight = nn.Parameter(w, requires_grad=False)
+    return m
+
+
+class _RT:
+    """What kernel launchers call back into (keeps kernels/ free of torch state)."""
+
+    launch = staticmethod(launch)
+    needs_int64 = staticmethod(needs_int64)
+    precision = staticmethod(precision)
+
+
+_rt = _RT()
