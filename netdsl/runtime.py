@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import warnings
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,9 @@ from .kernels import norm as _norm
 from .kernels import pool as _pool
 
 # ------------------------------------------------------------------ launching
+
+# Triton 3.6's interpreter converts 1-element arrays to ints; numpy warns each time.
+warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0", category=DeprecationWarning)
 
 _local = threading.local()
 _interpreted: dict = {}
@@ -59,6 +63,22 @@ def _interpreter(kernel):
 _interp_lock = threading.RLock()
 
 
+def _call_nested(jit_fn, *args, **kwargs):
+    # InterpretedFunction.__call__ patches triton.language for the callee and
+    # never restores it, which breaks later GPU compiles in this process; patch
+    # in a scope of our own and restore it when the call returns.
+    interp = _interpreter(jit_fn)
+    try:
+        from triton.runtime.interpreter import _patch_lang
+    except ImportError:  # a Triton without the helper: its own (leaky) path
+        return interp(*args, **kwargs)
+    scope = _patch_lang(jit_fn.fn)
+    try:
+        return interp.rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
+
+
 @contextlib.contextmanager
 def _nested_jit_interpreted():
     """Inside an interpreted kernel, calls to other @triton.jit functions
@@ -70,7 +90,7 @@ def _nested_jit_interpreted():
 
     with _interp_lock:
         original = JITFunction.__call__
-        JITFunction.__call__ = lambda self, *a, **k: _interpreter(self)(*a, **k)
+        JITFunction.__call__ = _call_nested
         try:
             yield
         finally:
@@ -81,11 +101,39 @@ def launch(kernel, grid, *args, **meta):
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     for log in getattr(_local, "logs", ()) or ():
         log.append((kernel.fn.__name__, tuple(grid)))
-    if device.type == "cpu":
-        with _nested_jit_interpreted():
-            _interpreter(kernel)[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
+    plan = getattr(_local, "plan", None)
+    if plan is not None:  # record only (ahead-of-time compilation, reports)
+        plan.append((kernel, args, meta))
+        return
+    _local.in_launch = True
+    try:
+        if device.type == "cpu":
+            with _nested_jit_interpreted():
+                _interpreter(kernel)[grid](*args, **meta)
+        else:
+            kernel[grid](*args, **meta)
+    finally:
+        _local.in_launch = False
+
+
+def in_launch() -> bool:
+    """True while a kernel runs (the interpreter moves data with torch ops then)."""
+    return getattr(_local, "in_launch", False)
+
+
+@contextlib.contextmanager
+def plan_launches():
+    """Run a forward without executing kernels, with the tile sizes a GPU would
+    get, recording (kernel, args, meta) for each launch."""
+    _local.plan = plan = []
+    try:
+        yield plan
+    finally:
+        _local.plan = None
+
+
+def gpu_tiles(x) -> bool:
+    return x.is_cuda or getattr(_local, "plan", None) is not None
 
 
 def needs_int64(*tensors) -> bool:
@@ -99,7 +147,7 @@ def needs_int64(*tensors) -> bool:
 def precision(x) -> str:
     # fp32 tl.dot uses TF32 on GPUs unless told otherwise; follow torch's own
     # setting for convolutions (torch.backends.cudnn.allow_tf32).
-    if x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    if gpu_tiles(x) and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -378,6 +426,7 @@ class _RT:
     launch = staticmethod(launch)
     needs_int64 = staticmethod(needs_int64)
     precision = staticmethod(precision)
+    gpu_tiles = staticmethod(gpu_tiles)
 
 
 _rt = _RT()

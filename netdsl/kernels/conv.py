@@ -172,7 +172,7 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     C_out, _, KH, KW = weight.shape
     Ho, Wo = out.shape[2], out.shape[3]
     M = N * Ho * Wo
-    on_gpu = x.is_cuda
+    on_gpu = rt.gpu_tiles(x)
     BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, on_gpu)
     dummy = out
     r = residual if residual is not None else dummy
@@ -191,7 +191,7 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1):
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
-    BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, x.is_cuda)
+    BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, rt.gpu_tiles(x))
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
     rt.launch(kernel, grid, x, weight, bias if bias is not None else out, out,
               N, H, W, C_in, Ho, Wo, C_out, *x.stride(), *weight.stride(), *out.stride(),

@@ -51,7 +51,7 @@ def $NAME(
 def elementwise(rt, kernel, op, x4, out4, other4=None, act=None, slope=0.01, p=0.0, seed=0, offset=0):
     N, C, H, W = x4.shape
     total = N * C * H * W
-    block = 1024 if x4.is_cuda else max(16, min(1 << 16, triton.next_power_of_2(total)))
+    block = 1024 if rt.gpu_tiles(x4) else max(16, min(1 << 16, triton.next_power_of_2(total)))
     o = other4 if other4 is not None else x4
     rt.launch(kernel, (triton.cdiv(total, block),), x4, o, out4, N, C, H, W, float(slope), float(p),
               int(seed), int(offset), *x4.stride(), *o.stride(), *out4.stride(),

@@ -177,9 +177,11 @@ def $NAME(
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
-    mask = (offs_m < N * H * W)[:, None] & (offs_c < C)[None, :]
+    m_mask = offs_m < N * H * W
+    mask = m_mask[:, None] & (offs_c < C)[None, :]
     row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
     x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.where(m_mask[:, None], x, 0.0)  # rows past the end: keep them finite
     x = x - tl.max(x, axis=1)[:, None]
     e = tl.where(mask, tl.exp(x), 0.0)
     y = e / tl.sum(e, axis=1)[:, None]
@@ -197,8 +199,8 @@ def _tiles(M, C, on_gpu):
 
 def bn_stats(rt, kernel, x4, mean, var):
     N, C, H, W = x4.shape
-    bm, bc = _tiles(N * H * W, C, x4.is_cuda)
-    if x4.is_cuda:
+    bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
+    if rt.gpu_tiles(x4):
         bc = 16
     rt.launch(kernel, (triton.cdiv(C, bc),), x4, mean, var, N, C, H, W, *x4.stride(), BLOCK_M=bm, BLOCK_C=bc)
 
@@ -220,7 +222,7 @@ def bn_fold(rt, kernel, bn, scale, shift, training, count, mean=None, var=None, 
 
 def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01):
     N, C, H, W = x4.shape
-    bm, bc = _tiles(N * H * W, C, x4.is_cuda)
+    bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     r = residual4 if residual4 is not None else out4
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)),
               x4, scale, shift, r, out4, N, C, H, W, float(slope), *x4.stride(), *r.stride(), *out4.stride(),
@@ -230,7 +232,7 @@ def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None,
 
 def lrn(rt, kernel, x4, out4, alpha, beta, k):
     N, C, H, W = x4.shape
-    bm, bc = _tiles(N * H * W, C, x4.is_cuda)
+    bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), x4, out4, N, C, H, W,
               float(alpha), float(beta), float(k), *x4.stride(), *out4.stride(), BLOCK_M=bm, BLOCK_C=bc)
 
@@ -238,6 +240,6 @@ def lrn(rt, kernel, x4, out4, alpha, beta, k):
 def softmax(rt, kernel, x4, out4):
     N, C, H, W = x4.shape
     bc = max(16, triton.next_power_of_2(C))
-    bm = 16 if x4.is_cuda else max(16, min(256, triton.next_power_of_2(N * H * W)))
+    bm = 16 if rt.gpu_tiles(x4) else max(16, min(256, triton.next_power_of_2(N * H * W)))
     rt.launch(kernel, (triton.cdiv(N * H * W, bm),), x4, out4, N, C, H, W, *x4.stride(), *out4.stride(),
               BLOCK_M=bm, BLOCK_C=bc)

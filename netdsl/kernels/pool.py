@@ -164,7 +164,7 @@ def _tiles(M, C, on_gpu):
 def pool2d(rt, kernel, x, out):
     N, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
-    bm, bc = _tiles(N * Ho * Wo, C, x.is_cuda)
+    bm, bc = _tiles(N * Ho * Wo, C, rt.gpu_tiles(x))
     rt.launch(kernel, (triton.cdiv(N * Ho * Wo, bm), triton.cdiv(C, bc)), x, out, N, C, H, W, Ho, Wo,
               *x.stride(), *out.stride(), IDX64=rt.needs_int64(x, out), BLOCK_M=bm, BLOCK_C=bc)
 
@@ -172,7 +172,7 @@ def pool2d(rt, kernel, x, out):
 def adaptive_avgpool2d(rt, kernel, x, out):
     N, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
-    bm, bc = _tiles(N * Ho * Wo, C, x.is_cuda)
+    bm, bc = _tiles(N * Ho * Wo, C, rt.gpu_tiles(x))
     max_kh = max(((o + 1) * H + Ho - 1) // Ho - (o * H) // Ho for o in range(Ho))
     max_kw = max(((o + 1) * W + Wo - 1) // Wo - (o * W) // Wo for o in range(Wo))
     rt.launch(kernel, (triton.cdiv(N * Ho * Wo, bm), triton.cdiv(C, bc)), x, out, N, C, H, W, Ho, Wo,
@@ -187,6 +187,6 @@ def upsample2d(rt, kernel, x, out, scale, align_corners):
         rw = (W - 1) / (Wo - 1) if Wo > 1 else 0.0
     else:
         rh = rw = 1.0 / scale
-    bm, bc = _tiles(N * Ho * Wo, C, x.is_cuda)
+    bm, bc = _tiles(N * Ho * Wo, C, rt.gpu_tiles(x))
     rt.launch(kernel, (triton.cdiv(N * Ho * Wo, bm), triton.cdiv(C, bc)), x, out, N, C, H, W, Ho, Wo,
               float(rh), float(rw), *x.stride(), *out.stride(), BLOCK_M=bm, BLOCK_C=bc)

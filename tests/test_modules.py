@@ -1,0 +1,277 @@
+"""Generated modules: zoo networks against their torch twins, the module
+contract (state_dict, train/eval, any input size), kernel logging, caching,
+byte-identical output, no torch compute in the compiled path, and ahead-of-time
+compilation of every kernel for sm_90 and sm_80."""
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import netdsl
+from netdsl import runtime as rt
+
+from conftest import ROOT, SPECS
+from twin import compare, twins
+
+FAST = [
+    ("lenet.net", "LeNet5", (2, 1, 32, 32), {}),
+    ("resnet.net", "CifarResNet", (2, 3, 32, 32), {}),
+    ("resnet.net", "ResNet18", (4, 3, 64, 64), {"width": 8, "num_classes": 10}),
+    ("course.net", "SequentialCNN", (2, 1, 28, 28), {}),
+    ("course.net", "TestNet", (2, 1, 28, 28), {}),
+    ("course.net", "Net", (3, 4), {}),
+    ("course.net", "BasicNet", (3, 4), {}),
+    ("course.net", "MyLinear", (3, 4), {}),
+    ("course.net", "Sharpen", (2, 1, 28, 28), {}),
+    ("course.net", "Blur", (2, 1, 28, 28), {}),
+    ("course.net", "EdgeDetect", (2, 1, 28, 28), {}),
+    ("course.net", "Filters", (2, 3, 28, 28), {}),
+    ("course.net", "Slides", (2, 1, 28, 28), {}),
+]
+SLOW = [
+    ("resnet.net", "ResNet34", (4, 3, 64, 64), {"width": 8}),
+    ("resnet.net", "ResNet50", (4, 3, 64, 64), {"width": 8}),
+    ("resnet.net", "ResNet101", (2, 3, 64, 64), {"width": 4}),
+    ("resnet.net", "ResNet152", (2, 3, 64, 64), {"width": 4}),
+    ("googlenet.net", "GoogLeNet", (4, 3, 64, 64), {"dropout": 0.0}),
+    ("densenet.net", "DenseNet121", (4, 3, 64, 64), {"growth": 8}),
+    ("alexnet.net", "AlexNet", (2, 3, 96, 96), {"dropout": 0.0}),
+    ("vgg.net", "VGG11", (2, 3, 32, 32), {}),
+    ("vgg.net", "VGG16_BN", (2, 3, 32, 32), {}),
+    ("vgg.net", "VGG_A_LRN", (2, 3, 32, 32), {}),
+    ("vgg.net", "VGG_C", (2, 3, 32, 32), {}),
+]
+
+
+def _zoo_case(file, net, shape, overrides):
+    tri, ref = twins(str(SPECS / file), net, **overrides)
+    torch.manual_seed(0)
+    compare(tri, ref, torch.randn(*shape))
+
+
+@pytest.mark.parametrize("file,net,shape,overrides", FAST, ids=[c[1] for c in FAST])
+def test_zoo_against_torch_twin(file, net, shape, overrides):
+    _zoo_case(file, net, shape, overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file,net,shape,overrides", SLOW, ids=[c[1] for c in SLOW])
+def test_zoo_against_torch_twin_slow(file, net, shape, overrides):
+    _zoo_case(file, net, shape, overrides)
+
+
+@pytest.fixture(scope="module")
+def small_resnet():
+    return netdsl.build(str(SPECS / "resnet.net"), "ResNet18", width=8, num_classes=10)
+
+
+def test_state_dict_keys_match_torchvision_layout_and_twin(small_resnet):
+    ref = netdsl.build(str(SPECS / "resnet.net"), "ResNet18", target="torch", width=8, num_classes=10)
+    assert list(small_resnet.state_dict()) == list(ref.state_dict())
+    assert "layer2.0.downsample.0.weight" in small_resnet.state_dict()
+    ref.load_state_dict(small_resnet.state_dict(), strict=True)
+    small_resnet.load_state_dict(ref.state_dict(), strict=True)
+
+
+def test_default_initialisation_is_torchs(small_resnet):
+    conv = small_resnet.layer("layer1.0.conv1")
+    assert isinstance(conv, torch.nn.Conv2d) and conv.weight.std() > 0
+    bn = small_resnet.layer("layer1.0.bn1")
+    assert torch.equal(bn.weight, torch.ones(8)) and torch.equal(bn.running_var, torch.ones(8))
+    assert "(layer1): Module" in repr(small_resnet) and "Conv2d(3, 8, kernel_size=(7, 7)" in repr(small_resnet)
+
+
+def test_save_load_round_trip(small_resnet, tmp_path):
+    small_resnet.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = small_resnet(x)
+    torch.save(small_resnet.state_dict(), tmp_path / "ckpt.pt")
+    other = netdsl.build(str(SPECS / "resnet.net"), "ResNet18", width=8, num_classes=10).eval()
+    other.load_state_dict(torch.load(tmp_path / "ckpt.pt"), strict=True)
+    with torch.no_grad():
+        assert torch.equal(other(x), y)
+    clone = pickle.loads(pickle.dumps(small_resnet))
+    with torch.no_grad():
+        assert torch.equal(clone(x), y)
+
+
+def test_any_batch_and_input_size(small_resnet):
+    small_resnet.eval()
+    with torch.no_grad():
+        assert small_resnet(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+        assert small_resnet(torch.randn(3, 3, 45, 61)).shape == (3, 10)
+
+
+def test_too_small_input_names_layer_and_spec_line():
+    m = netdsl.build(str(SPECS / "lenet.net"), "LeNet5").eval()
+    with pytest.raises(rt.ShapeError, match=r"conv2 \(lenet.net:4\)"):
+        with torch.no_grad():
+            m(torch.randn(1, 1, 12, 12))
+    with pytest.raises(rt.ShapeError, match=r"fc1 \(lenet.net:6\): expects \[N, 400\]"):
+        with torch.no_grad():
+            m(torch.randn(1, 1, 36, 36))
+    with pytest.raises(rt.ShapeError, match="1 channel"):
+        m(torch.randn(1, 3, 32, 32))
+
+
+def test_kernel_log_records_every_launch(small_resnet):
+    small_resnet.eval()
+    with torch.no_grad(), netdsl.kernel_log() as log:
+        small_resnet(torch.randn(2, 3, 32, 32))
+    names = [n for n, _ in log]
+    # eval: per conv+bn one fold + one conv kernel (residual add and ReLU in the epilogue)
+    assert names.count("bn_fold") == 20
+    assert sum(n.startswith("conv_") for n in names) == 20
+    assert names[1] == "conv_bn_relu__conv1" and names[-1] == "linear__fc"
+    assert all(isinstance(g, tuple) and all(isinstance(d, int) for d in g) for _, g in log)
+    with netdsl.kernel_log() as outside:
+        pass
+    assert outside == []
+
+
+class _NoTorchCompute(TorchDispatchMode):
+    """Fails on any torch op outside a kernel launch except allocation and views."""
+
+    ALLOWED = {"empty.memory_format", "empty_strided.default", "view.default", "slice.Tensor", "as_strided.default",
+               "detach.default", "alias.default", "_unsafe_view.default"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        if not rt.in_launch() and name not in self.ALLOWED:
+            raise AssertionError(f"torch op {name} ran outside a Triton kernel")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_no_torch_compute_in_the_compiled_path(small_resnet, mode):
+    getattr(small_resnet, mode)()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), _NoTorchCompute():
+        small_resnet(x)
+    g = netdsl.build(str(SPECS / "googlenet.net"), "GoogLeNet", num_classes=10)
+    getattr(g, mode)()
+    with torch.no_grad(), _NoTorchCompute():
+        g(x)
+
+
+def test_compile_is_byte_identical_and_imports_little(tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.py"
+        subprocess.run([sys.executable, "-m", "netdsl", "compile", "specs/resnet.net", "-o", str(out)],
+                       check=True, cwd=ROOT, capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    text = outs[0].decode()
+    imports = sorted({l for l in text.splitlines() if l.startswith(("import ", "from "))})
+    assert imports == ["from netdsl import runtime as rt", "import torch", "import torch.nn as nn", "import triton",
+                       "import triton.language as tl"]
+    assert "def conv_bn_relu__conv1(" in text and "class ResNet152(rt.NetModule):" in text
+    assert "# used by:" in text and "(resnet.net:7)" in text
+
+
+def test_compile_cli_summary_and_import(tmp_path):
+    out = tmp_path / "lenet_gen.py"
+    p = subprocess.run([sys.executable, "-m", "netdsl", "compile", "specs/lenet.net", "-o", str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert f"wrote {out}: 1 network (LeNet5)" in p.stdout
+    assert "conv1 + 1  ->  conv_relu" in p.stdout and "fc1 + 8  ->  linear_relu" in p.stdout
+    from netdsl.cache import import_file
+
+    mod = import_file(out)
+    built = netdsl.build(str(SPECS / "lenet.net"), "LeNet5").eval()
+    imported = mod.LeNet5().eval()
+    imported.load_state_dict(built.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(imported(x), built(x))
+
+
+def test_compile_errors_exit_2(tmp_path):
+    bad = tmp_path / "bad.net"
+    bad.write_text("net N input(1, 8, 8) {\n  conv(4, 9)\n}\n")
+    p = subprocess.run([sys.executable, "-m", "netdsl", "compile", str(bad)], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 2 and ":2:3: error:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_build_uses_the_cache(tmp_path, monkeypatch):
+    spec = tmp_path / "c.net"
+    spec.write_text("net C input(2, 6, 6) { conv(3, 3) -> relu }\n")
+    monkeypatch.setenv("NETDSL_CACHE", str(tmp_path / "cache"))
+    netdsl.build(str(spec), "C")
+    import netdsl.cache as cache
+
+    def fail(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(cache, "compile_program", fail)
+    assert isinstance(netdsl.build(str(spec), "C"), torch.nn.Module)
+    spec.write_text("net C input(2, 6, 6) { conv(4, 3) -> relu }\n")
+    with pytest.raises(AssertionError, match="generated again"):
+        netdsl.build(str(spec), "C")
+
+
+def _aot(file, net, shape, **overrides):
+    from netdsl import aot
+
+    m = netdsl.build(file, net, **overrides)
+    results = aot.compile_launches(m, torch.randn(*shape), archs=(90, 80))
+    assert results
+    for name, arch, compiled in results:
+        assert "ptx" in compiled.asm and compiled.asm["cubin"], (name, arch)
+    return {name for name, _, _ in results}
+
+
+def test_every_kernel_template_compiles_for_sm90_and_sm80(tmp_path):
+    spec = tmp_path / "all.net"
+    spec.write_text(
+        "net All input(4, 17, 13) {\n"
+        "  conv(8, 3, padding=1, groups=2) -> bn -> relu -> lrn(3) -> maxpool(3, stride=2, ceil_mode=true)\n"
+        "  residual { conv(8, 3, padding=1) -> bn } -> leaky_relu\n"
+        "  concat { conv_transpose(4, 2, stride=2) -> avgpool(2, stride=2) ; upsample(1, mode=\"bilinear\") }\n"
+        "  add { dropout(0.1) ; sigmoid } -> upsample(2) -> softmax -> adaptive_avgpool(3) -> flatten -> linear(5) -> tanh\n"
+        "}\n")
+    names = _aot(str(spec), "All", (2, 4, 17, 13))
+    assert {"bn_stats", "bn_fold", "channel_affine", "elementwise", "adaptive_avgpool", "softmax"} <= names
+    assert any(n.startswith("conv_transpose__") for n in names) and any(n.startswith("lrn__") for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file,net,shape", [
+    ("resnet.net", "ResNet50", (8, 3, 224, 224)), ("googlenet.net", "GoogLeNet", (8, 3, 224, 224)),
+    ("densenet.net", "DenseNet121", (8, 3, 224, 224)), ("vgg.net", "VGG16", (8, 3, 224, 224)),
+    ("alexnet.net", "AlexNet", (8, 3, 224, 224)), ("course.net", "Filters", (8, 3, 28, 28)),
+])
+def test_zoo_kernels_compile_for_sm90_and_sm80(file, net, shape):
+    _aot(str(SPECS / file), net, shape)
+
+
+def test_int64_indexing_compiles_for_huge_tensors():
+    """A tensor past 2^31 elements switches the kernels to int64 offsets; the
+    kernels compile that way (a run needs a GPU with the memory)."""
+    from netdsl import aot
+
+    m = netdsl.build(str(SPECS / "course.net"), "Slides")
+    x = torch.empty(2**31 // (28 * 28) + 1, 1, 28, 28, device="meta")
+    assert rt.needs_int64(x)
+    with rt.plan_launches() as plan:
+        pass
+    meta = aot.signatures.__doc__  # keep the import used
+    assert meta
+    kernel = None
+    import netdsl.cache as cache
+
+    mod = cache.compile_to_module(str(SPECS / "course.net"), "Slides")
+    kernel = next(v for k, v in vars(mod).items() if k.startswith("conv__"))
+    sig = {n: "*fp32" if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
+    sig.update(slope="fp32")
+    meta = dict(HAS_SCALE=False, HAS_SHIFT=True, HAS_RES=False, ACT=0, IDX64=True, PRECISION="tf32",
+                BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
+    sig.update({k: "constexpr" for k in meta})
+    compiled = aot.compile_one(kernel, sig, meta, 90)
+    assert "mul.wide" in compiled.asm["ptx"] or ".s64" in compiled.asm["ptx"]

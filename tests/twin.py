@@ -1,0 +1,48 @@
+"""Helpers: build a Triton module and its --target torch twin with the same
+state, randomise every parameter and buffer, and compare outputs."""
+import torch
+
+import netdsl
+
+
+def randomize(module, seed=0):
+    """Fresh random parameters and BN statistics (never the defaults' zeros and ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                t.fill_(3)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+            elif t.is_floating_point() and t.dim() <= 1 and ("bn" in name or "norm" in name):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("weight") else torch.randn(t.shape, generator=g) * 0.2)
+
+
+def twins(path, net, seed=0, **overrides):
+    tri = netdsl.build(path, net, **overrides)
+    ref = netdsl.build(path, net, target="torch", **overrides)
+    randomize(ref, seed)
+    tri.load_state_dict(ref.state_dict())
+    return tri, ref
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def compare(tri, ref, x, modes=("eval", "train"), tol=1e-4):
+    for mode in modes:
+        getattr(tri, mode)()
+        getattr(ref, mode)()
+        with torch.no_grad():
+            y, yr = tri(x), ref(x)
+        assert y.shape == yr.shape, (mode, y.shape, yr.shape)
+        assert rel_err(y, yr) < tol, (mode, rel_err(y, yr))
+    ours, theirs = tri.state_dict(), ref.state_dict()
+    for k in theirs:
+        if k.endswith("running_mean") or k.endswith("running_var"):
+            assert rel_err(ours[k], theirs[k]) < tol, (k, rel_err(ours[k], theirs[k]))
+        if k.endswith("num_batches_tracked"):
+            assert ours[k].item() == theirs[k].item(), k
