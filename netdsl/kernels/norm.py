@@ -184,7 +184,7 @@ def $NAME(
     x = tl.where(m_mask[:, None], x, 0.0)  # rows past the end: keep them finite
     x = x - tl.max(x, axis=1)[:, None]
     e = tl.where(mask, tl.exp(x), 0.0)
-    y = e / tl.sum(e, axis=1)[:, None]
+    y = e / tl.maximum(tl.sum(e, axis=1), 1e-30)[:, None]  # >= 1 on real rows
     yrow = (offs_m // (H * W)) * syn + ((offs_m // W) % H) * syh + (offs_m % W) * syw
     tl.store(y_ptr + yrow[:, None] + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
 '''
