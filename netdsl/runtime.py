@@ -108,6 +108,9 @@ def launch(kernel, grid, *args, **meta):
     _local.in_launch = True
     try:
         if device.type == "cpu":
+            if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+                raise TypeError("bfloat16 needs a CUDA device: Triton's CPU interpreter has no bfloat16 "
+                                "(float32 and float16 run on the CPU)")
             with _nested_jit_interpreted():
                 _interpreter(kernel)[grid](*args, **meta)
         else:
@@ -147,7 +150,9 @@ def needs_int64(*tensors) -> bool:
 def precision(x) -> str:
     # fp32 tl.dot uses TF32 on GPUs unless told otherwise; follow torch's own
     # setting for convolutions (torch.backends.cudnn.allow_tf32).
-    if gpu_tiles(x) and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+    if x.dtype != torch.float32:
+        return "tf32"  # half inputs: the setting only matters for fp32 (ieee is fp32-only)
+    if gpu_tiles(x) and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -214,6 +219,8 @@ class Kernels:
 
 
 def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
+    """(scale, shift, center): y = (x − center)·scale + shift; center is the batch
+    mean in training (precision), None when folded to x·scale + shift (eval)."""
     C = bn.num_features
     scale = torch.empty(C, device=y4.device, dtype=torch.float32)
     shift = torch.empty(C, device=y4.device, dtype=torch.float32)
@@ -225,10 +232,10 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
         mean = torch.empty(C, device=y4.device, dtype=torch.float32)
         var = torch.empty(C, device=y4.device, dtype=torch.float32)
         _norm.bn_stats(_rt, K.bn_stats, y4, mean, var)
-        _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, True, count, mean, var)
-    else:
-        _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, False, 1, conv_bias=conv_bias)
-    return scale, shift
+        _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, True, count, mean, var, centered=True)
+        return scale, shift, mean
+    _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, False, 1, conv_bias=conv_bias)
+    return scale, shift, None
 
 
 def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
@@ -247,10 +254,10 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     if bn.training or bn.running_mean is None:
         raw = empty((N, layer.out_channels, Ho, Wo), x)
         _conv.conv2d(_rt, kernel, x, layer.weight, raw, shift=layer.bias, **kw)
-        scale, shift = _bn_scale_shift(K, bn, raw, True)
-        _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope)
+        scale, shift, mean = _bn_scale_shift(K, bn, raw, True)
+        _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
         return out
-    scale, shift = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
+    scale, shift, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
     return _conv.conv2d(_rt, kernel, x, layer.weight, out, scale=scale, shift=shift, residual=residual,
                         act=act, slope=slope, **kw)
 
@@ -287,9 +294,9 @@ def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, at="")
     if out is None:
         out = empty(tuple(x.shape), x)
     _check_residual(residual, out, at)
-    scale, shift = _bn_scale_shift(K, bn, x4, bn.training)
+    scale, shift, mean = _bn_scale_shift(K, bn, x4, bn.training)
     _norm.channel_affine(_rt, K.channel_affine, x4, scale, shift, as4d(out),
-                         as4d(residual) if residual is not None else None, act, slope)
+                         as4d(residual) if residual is not None else None, act, slope, center=mean)
     return out
 
 

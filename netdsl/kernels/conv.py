@@ -68,9 +68,9 @@ def $NAME(
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + co, mask=n_mask, other=0.0)[None, :]
+        acc = acc * tl.load(scale_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0)[None, :]
+        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
@@ -146,7 +146,7 @@ def $NAME(
                 acc += tl.dot(a, b, input_precision=PRECISION)
     co = g * cout_g + offs_n
     if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0)[None, :]
+        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -59,7 +59,7 @@ def $NAME(
     C, count, eps, momentum,
     # meta-parameters
     TRAINING: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, CONV_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    CENTERED: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs < C
@@ -67,26 +67,33 @@ def $NAME(
         mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
         var = tl.load(var_ptr + offs, mask=mask, other=1.0)
     else:
-        mean = tl.load(rmean_ptr + offs, mask=mask, other=0.0)
-        var = tl.load(rvar_ptr + offs, mask=mask, other=1.0)
+        mean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        var = tl.load(rvar_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     scale = 1.0 / tl.sqrt(var + eps)
     if AFFINE:
-        scale = scale * tl.load(weight_ptr + offs, mask=mask, other=1.0)
-    shift = -mean * scale
+        scale = scale * tl.load(weight_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    # CENTERED: the apply kernel computes (x − mean)·scale + shift, which keeps
+    # precision when |mean| >> std; else shift absorbs −mean·scale (folding).
+    if CENTERED:
+        shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    else:
+        shift = -mean * scale
     if AFFINE:
-        shift = shift + tl.load(bias_ptr + offs, mask=mask, other=0.0)
+        shift = shift + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CONV_BIAS:
         # eval-mode folding into a conv with bias: scale·(conv + b − mean) + beta
-        shift = shift + scale * tl.load(conv_bias_ptr + offs, mask=mask, other=0.0)
+        shift = shift + scale * tl.load(conv_bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(scale_ptr + offs, scale, mask=mask)
     tl.store(shift_ptr + offs, shift, mask=mask)
     if TRAINING:
         if TRACK:
-            rm = tl.load(rmean_ptr + offs, mask=mask, other=0.0)
-            rv = tl.load(rvar_ptr + offs, mask=mask, other=0.0)
+            rm = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            rv = tl.load(rvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             unbiased = var * count / (count - 1.0)
-            tl.store(rmean_ptr + offs, (1.0 - momentum) * rm + momentum * mean, mask=mask)
-            tl.store(rvar_ptr + offs, (1.0 - momentum) * rv + momentum * unbiased, mask=mask)
+            new_rm = (1.0 - momentum) * rm + momentum * mean
+            new_rv = (1.0 - momentum) * rv + momentum * unbiased
+            tl.store(rmean_ptr + offs, new_rm.to(rmean_ptr.dtype.element_ty), mask=mask)
+            tl.store(rvar_ptr + offs, new_rv.to(rvar_ptr.dtype.element_ty), mask=mask)
             if tl.program_id(0) == 0:
                 tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 '''
@@ -95,13 +102,13 @@ CHANNEL_AFFINE = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    x_ptr, center_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
     # sizes
     N, C, H, W, slope,
     # strides
     sxn, sxc, sxh, sxw, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
-    HAS_RES: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+    HAS_CENTER: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,7 +121,10 @@ def $NAME(
     h = (offs_m // W) % H
     w = offs_m % W
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
-    y = x.to(tl.float32) * tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    y = x.to(tl.float32)
+    if HAS_CENTER:
+        y = y - tl.load(center_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    y = y * tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     y = y + tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask, other=0.0)
@@ -205,7 +215,7 @@ def bn_stats(rt, kernel, x4, mean, var):
     rt.launch(kernel, (triton.cdiv(C, bc),), x4, mean, var, N, C, H, W, *x4.stride(), BLOCK_M=bm, BLOCK_C=bc)
 
 
-def bn_fold(rt, kernel, bn, scale, shift, training, count, mean=None, var=None, conv_bias=None):
+def bn_fold(rt, kernel, bn, scale, shift, training, count, mean=None, var=None, conv_bias=None, centered=False):
     """scale/shift of a BatchNorm module; in training also the running-stat update."""
     C = scale.shape[0]
     dummy = scale
@@ -217,16 +227,17 @@ def bn_fold(rt, kernel, bn, scale, shift, training, count, mean=None, var=None, 
               bn.running_mean if track else dummy, bn.running_var if track else dummy,
               bn.num_batches_tracked if track else dummy, conv_bias if conv_bias is not None else dummy,
               scale, shift, C, float(count), float(bn.eps), float(bn.momentum),
-              TRAINING=training, AFFINE=bn.affine, TRACK=track, CONV_BIAS=conv_bias is not None, BLOCK_C=bc)
+              TRAINING=training, AFFINE=bn.affine, TRACK=track, CONV_BIAS=conv_bias is not None,
+              CENTERED=centered, BLOCK_C=bc)
 
 
-def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01):
+def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01, center=None):
     N, C, H, W = x4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     r = residual4 if residual4 is not None else out4
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)),
-              x4, scale, shift, r, out4, N, C, H, W, float(slope), *x4.stride(), *r.stride(), *out4.stride(),
-              HAS_RES=residual4 is not None, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, r),
+              x4, center if center is not None else scale, scale, shift, r, out4, N, C, H, W, float(slope),
+              *x4.stride(), *r.stride(), *out4.stride(), HAS_CENTER=center is not None, HAS_RES=residual4 is not None, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, r),
               BLOCK_M=bm, BLOCK_C=bc)
 
 
