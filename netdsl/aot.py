@@ -66,3 +66,61 @@ def compile_launches(module, x, archs=(90, 80), train_too: bool = True):
         for arch in archs:
             results.append((kernel.fn.__name__, arch, compile_one(kernel, sig, meta, arch)))
     return results
+
+
+def _ptxas(arch: int) -> str:
+    """Triton's bundled ptxas (no CUDA install needed)."""
+    import os
+
+    import triton
+
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in (["ptxas-blackwell"] if arch >= 100 else []) + ["ptxas"]:
+        path = os.path.join(base, name)
+        if os.path.isfile(path):
+            return path
+    from triton.backends.nvidia.compiler import get_ptxas  # newer layouts
+
+    tool = get_ptxas(arch)
+    return getattr(tool, "path", tool)
+
+
+def ptxas_info(compiled, arch: int) -> dict:
+    """Registers per thread and spills, as ptxas reports them for the kernel's PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        r = subprocess.run([_ptxas(arch), "-v", "--gpu-name", gpu, f.name, "-o", "/dev/null"],
+                           capture_output=True, text=True, check=True)
+    text = r.stderr + r.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    loads = re.search(r"(\d+) bytes spill loads", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_stores": int(stores.group(1)) if stores else 0,
+            "spill_loads": int(loads.group(1)) if loads else 0}
+
+
+def report(module, x, archs=(90, 80)) -> list[dict]:
+    """One row per distinct launch and architecture: what the real compiler says."""
+    rows = []
+    for name, arch, compiled in compile_launches(module, x, archs):
+        md = compiled.metadata
+        info = ptxas_info(compiled, arch)
+        rows.append({"kernel": name, "arch": f"sm_{arch}", **info, "shared_bytes": md.shared,
+                     "warps": md.num_warps, "stages": md.num_stages})
+    return rows
+
+
+def format_report(rows) -> str:
+    head = ("kernel", "arch", "regs", "spill st/ld", "shared", "warps", "stages")
+    body = [(r["kernel"], r["arch"], str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}",
+             f"{r['shared_bytes']:,}", str(r["warps"]), str(r["stages"])) for r in rows]
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + body]
+    return "\n".join(lines[:1] + ["─" * len(lines[0])] + lines[1:])

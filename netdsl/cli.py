@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--target", choices=("triton", "torch"), default="triton",
                    help="triton (default): fused Triton kernels; torch: the same network in plain PyTorch")
     k.add_argument("-o", "--output", metavar="OUT.py", help="where to write (default: FILE's name with .py, here)")
+    k.add_argument("--report", action="store_true",
+                   help="compile every kernel for sm_90 and sm_80 and print registers, spills, shared memory, warps, stages")
+    k.add_argument("--batch", type=int, default=32, help="batch size the --report launches are planned for (default 32)")
     return p
 
 
@@ -127,6 +130,17 @@ def cmd_compile(args) -> int:
         for u in fused:
             parts = [l.name for l in u.layers] + (["add"] if u.residual else []) + ([u.act.name] if u.act else [])
             print(f"  {' + '.join(parts)}  ->  {u.describe()}")
+    if args.report:
+        import torch
+
+        from . import aot
+        from .cache import import_file
+
+        mod = import_file(out)
+        for net in nets:
+            x = torch.randn(args.batch, *net.input_shape)
+            print(f"\n{net.name}: kernels as compiled for the GPU (batch {args.batch}, eval and train launches)")
+            print(aot.format_report(aot.report(mod.NETWORKS[net.name](), x)))
     return EXIT_OK
 
 

@@ -217,6 +217,7 @@ def test_build_uses_the_cache(tmp_path, monkeypatch):
 
 
 def _aot(file, net, shape, **overrides):
+    """Every launch compiles for sm_90 and sm_80, and no default configuration spills registers."""
     from netdsl import aot
 
     m = netdsl.build(file, net, **overrides)
@@ -224,6 +225,8 @@ def _aot(file, net, shape, **overrides):
     assert results
     for name, arch, compiled in results:
         assert "ptx" in compiled.asm and compiled.asm["cubin"], (name, arch)
+        info = aot.ptxas_info(compiled, arch)
+        assert info["registers"] and info["spill_stores"] == 0 and info["spill_loads"] == 0, (name, arch, info)
     return {name for name, _, _ in results}
 
 
@@ -236,7 +239,7 @@ def test_every_kernel_template_compiles_for_sm90_and_sm80(tmp_path):
         "  concat { conv_transpose(4, 2, stride=2) -> avgpool(2, stride=2) ; upsample(1, mode=\"bilinear\") }\n"
         "  add { dropout(0.1) ; sigmoid } -> upsample(2) -> softmax -> adaptive_avgpool(3) -> flatten -> linear(5) -> tanh\n"
         "}\n")
-    names = _aot(str(spec), "All", (2, 4, 17, 13))
+    names = _aot(str(spec), "All", (32, 4, 17, 13))
     assert {"bn_stats", "bn_fold", "channel_affine", "elementwise", "adaptive_avgpool", "softmax"} <= names
     assert any(n.startswith("conv_transpose__") for n in names) and any(n.startswith("lrn__") for n in names)
 
@@ -246,6 +249,7 @@ def test_every_kernel_template_compiles_for_sm90_and_sm80(tmp_path):
     ("resnet.net", "ResNet50", (8, 3, 224, 224)), ("googlenet.net", "GoogLeNet", (8, 3, 224, 224)),
     ("densenet.net", "DenseNet121", (8, 3, 224, 224)), ("vgg.net", "VGG16", (8, 3, 224, 224)),
     ("alexnet.net", "AlexNet", (8, 3, 224, 224)), ("course.net", "Filters", (8, 3, 28, 28)),
+    ("resnet.net", "CifarResNet", (32, 3, 32, 32)),
 ])
 def test_zoo_kernels_compile_for_sm90_and_sm80(file, net, shape):
     _aot(str(SPECS / file), net, shape)

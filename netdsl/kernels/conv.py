@@ -53,20 +53,24 @@ def $NAME(
     n = offs_m // (Wo * Ho)
     co = g * cout_g + offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
+    # One flat loop over (kernel tap, channel block): it pipelines well and
+    # keeps register pressure low (nested tap loops unroll into spills).
+    c_blocks = tl.cdiv(cin_g, BLOCK_K)
+    for it in range(0, KH * KW * c_blocks):
+        tap = it // c_blocks
+        c0 = (it - tap * c_blocks) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
         ih = oh * SH - PH + kh * DH
-        for kw in range(KW):
-            iw = ow * SW - PW + kw * DW
-            pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = n * sxn + ih * sxh + iw * sxw
-            for c0 in range(0, cin_g, BLOCK_K):
-                offs_k = c0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < cin_g
-                a = tl.load(x_ptr + x_row[:, None] + (g * cin_g + offs_k)[None, :] * sxc,
-                            mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
-                b = tl.load(w_ptr + co[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
-                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc += tl.dot(a, b, input_precision=PRECISION)
+        iw = ow * SW - PW + kw * DW
+        pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_k = c0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < cin_g
+        a = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (g * cin_g + offs_k)[None, :] * sxc,
+                    mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptr + co[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
@@ -126,24 +130,25 @@ def $NAME(
     oh = (offs_m // Wo) % Ho
     n = offs_m // (Wo * Ho)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
+    c_blocks = tl.cdiv(cin_g, BLOCK_K)
+    for it in range(0, KH * KW * c_blocks):
+        tap = it // c_blocks
+        c0 = (it - tap * c_blocks) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
         th = oh + PH - kh * DH
         ih = th // SH
-        h_ok = (th >= 0) & (th - ih * SH == 0) & (ih < H)
-        for kw in range(KW):
-            tw = ow + PW - kw * DW
-            iw = tw // SW
-            pix_ok = m_mask & h_ok & (tw >= 0) & (tw - iw * SW == 0) & (iw < W)
-            x_row = n * sxn + ih * sxh + iw * sxw
-            for c0 in range(0, cin_g, BLOCK_K):
-                offs_k = c0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < cin_g
-                ci = g * cin_g + offs_k
-                a = tl.load(x_ptr + x_row[:, None] + ci[None, :] * sxc,
-                            mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
-                b = tl.load(w_ptr + ci[:, None] * swi + offs_n[None, :] * swo + kh * swh + kw * sww,
-                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc += tl.dot(a, b, input_precision=PRECISION)
+        tw = ow + PW - kw * DW
+        iw = tw // SW
+        pix_ok = m_mask & (th >= 0) & (th - ih * SH == 0) & (ih < H) & (tw >= 0) & (tw - iw * SW == 0) & (iw < W)
+        offs_k = c0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < cin_g
+        ci = g * cin_g + offs_k
+        a = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc,
+                    mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptr + ci[:, None] * swi + offs_n[None, :] * swo + kh * swh + kw * sww,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     co = g * cout_g + offs_n
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -161,7 +166,7 @@ def conv_blocks(M, cout_g, cin_g, on_gpu):
     # tl.dot needs every block dimension >= 16.  The interpreter prefers big
     # tiles (fewer, larger numpy ops); GPU sizes are a starting point for autotuning.
     if on_gpu:
-        return 64 if M >= 64 else 16, _pow2(cout_g, 16, 128), _pow2(cin_g, 16, 32)
+        return 64 if M >= 64 else 16, _pow2(cout_g, 16, 64), _pow2(cin_g, 16, 32)
     return _pow2(M, 16, 1024), _pow2(cout_g, 16, 512), _pow2(cin_g, 16, 512)
 
 
