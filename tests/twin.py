@@ -38,9 +38,8 @@ def compare(tri, ref, x, modes=("eval", "train"), tol=1e-4):
     """Outputs within `tol` of the torch twin.  Deep networks in train mode
     normalise every layer by small-batch statistics, which amplifies rounding:
     there torch's own fp32 result can sit further than `tol` from the exact
-    (float64) one, and ours must then be no further from it than 3× torch's.
-    (Torch's CPU batch norm sums its statistics in double, ours in fp32 as on
-    a GPU; over 150 layers that measured 1.2-2.2× torch's error.)"""
+    (float64) one, and ours must then be no further from it than 2× torch's
+    (measured on ResNet152: 0.6-0.85× torch's error)."""
     exact = copy.deepcopy(ref).double()
     for mode in modes:
         getattr(tri, mode)()
@@ -53,7 +52,7 @@ def compare(tri, ref, x, modes=("eval", "train"), tol=1e-4):
         if err >= tol:
             with torch.no_grad():
                 y64 = exact(x.double())
-            assert rel_err(y, y64) < 3 * rel_err(yr, y64), (mode, err, rel_err(y, y64), rel_err(yr, y64))
+            assert rel_err(y, y64) < 2 * rel_err(yr, y64), (mode, err, rel_err(y, y64), rel_err(yr, y64))
     ours, theirs = tri.state_dict(), ref.state_dict()
     for k in theirs:
         if k.endswith("running_mean") or k.endswith("running_var"):

@@ -25,29 +25,30 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # ACC: the accumulation type; fp64 where torch's own kernels use double (CPU)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     M = N * H * W
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < M)[:, None] & c_mask[None, :]
         row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-        acc += tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
     mean = tl.sum(acc, axis=0) / M
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < M)[:, None] & c_mask[None, :]
         row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-        v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, v - mean[None, :], 0.0)
         acc += d * d
     var = tl.sum(acc, axis=0) / M
-    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
-    tl.store(var_ptr + offs_c, var, mask=c_mask)
+    tl.store(mean_ptr + offs_c, mean.to(tl.float32), mask=c_mask)
+    tl.store(var_ptr + offs_c, var.to(tl.float32), mask=c_mask)
 '''
 
 BN_FOLD = r'''
@@ -212,7 +213,10 @@ def bn_stats(rt, kernel, x4, mean, var):
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     if rt.gpu_tiles(x4):
         bc = 16
-    rt.launch(kernel, (triton.cdiv(C, bc),), x4, mean, var, N, C, H, W, *x4.stride(), BLOCK_M=bm, BLOCK_C=bc)
+    import triton.language as tl
+
+    acc = tl.float32 if rt.gpu_tiles(x4) else tl.float64  # as torch: float on CUDA, double on CPU
+    rt.launch(kernel, (triton.cdiv(C, bc),), x4, mean, var, N, C, H, W, *x4.stride(), ACC=acc, BLOCK_M=bm, BLOCK_C=bc)
 
 
 def bn_fold(rt, kernel, bn, scale, shift, training, count, mean=None, var=None, conv_bias=None, centered=False):

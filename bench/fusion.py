@@ -1,0 +1,98 @@
+"""Fusion figures: kernel launches and device-memory bytes per forward pass,
+netdsl's plan against eager PyTorch running the --target torch twin.
+
+    python bench/fusion.py [--batch B]
+
+netdsl's launches are counted by planning one forward (no kernel runs; the
+tile sizes are a GPU's).  Its bytes are each launch's distinct tensor
+operands (reads and writes, weights included).  Eager's compute ops and bytes
+are counted with a torch dispatch mode over the twin's forward (each op's
+tensor inputs and outputs).  Both are estimates from tensor sizes: caches are
+ignored.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import netdsl  # noqa: E402
+from netdsl import runtime as rt  # noqa: E402
+
+NETS = [("resnet.net", "ResNet18"), ("resnet.net", "ResNet50"), ("vgg.net", "VGG16"),
+        ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121")]
+FREE = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default", "t.default",
+        "detach.default", "alias.default", "slice.Tensor", "as_strided.default", "expand.default",
+        "_reshape_alias.default", "reshape.default", "flatten.using_ints", "unsqueeze.default"}
+
+
+def nbytes(t):
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def distinct_tensors(values):
+    seen = {}
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            for x in distinct_tensors(v):
+                seen[id(x)] = x
+        elif isinstance(v, torch.Tensor):
+            seen[(v.data_ptr(), tuple(v.shape), tuple(v.stride()))] = v
+    return list(seen.values())
+
+
+class Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__ not in FREE:
+            self.ops += 1
+            self.bytes += sum(nbytes(t) for t in distinct_tensors(list(args) + list((kwargs or {}).values()) + [out]))
+        return out
+
+
+def netdsl_plan(model, x):
+    with torch.no_grad(), rt.plan_launches() as plan:
+        model(x)
+    total = 0
+    for _, args, _ in plan:
+        total += sum(nbytes(t) for t in distinct_tensors(args))
+    return len(plan), total
+
+
+def eager(model, x):
+    with torch.no_grad(), Count() as c:
+        model(x)
+    return c.ops, c.bytes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    print(f"batch {args.batch}, fp32, 3×224×224 inputs; forward passes (training steps need backward: not yet)")
+    print(f"{'network':12} {'mode':5} {'netdsl launches':>15} {'eager ops':>9} {'ratio':>6} "
+          f"{'netdsl MB':>10} {'eager MB':>10} {'ratio':>6}")
+    for file, name in NETS:
+        tri = netdsl.build(str(ROOT / "specs" / file), name)
+        ref = netdsl.build(str(ROOT / "specs" / file), name, target="torch")
+        x = torch.randn(args.batch, 3, 224, 224)
+        for mode in ("eval", "train"):
+            tri.train(mode == "train")
+            ref.train(mode == "train")
+            launches, nb = netdsl_plan(tri, x)
+            ops, eb = eager(ref, x)
+            print(f"{name:12} {mode:5} {launches:15d} {ops:9d} {launches / ops:6.2f} "
+                  f"{nb / 1e6:10.1f} {eb / 1e6:10.1f} {nb / eb:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
