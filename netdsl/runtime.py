@@ -222,19 +222,24 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
     """(scale, shift, center): y = (x − center)·scale + shift; center is the batch
     mean in training (precision), None when folded to x·scale + shift (eval)."""
     C = bn.num_features
+    if training or bn.running_mean is None:
+        count = y4.shape[0] * y4.shape[2] * y4.shape[3]
+        if count <= 1 and bn.training:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
+        mean, scale, shift = (torch.empty(C, device=y4.device, dtype=torch.float32) for _ in range(3))
+        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, scale, shift)
+        return scale, shift, mean
+    # Eval: the fold only changes when a parameter or buffer does; torch bumps a
+    # tensor's _version on every in-place write (optimizer steps, load_state_dict).
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
+    key = tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in tensors)
+    cached = bn.__dict__.get("_netdsl_fold")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2], None
     scale = torch.empty(C, device=y4.device, dtype=torch.float32)
     shift = torch.empty(C, device=y4.device, dtype=torch.float32)
-    use_batch = training or bn.running_mean is None
-    if use_batch:
-        count = y4.shape[0] * y4.shape[2] * y4.shape[3]
-        if count <= 1 and training:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
-        mean = torch.empty(C, device=y4.device, dtype=torch.float32)
-        var = torch.empty(C, device=y4.device, dtype=torch.float32)
-        _norm.bn_stats(_rt, K.bn_stats, y4, mean, var)
-        _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, True, count, mean, var, centered=True)
-        return scale, shift, mean
-    _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, False, 1, conv_bias=conv_bias)
+    _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, conv_bias=conv_bias)
+    bn.__dict__["_netdsl_fold"] = (key, scale, shift)
     return scale, shift, None
 
 

@@ -118,16 +118,31 @@ def test_too_small_input_names_layer_and_spec_line():
         m(torch.randn(1, 3, 32, 32))
 
 
-def test_kernel_log_records_every_launch(small_resnet):
-    small_resnet.eval()
+def test_kernel_log_records_every_launch():
+    m = netdsl.build(str(SPECS / "resnet.net"), "ResNet18", width=8, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), netdsl.kernel_log() as log:
-        small_resnet(torch.randn(2, 3, 32, 32))
+        m(x)
     names = [n for n, _ in log]
-    # eval: per conv+bn one fold + one conv kernel (residual add and ReLU in the epilogue)
+    # eval: per conv+bn one fold (first call only) + one conv kernel, residual add and ReLU in its epilogue
     assert names.count("bn_fold") == 20
     assert sum(n.startswith("conv_") for n in names) == 20
     assert names[1] == "conv_bn_relu__conv1" and names[-1] == "linear__fc"
     assert all(isinstance(g, tuple) and all(isinstance(d, int) for d in g) for _, g in log)
+    with torch.no_grad(), netdsl.kernel_log() as again:
+        y = m(x)
+    assert len(again) == len(log) - 20 and "bn_fold" not in [n for n, _ in again]
+    with torch.no_grad():  # an in-place change to a BN parameter invalidates its cached fold
+        m.layer("fc").weight.mul_(1.0)
+        m.layer("layer4.1.bn2").weight.mul_(2.0)
+    with torch.no_grad(), netdsl.kernel_log() as changed:
+        y2 = m(x)
+    assert [n for n, _ in changed].count("bn_fold") == 1 and not torch.equal(y, y2)
+    m.train()
+    with torch.no_grad(), netdsl.kernel_log() as train:
+        m(x)
+    names = [n for n, _ in train]  # train: conv, statistics, apply for each conv+bn
+    assert names.count("bn_stats") == 20 and names.count("channel_affine") == 20 and "bn_fold" not in names
     with netdsl.kernel_log() as outside:
         pass
     assert outside == []

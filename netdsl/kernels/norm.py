@@ -1,13 +1,13 @@
 """Batch norm (statistics, folding, running-stat updates, apply with fused
 residual and activation), local response norm and softmax.
 
-Training-mode batch norm is three launches: `bn_stats` (per-channel mean and
-biased variance, two passes for accuracy), `bn_fold` (scale/shift from the
-statistics, and the running-stat update exactly as torch does it: unbiased
-variance, momentum, num_batches_tracked += 1), and `channel_affine`, which
-applies y = act(x·scale + shift + residual).  In eval mode `bn_fold` reads the
-running statistics instead, and the scale/shift go into the producing conv's
-epilogue when there is one.
+Training-mode batch norm is two launches after its producer: `bn_stats`
+(per-channel mean and variance, two passes for accuracy, then scale/shift and
+the running-stat update exactly as torch does it: unbiased variance, momentum,
+num_batches_tracked += 1), and `channel_affine`, which applies
+y = act((x − mean)·scale + shift + residual).  In eval mode `bn_fold` turns the
+running statistics into scale/shift once (cached until a parameter or buffer
+changes), and they go into the producing conv's epilogue when there is one.
 """
 import triton
 
@@ -19,13 +19,13 @@ BN_STATS = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, mean_ptr, var_ptr,
+    x_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, scale_ptr, shift_ptr,
     # sizes
-    N, C, H, W,
+    N, C, H, W, eps, momentum,
     # strides
     sxn, sxc, sxh, sxw,
     # meta-parameters
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    AFFINE: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # ACC: the accumulation type; fp64 where torch's own kernels use double (CPU)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -46,57 +46,54 @@ def $NAME(
         v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, v - mean[None, :], 0.0)
         acc += d * d
-    var = tl.sum(acc, axis=0) / M
-    tl.store(mean_ptr + offs_c, mean.to(tl.float32), mask=c_mask)
-    tl.store(var_ptr + offs_c, var.to(tl.float32), mask=c_mask)
+    var = (tl.sum(acc, axis=0) / M).to(tl.float32)
+    mean = mean.to(tl.float32)
+    # the apply kernel computes (x − mean)·scale + shift
+    scale = 1.0 / tl.sqrt(var + eps)
+    shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if AFFINE:
+        scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
+        shift = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
+    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
+    tl.store(shift_ptr + offs_c, shift, mask=c_mask)
+    if TRACK:  # running statistics exactly as torch: unbiased variance, momentum, batches tracked
+        rm = tl.load(rmean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        new_rm = (1.0 - momentum) * rm + momentum * mean
+        new_rv = (1.0 - momentum) * rv + momentum * (var * M / (M - 1.0))
+        tl.store(rmean_ptr + offs_c, new_rm.to(rmean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(rvar_ptr + offs_c, new_rv.to(rvar_ptr.dtype.element_ty), mask=c_mask)
+        if tl.program_id(0) == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 '''
 
 BN_FOLD = r'''
 @triton.jit
 def $NAME(
     # pointers
-    mean_ptr, var_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, conv_bias_ptr, scale_ptr, shift_ptr,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, conv_bias_ptr, scale_ptr, shift_ptr,
     # sizes
-    C, count, eps, momentum,
+    C, eps,
     # meta-parameters
-    TRAINING: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, CONV_BIAS: tl.constexpr,
-    CENTERED: tl.constexpr, BLOCK_C: tl.constexpr,
+    AFFINE: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # eval mode: y = x·scale + shift from the running statistics, ready to fold
+    # into a conv epilogue (with the conv's bias: scale·(conv + b − mean) + beta)
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs < C
-    if TRAINING:
-        mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-        var = tl.load(var_ptr + offs, mask=mask, other=1.0)
-    else:
-        mean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        var = tl.load(rvar_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    mean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    var = tl.load(rvar_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     scale = 1.0 / tl.sqrt(var + eps)
     if AFFINE:
         scale = scale * tl.load(weight_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    # CENTERED: the apply kernel computes (x − mean)·scale + shift, which keeps
-    # precision when |mean| >> std; else shift absorbs −mean·scale (folding).
-    if CENTERED:
-        shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    else:
-        shift = -mean * scale
+    shift = -mean * scale
     if AFFINE:
         shift = shift + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CONV_BIAS:
-        # eval-mode folding into a conv with bias: scale·(conv + b − mean) + beta
         shift = shift + scale * tl.load(conv_bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(scale_ptr + offs, scale, mask=mask)
     tl.store(shift_ptr + offs, shift, mask=mask)
-    if TRAINING:
-        if TRACK:
-            rm = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            rv = tl.load(rvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            unbiased = var * count / (count - 1.0)
-            new_rm = (1.0 - momentum) * rm + momentum * mean
-            new_rv = (1.0 - momentum) * rv + momentum * unbiased
-            tl.store(rmean_ptr + offs, new_rm.to(rmean_ptr.dtype.element_ty), mask=mask)
-            tl.store(rvar_ptr + offs, new_rv.to(rvar_ptr.dtype.element_ty), mask=mask)
-            if tl.program_id(0) == 0:
-                tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 '''
 
 CHANNEL_AFFINE = r'''
@@ -208,31 +205,31 @@ def _tiles(M, C, on_gpu):
     return max(16, min(4096, triton.next_power_of_2(M))), max(16, min(512, triton.next_power_of_2(C)))
 
 
-def bn_stats(rt, kernel, x4, mean, var):
+def bn_stats(rt, kernel, bn, x4, mean, scale, shift):
+    """Training: batch mean, scale and shift of `bn` over x4, and its running-stat update."""
+    import triton.language as tl
+
     N, C, H, W = x4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     if rt.gpu_tiles(x4):
         bc = 16
-    import triton.language as tl
-
     acc = tl.float32 if rt.gpu_tiles(x4) else tl.float64  # as torch: float on CUDA, double on CPU
-    rt.launch(kernel, (triton.cdiv(C, bc),), x4, mean, var, N, C, H, W, *x4.stride(), ACC=acc, BLOCK_M=bm, BLOCK_C=bc)
-
-
-def bn_fold(rt, kernel, bn, scale, shift, training, count, mean=None, var=None, conv_bias=None, centered=False):
-    """scale/shift of a BatchNorm module; in training also the running-stat update."""
-    C = scale.shape[0]
-    dummy = scale
-    bc = max(16, min(1024, triton.next_power_of_2(C)))
     track = bn.running_mean is not None
-    rt.launch(kernel, (triton.cdiv(C, bc),),
-              mean if mean is not None else dummy, var if var is not None else dummy,
-              bn.weight if bn.affine else dummy, bn.bias if bn.affine else dummy,
-              bn.running_mean if track else dummy, bn.running_var if track else dummy,
-              bn.num_batches_tracked if track else dummy, conv_bias if conv_bias is not None else dummy,
-              scale, shift, C, float(count), float(bn.eps), float(bn.momentum),
-              TRAINING=training, AFFINE=bn.affine, TRACK=track, CONV_BIAS=conv_bias is not None,
-              CENTERED=centered, BLOCK_C=bc)
+    rt.launch(kernel, (triton.cdiv(C, bc),), x4,
+              bn.weight if bn.affine else mean, bn.bias if bn.affine else mean,
+              bn.running_mean if track else mean, bn.running_var if track else mean,
+              bn.num_batches_tracked if track else mean, mean, scale, shift,
+              N, C, H, W, float(bn.eps), float(bn.momentum if bn.momentum is not None else 0.0), *x4.stride(),
+              AFFINE=bn.affine, TRACK=track and bn.training, ACC=acc, BLOCK_M=bm, BLOCK_C=bc)
+
+
+def bn_fold(rt, kernel, bn, scale, shift, conv_bias=None):
+    """Eval: scale/shift from the running statistics."""
+    C = scale.shape[0]
+    bc = max(16, min(1024, triton.next_power_of_2(C)))
+    rt.launch(kernel, (triton.cdiv(C, bc),), bn.weight if bn.affine else scale, bn.bias if bn.affine else scale,
+              bn.running_mean, bn.running_var, conv_bias if conv_bias is not None else scale, scale, shift,
+              C, float(bn.eps), AFFINE=bn.affine, CONV_BIAS=conv_bias is not None, BLOCK_C=bc)
 
 
 def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01, center=None):
