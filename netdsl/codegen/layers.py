@@ -88,6 +88,20 @@ def init_lines(net: ir.Net) -> list[str]:
     return lines
 
 
+def class_lines(net: ir.Net) -> list[str]:
+    """A network class's header and __init__: the same for both targets, so
+    both register the same parameters under the same names."""
+    lines = ["", "",
+             f"class {net.name}(rt.NetModule):",
+             f'    """{net.name} ({where(net)}): input {shape_text(net.input_shape)}, output {shape_text(net.out_shape)}."""',
+             "",
+             f"    input_shape = {tuple(net.input_shape)!r}",
+             "",
+             "    def __init__(self):",
+             "        super().__init__()"]
+    return lines + [f"        {line}" for line in init_lines(net)]
+
+
 def where(layer_or_pos, name: str | None = None) -> str:
     pos = layer_or_pos.pos if hasattr(layer_or_pos, "pos") else layer_or_pos
     import os

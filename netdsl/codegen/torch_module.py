@@ -4,7 +4,7 @@ the tests compare against, and a way out for users who want plain PyTorch."""
 from __future__ import annotations
 
 from .. import ir
-from .layers import check_class_name, init_lines, shape_text, where
+from .layers import check_class_name, class_lines, where
 
 
 class _Forward:
@@ -62,15 +62,7 @@ def generate(nets: list[ir.Net], source: str) -> str:
         check_class_name(net)
         fwd = _Forward()
         result = fwd.emit(net.body, "x")
-        out += ["", "",
-                f"class {net.name}(rt.NetModule):",
-                f'    """{net.name} ({where(net)}): input {shape_text(net.input_shape)}, output {shape_text(net.out_shape)}."""',
-                "",
-                f"    input_shape = {tuple(net.input_shape)!r}",
-                "",
-                "    def __init__(self):",
-                "        super().__init__()"]
-        out += [f"        {line}" for line in init_lines(net)]
+        out += class_lines(net)
         out += ["", "    def forward(self, x):"]
         out += [f"        {line}" for line in fwd.lines]
         out += [f"        return {result}"]

@@ -9,8 +9,8 @@ from ..kernels import conv as kconv
 from ..kernels import elementwise as kew
 from ..kernels import norm as knorm
 from ..kernels import pool as kpool
-from ..kernels import render
-from .layers import check_class_name, init_lines, shape_text, where
+from ..kernels import ACTIVATION, render
+from .layers import check_class_name, class_lines, where
 
 GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "bn_stats": knorm.BN_STATS,
@@ -280,21 +280,14 @@ def generate(nets: list[ir.Net], source: str) -> str:
            "",
            "from netdsl import runtime as rt",
            ""]
+    out += ["", render(ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh")]
     for name, template in GENERIC.items():
         out += ["", render(template, name, _GENERIC_DOC[name])]
     for src in kernels.source():
         out += ["", src]
     out += ["", "K = rt.Kernels(" + ", ".join(f"{n}={n}" for n in GENERIC) + ")", ""]
     for net, lines, result in classes:
-        out += ["",
-                f"class {net.name}(rt.NetModule):",
-                f'    """{net.name} ({where(net)}): input {shape_text(net.input_shape)}, output {shape_text(net.out_shape)}."""',
-                "",
-                f"    input_shape = {tuple(net.input_shape)!r}",
-                "",
-                "    def __init__(self):",
-                "        super().__init__()"]
-        out += [f"        {line}" for line in init_lines(net)]
+        out += class_lines(net)
         out += ["",
                 "    def forward(self, x):",
                 f"        x = rt.check_input(x, self.input_shape, {net.name!r})"]

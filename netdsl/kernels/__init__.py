@@ -10,6 +10,21 @@ from string import Template
 
 ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}
 
+# The epilogue activation every kernel family shares (ACT is one of ACT_CODES).
+ACTIVATION = r'''
+@triton.jit
+def $NAME(y, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:
+        y = tl.where(y >= 0.0, y, y * slope)
+    elif ACT == 3:
+        y = tl.sigmoid(y)
+    elif ACT == 4:
+        y = 2.0 * tl.sigmoid(2.0 * y) - 1.0
+    return y
+'''
+
 
 def render(template: str, name: str, header: str, **consts) -> str:
     body = Template(template).substitute(NAME=name, **{k: repr(v) for k, v in consts.items()})

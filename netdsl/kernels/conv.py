@@ -79,14 +79,7 @@ def $NAME(
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
         acc = acc + r.to(tl.float32)
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = tl.where(acc >= 0.0, acc, acc * slope)
-    elif ACT == 3:
-        acc = tl.sigmoid(acc)
-    elif ACT == 4:
-        acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+    acc = activation(acc, ACT, slope)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 '''

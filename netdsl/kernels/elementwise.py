@@ -36,14 +36,7 @@ def $NAME(
         if OP == 2:
             keep = tl.rand(seed, offs + offset) >= p
             y = tl.where(keep, y / (1.0 - p), 0.0)
-        if ACT == 1:
-            y = tl.maximum(y, 0.0)
-        elif ACT == 2:
-            y = tl.where(y >= 0.0, y, y * slope)
-        elif ACT == 3:
-            y = tl.sigmoid(y)
-        elif ACT == 4:
-            y = 2.0 * tl.sigmoid(2.0 * y) - 1.0
+        y = activation(y, ACT, slope)
     tl.store(y_ptr + n * syn + c * syc + h * syh + w * syw, y.to(y_ptr.dtype.element_ty), mask=mask)
 '''
 

@@ -127,14 +127,7 @@ def $NAME(
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask, other=0.0)
         y = y + r.to(tl.float32)
-    if ACT == 1:
-        y = tl.maximum(y, 0.0)
-    elif ACT == 2:
-        y = tl.where(y >= 0.0, y, y * slope)
-    elif ACT == 3:
-        y = tl.sigmoid(y)
-    elif ACT == 4:
-        y = 2.0 * tl.sigmoid(2.0 * y) - 1.0
+    y = activation(y, ACT, slope)
     tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
 '''
 
