@@ -69,20 +69,25 @@ def compile_launches(module, x, archs=(90, 80), train_too: bool = True):
 
 
 def _ptxas(arch: int) -> str:
-    """Triton's bundled ptxas (no CUDA install needed)."""
+    """The ptxas Triton itself uses for this architecture (it bundles one, so no
+    CUDA install is needed; newer Triton releases pick a newer one per arch)."""
     import os
 
     import triton
 
-    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for name in (["ptxas-blackwell"] if arch >= 100 else []) + ["ptxas"]:
-        path = os.path.join(base, name)
-        if os.path.isfile(path):
-            return path
-    from triton.backends.nvidia.compiler import get_ptxas  # newer layouts
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    tool = get_ptxas(arch)
-    return getattr(tool, "path", tool)
+        try:
+            tool = get_ptxas(arch)
+        except TypeError:  # releases whose get_ptxas takes no architecture
+            tool = get_ptxas()
+        path = getattr(tool, "path", tool)
+        if path and os.path.isfile(path):
+            return path
+    except ImportError:
+        pass
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def ptxas_info(compiled, arch: int) -> dict:
