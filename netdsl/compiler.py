@@ -101,7 +101,9 @@ def compile_program(prog: ir.Program, net: str | None = None, overrides=None, in
     res = check_program_nets(prog, net, overrides, input_shape)
     if not res.ok:
         raise NetdslError(res.diagnostics, res.sources)
-    source = prog.file
+    import os
+
+    source = os.path.basename(prog.file)  # output independent of where the spec was found
     if target == "torch":
         return torch_module.generate(res.nets, source), res.nets
     fused = [fuse(n) for n in res.nets]  # conv+bn+act, linear+act, bn+act, residual epilogues

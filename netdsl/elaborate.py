@@ -127,9 +127,6 @@ class _Elaborator:
     def err(self, pos, msg, trace):
         self.diags.error(pos, msg, _notes(trace))
 
-    def eval(self, e, env):
-        return evaluate(e, env)
-
     def label(self, label: ir.Label | None, env) -> str | None:
         if label is None:
             return None
@@ -138,7 +135,7 @@ class _Elaborator:
             if isinstance(part, str):
                 text += part
             else:
-                v = self.eval(part, env)
+                v = evaluate(part, env)
                 if isinstance(v, bool) or not isinstance(v, (int, str)):
                     raise EvalError(part.pos, f"a label part must be an integer or a string, got {show(v)}")
                 text += str(v)
@@ -146,7 +143,7 @@ class _Elaborator:
             raise EvalError(label.pos, f"'{text}' is not a valid layer name (letters, digits and '_')")
         return text
 
-    def bind(self, params, args, what: str, env, pos, trace, defaults_env=None):
+    def bind(self, params, args, what: str, env):
         """Match call arguments to parameters: positional first, then keywords."""
         values: dict = {}
         names = [p.name for p in params]
@@ -158,13 +155,13 @@ class _Elaborator:
             raise EvalError(positional[len(params)].pos,
                             f"{what} takes at most {len(params)} positional argument{'s' if len(params) != 1 else ''}, got {len(positional)}")
         for p, a in zip(params, positional):
-            values[p.name] = (self.eval(a.value, env), a.value.pos)
+            values[p.name] = (evaluate(a.value, env), a.value.pos)
         for a in args[len(positional):]:
             if a.name not in names:
                 raise EvalError(a.pos, f"{what} has no argument '{a.name}'{did_you_mean(a.name, names)}")
             if a.name in values:
                 raise EvalError(a.pos, f"{what} got argument '{a.name}' twice")
-            values[a.name] = (self.eval(a.value, env), a.value.pos)
+            values[a.name] = (evaluate(a.value, env), a.value.pos)
         return values
 
     # -- nets
@@ -176,20 +173,20 @@ class _Elaborator:
                 if p.name in overrides:
                     v = overrides[p.name]
                     if p.default is not None:
-                        d = self.eval(p.default, env)
+                        d = evaluate(p.default, env)
                         if type(d) is not type(v) and not (isinstance(d, float) and isinstance(v, int)):
                             raise EvalError(p.pos, f"--set {p.name}={show(v)} does not match the parameter's type (default {show(d)})")
                     env[p.name] = v
                 elif p.default is None:
                     raise EvalError(p.pos, f"network '{nd.name}' needs a value for '{p.name}' (use --set {p.name}=...)")
                 else:
-                    env[p.name] = self.eval(p.default, env)
+                    env[p.name] = evaluate(p.default, env)
             if input_override is not None:
                 shape = tuple(input_override)
             else:
                 if any(a.name is not None for a in nd.input):
                     raise EvalError(nd.pos, "input() takes positional sizes: input(C, H, W) or input(F)")
-                shape = tuple(self.eval(a.value, env) for a in nd.input)
+                shape = tuple(evaluate(a.value, env) for a in nd.input)
             if len(shape) not in (1, 3) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
                 raise EvalError(nd.input[0].pos if nd.input else nd.pos,
                                 f"the input must be C, H, W or F positive integers, got {show(shape)}")
@@ -218,7 +215,7 @@ class _Elaborator:
         for st in body:
             if isinstance(st, ir.Assign):
                 try:
-                    env[st.name] = self.eval(st.value, env)
+                    env[st.name] = evaluate(st.value, env)
                 except EvalError as e:
                     self.err(e.pos, e.message, trace)
                     env[st.name] = None
@@ -307,13 +304,13 @@ class _Elaborator:
         return out
 
     def condition(self, it: ir.If, env) -> bool:
-        cond = self.eval(it.cond, env)
+        cond = evaluate(it.cond, env)
         if not isinstance(cond, bool):
             raise EvalError(it.cond.pos, f"an if condition must be true or false, got {show(cond)}")
         return cond
 
     def iteration(self, it: ir.Repeat, env) -> list:
-        n = self.eval(it.iterable, env)
+        n = evaluate(it.iterable, env)
         if it.var is None:
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise EvalError(it.iterable.pos, f"repeat needs a count >= 0, got {show(n)}")
@@ -335,7 +332,7 @@ class _Elaborator:
     # -- layers and blocks
     def layer(self, call: ir.Call, env, scope, trace, label) -> ir.Layer:
         spec = OPS[call.name]
-        given = self.bind(spec.params, call.args, call.name, env, call.pos, trace)
+        given = self.bind(spec.params, call.args, call.name, env)
         attrs = {}
         weight_given = "weight" in given
         for p in spec.params:
@@ -367,13 +364,13 @@ class _Elaborator:
         block = self.blocks[call.name]
         if any(name == block.name for _, name in trace):  # reported once by check_program
             return [self.poison(call, scope, trace)]
-        given = self.bind(block.params, call.args, f"block '{block.name}'", env, call.pos, trace)
+        given = self.bind(block.params, call.args, f"block '{block.name}'", env)
         benv: dict = {}
         for p in block.params:
             if p.name in given:
                 benv[p.name] = given[p.name][0]
             elif p.default is not None:
-                benv[p.name] = self.eval(p.default, benv)
+                benv[p.name] = evaluate(p.default, benv)
             else:
                 raise EvalError(call.pos, f"block '{block.name}' is missing its required argument '{p.name}'")
         inner = scope if inline else _Scope(scope.slot(label, "block", _label_pos(call), self.diags, trace))

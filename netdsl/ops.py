@@ -165,19 +165,20 @@ def _prod(xs):
     return out
 
 
-def _same(a, i, o):
-    return 0
+def window_out(n, k, s, p, d, ceil_mode) -> int:
+    """PyTorch's output length of a sliding window (conv and pooling); may be < 1."""
+    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:  # the last window must start inside the input or left padding
+        out -= 1
+    return out
 
 
 def _window(n, k, s, p, d, ceil_mode, what, err):
-    """PyTorch's output length of a sliding window (conv and pooling)."""
     if n is None:
         return None
-    extent = d * (k - 1) + 1
-    out = (n + 2 * p - extent + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= n + p:  # the last window must start inside the input or left padding
-        out -= 1
+    out = window_out(n, k, s, p, d, ceil_mode)
     if out < 1:
+        extent = d * (k - 1) + 1
         if n + 2 * p < extent:
             err(f"{what} is larger than its padded input ({extent} > {n} + 2·{p})")
         else:

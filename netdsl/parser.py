@@ -265,18 +265,12 @@ class _Builder(Transformer):
     def not_op(self, meta, operand):
         return ir.Unary("not", operand, self._p(meta))
 
-    def _fold(self, meta, children, op_from_tokens):
-        # children: e0 OP e1 OP e2 ... (or e0 e1 e2 for and/or)
-        pos = self._p(meta)
-        if op_from_tokens:
-            acc = children[0]
-            for i in range(1, len(children), 2):
-                acc = ir.Binary(str(children[i]), acc, children[i + 1], pos)
-            return acc
-        return None
-
     def binary(self, meta, *children):
-        return self._fold(meta, children, True)
+        # children: e0 OP e1 OP e2 ..., folded to the left
+        acc = children[0]
+        for i in range(1, len(children), 2):
+            acc = ir.Binary(str(children[i]), acc, children[i + 1], self._p(meta))
+        return acc
 
     def compare_op(self, meta, left, op=None, right=None):
         if op is None:

@@ -19,6 +19,7 @@ from .kernels import conv as _conv
 from .kernels import elementwise as _ew
 from .kernels import norm as _norm
 from .kernels import pool as _pool
+from .ops import window_out
 
 # ------------------------------------------------------------------ launching
 
@@ -184,17 +185,10 @@ def check_input(x, shape, net: str):
     return x
 
 
-def _window(n, k, s, p, d, ceil_mode):
-    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= n + p:
-        out -= 1
-    return out
-
-
 def _spatial(x, kernel, stride, padding, dilation, ceil_mode, at):
     H, W = x.shape[2], x.shape[3]
-    Ho = _window(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
-    Wo = _window(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    Ho = window_out(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    Wo = window_out(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
     if Ho < 1 or Wo < 1:
         raise ShapeError(f"{at}: a {H}×{W} input is too small for this layer "
                          f"({kernel[0]}×{kernel[1]} window, stride {stride}, padding {padding}); "

@@ -270,58 +270,18 @@ def test_zoo_kernels_compile_for_sm90_and_sm80(file, net, shape):
 
 def test_int64_indexing_compiles_for_huge_tensors():
     """A tensor past 2^31 elements switches the kernels to int64 offsets; the
-    kernels compile that way (a run needs a GPU with the memory)."""
+    conv kernel compiles that way (a run needs a GPU with the memory)."""
     from netdsl import aot
+    from netdsl.cache import compile_to_module
 
-    m = netdsl.build(str(SPECS / "course.net"), "Slides")
     x = torch.empty(2**31 // (28 * 28) + 1, 1, 28, 28, device="meta")
-    assert rt.needs_int64(x)
-    with rt.plan_launches() as plan:
-        pass
-    meta = aot.signatures.__doc__  # keep the import used
-    assert meta
-    kernel = None
-    import netdsl.cache as cache
-
-    mod = cache.compile_to_module(str(SPECS / "course.net"), "Slides")
+    assert rt.needs_int64(x) and not rt.needs_int64(x[:1000])
+    mod = compile_to_module(str(SPECS / "course.net"), "Slides")
     kernel = next(v for k, v in vars(mod).items() if k.startswith("conv__"))
     sig = {n: "*fp32" if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
     sig.update(slope="fp32")
     meta = dict(HAS_SCALE=False, HAS_SHIFT=True, HAS_RES=False, ACT=0, IDX64=True, PRECISION="tf32",
                 BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
     sig.update({k: "constexpr" for k in meta})
-    compiled = aot.compile_one(kernel, sig, meta, 90)
-    assert "mul.wide" in compiled.asm["ptx"] or ".s64" in compiled.asm["ptx"]
-
-
-def test_half_precision_runs_and_compiles():
-    from netdsl import aot
-
-    m = netdsl.build(str(SPECS / "resnet.net"), "CifarResNet")
-    ref = netdsl.build(str(SPECS / "resnet.net"), "CifarResNet", target="torch").eval()
-    ref.load_state_dict(m.state_dict())
-    m = m.half().eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        y = m(x.half())
-        expect = ref(x)
-    assert y.dtype == torch.float16
-    assert ((y.float() - expect).abs().max() / expect.abs().max()).item() < 5e-3
-    for dtype in (torch.float16, torch.bfloat16):  # bf16 compiles for the GPU ...
-        for kernel, sig, meta in aot.signatures(m.to(dtype), x.to(dtype), train=True)[:6]:
-            aot.compile_one(kernel, sig, meta, 90)
-    with pytest.raises(TypeError, match="bfloat16 needs a CUDA device"):  # ... but the interpreter has none
-        with torch.no_grad():
-            m.to(torch.bfloat16)(x.to(torch.bfloat16))
-
-
-def test_planning_a_forward_caches_nothing():
-    from netdsl import aot
-
-    g = netdsl.build(str(SPECS / "resnet.net"), "CifarResNet").eval()
-    ref = netdsl.build(str(SPECS / "resnet.net"), "CifarResNet", target="torch").eval()
-    ref.load_state_dict(g.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    aot.signatures(g, x)  # plans an eval forward: no kernel runs
-    with torch.no_grad():
-        assert torch.allclose(g(x), ref(x), rtol=1e-4, atol=1e-5)
+    ptx = aot.compile_one(kernel, sig, meta, 90).asm["ptx"]
+    assert "mul.wide" in ptx or ".s64" in ptx

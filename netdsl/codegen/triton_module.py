@@ -22,8 +22,8 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
 }
 
 _GENERIC_DOC = {
-    "bn_stats": "batch-norm statistics: per-channel mean and biased variance (training)",
-    "bn_fold": "batch-norm scale/shift from batch or running statistics; running-stat update",
+    "bn_stats": "batch-norm training statistics: per-channel mean, scale/shift and the running-stat update",
+    "bn_fold": "batch-norm eval scale/shift from the running statistics, ready to fold into a conv",
     "channel_affine": "y = act(x·scale[c] + shift[c] + residual): batch norm apply",
     "elementwise": "activations, unfused adds, dropout, copies",
     "adaptive_avgpool": "adaptive / global average pooling",
