@@ -151,6 +151,64 @@ def $NAME(
 '''
 
 
+# Weight gradient (backward of CONV2D): for each tap and group,
+# dW[co, ci] = Σ over N·Ho·Wo of dY[·, co] · X[·, ci] at the tap's input pixel.
+CONV2D_WGRAD = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    dy_ptr, x_ptr, dw_ptr,
+    # sizes
+    N, H, W, C_in, Ho, Wo, C_out,
+    # strides
+    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
+    # meta-parameters
+    IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    KH = $KH
+    KW = $KW
+    SH = $SH
+    SW = $SW
+    PH = $PH
+    PW = $PW
+    DH = $DH
+    DW = $DW
+    G = $GROUPS
+    cin_g = C_in // G
+    cout_g = C_out // G
+    offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(2) // (KH * KW)
+    tap = tl.program_id(2) - g * (KH * KW)
+    kh = tap // KW
+    kw = tap - kh * KW
+    co_mask = offs_co < cout_g
+    ci_mask = offs_ci < cin_g
+    co = g * cout_g + offs_co
+    ci = g * cin_g + offs_ci
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, N * Ho * Wo, BLOCK_K):
+        offs_m = m0 + tl.arange(0, BLOCK_K)
+        if IDX64:
+            offs_m = offs_m.to(tl.int64)
+        m_mask = offs_m < N * Ho * Wo
+        ow = offs_m % Wo
+        oh = (offs_m // Wo) % Ho
+        n = offs_m // (Wo * Ho)
+        ih = oh * SH - PH + kh * DH
+        iw = ow * SW - PW + kw * DW
+        pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(dy_ptr + co[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :],
+                    mask=co_mask[:, None] & m_mask[None, :], other=0.0)
+        b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc,
+                    mask=pix_ok[:, None] & ci_mask[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
+    tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask[:, None] & ci_mask[None, :])
+'''
+
+
 def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
@@ -183,6 +241,28 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
               ACT=ACT_CODES[act], IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
     return out
+
+
+def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1):
+    """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy and its input x."""
+    N, C_in, H, W = x.shape
+    C_out, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
+    KH, KW = dw.shape[2], dw.shape[3]
+    cout_g, cin_g = C_out // groups, C_in // groups
+    if rt.gpu_tiles(x):
+        BM, BN, BK = _pow2(cout_g, 16, 64), _pow2(cin_g, 16, 64), 32
+    else:
+        BM, BN, BK = _pow2(cout_g, 16, 512), _pow2(cin_g, 16, 512), _pow2(N * Ho * Wo, 16, 1024)
+    grid = (triton.cdiv(cout_g, BM), triton.cdiv(cin_g, BN), groups * KH * KW)
+    rt.launch(kernel, grid, dy, x, dw, N, H, W, C_in, Ho, Wo, C_out, *dy.stride(), *x.stride(), *dw.stride(),
+              IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return dw
+
+
+def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1):
+    """dx = the input gradient of CONV2D: a transposed conv of dy with the same
+    weight and geometry (CONV_TRANSPOSE2D instantiated with the conv's consts)."""
+    return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups)
 
 
 def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1):
