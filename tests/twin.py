@@ -53,9 +53,11 @@ def compare(tri, ref, x, modes=("eval", "train"), tol=1e-4):
             with torch.no_grad():
                 y64 = exact(x.double())
             assert rel_err(y, y64) < 2 * rel_err(yr, y64), (mode, err, rel_err(y, y64), rel_err(yr, y64))
-    ours, theirs = tri.state_dict(), ref.state_dict()
+    ours, theirs, truth = tri.state_dict(), ref.state_dict(), exact.state_dict()
     for k in theirs:
         if k.endswith("running_mean") or k.endswith("running_var"):
-            assert rel_err(ours[k], theirs[k]) < tol, (k, rel_err(ours[k], theirs[k]))
+            err = rel_err(ours[k], theirs[k])
+            if err >= tol:  # the same rule as for outputs, against the float64 twin
+                assert rel_err(ours[k], truth[k]) < 2 * rel_err(theirs[k], truth[k]), (k, err)
         if k.endswith("num_batches_tracked"):
             assert ours[k].item() == theirs[k].item(), k
