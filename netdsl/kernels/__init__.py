@@ -26,7 +26,14 @@ def $NAME(y, ACT: tl.constexpr, slope):
 '''
 
 
+_GEOMETRY = (("KH", "KH"), ("KW", "KW"), ("SH", "SH"), ("SW", "SW"), ("PH", "PH"), ("PW", "PW"),
+             ("DH", "DH"), ("DW", "DW"), ("GROUPS", "G"))
+
+
 def render(template: str, name: str, header: str, **consts) -> str:
-    body = Template(template).substitute(NAME=name, **{k: repr(v) for k, v in consts.items()})
+    """Fill a template: $NAME, each constant, and $GEOMETRY (the window's sizes
+    as literal assignments, so the compiler sees them as constants)."""
+    geometry = "\n".join(f"    {var} = {consts[key]!r}" for key, var in _GEOMETRY if key in consts).lstrip()
+    body = Template(template).substitute(NAME=name, GEOMETRY=geometry, **{k: repr(v) for k, v in consts.items()})
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     return comment + body.strip() + "\n"

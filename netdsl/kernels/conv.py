@@ -28,15 +28,7 @@ def $NAME(
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    KH = $KH
-    KW = $KW
-    SH = $SH
-    SW = $SW
-    PH = $PH
-    PW = $PW
-    DH = $DH
-    DW = $DW
-    G = $GROUPS
+    $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -99,15 +91,7 @@ def $NAME(
     HAS_SHIFT: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    KH = $KH
-    KW = $KW
-    SH = $SH
-    SW = $SW
-    PH = $PH
-    PW = $PW
-    DH = $DH
-    DW = $DW
-    G = $GROUPS
+    $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -166,15 +150,7 @@ def $NAME(
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    KH = $KH
-    KW = $KW
-    SH = $SH
-    SW = $SW
-    PH = $PH
-    PW = $PW
-    DH = $DH
-    DW = $DW
-    G = $GROUPS
+    $GEOMETRY
     cin_g = C_in // G
     cout_g = C_out // G
     offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

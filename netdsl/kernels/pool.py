@@ -15,14 +15,7 @@ def $NAME(
     # meta-parameters
     IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    KH = $KH
-    KW = $KW
-    SH = $SH
-    SW = $SW
-    PH = $PH
-    PW = $PW
-    DH = $DH
-    DW = $DW
+    $GEOMETRY
     IS_MAX = $IS_MAX
     COUNT_PAD = $COUNT_INCLUDE_PAD
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
