@@ -29,8 +29,12 @@ def _type(v) -> str:
     raise TypeError(f"cannot type kernel argument {v!r}")
 
 
+OPTIONS = ("num_warps", "num_stages")  # launch options, not constexpr arguments
+
+
 def signatures(module, x, train: bool = False):
-    """Distinct (kernel, signature, constexprs) that one forward launches."""
+    """Distinct (kernel, signature, meta) that one forward launches; meta holds
+    the constexprs and the launch options (num_warps, num_stages)."""
     module.train(train)
     with torch.no_grad(), rt.plan_launches() as plan:
         module(x)
@@ -38,7 +42,7 @@ def signatures(module, x, train: bool = False):
     for kernel, args, meta in plan:
         names = kernel.arg_names
         sig = {n: _type(a) for n, a in zip(names, args)}
-        sig.update({k: "constexpr" for k in meta})
+        sig.update({k: "constexpr" for k in meta if k not in OPTIONS})
         key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(meta.items())))
         if key not in seen:
             seen.add(key)
@@ -46,12 +50,14 @@ def signatures(module, x, train: bool = False):
     return out
 
 
-def compile_one(kernel, sig, constexprs, arch: int):
+def compile_one(kernel, sig, meta, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32))
+    constexprs = {k: v for k, v in meta.items() if k not in OPTIONS}
+    options = {k: v for k, v in meta.items() if k in OPTIONS}
+    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_launches(module, x, archs=(90, 80), train_too: bool = True):
