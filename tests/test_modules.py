@@ -285,3 +285,14 @@ def test_int64_indexing_compiles_for_huge_tensors():
     sig.update({k: "constexpr" for k in meta})
     ptx = aot.compile_one(kernel, sig, meta, 90).asm["ptx"]
     assert "mul.wide" in ptx or ".s64" in ptx
+
+
+def test_compile_report_prints_registers_and_spills(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "netdsl", "compile", "specs/lenet.net", "-o", str(tmp_path / "l.py"),
+                        "--report", "--batch", "16"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "LeNet5: kernels as compiled for the GPU (batch 16, eval and train launches)" in p.stdout
+    rows = [l.split() for l in p.stdout.splitlines() if l.startswith(("conv_relu__conv1", "linear_relu__fc1"))]
+    assert {r[1] for r in rows} == {"sm_90", "sm_80"}
+    for name, arch, regs, spills, shared, warps, stages in rows:
+        assert 0 < int(regs) <= 255 and spills == "0/0" and int(warps) in (4, 8) and int(stages) >= 1
