@@ -46,8 +46,8 @@ def kernel_log():
     stack.append(log)
     try:
         yield log
-    finally:
-        stack.remove(log)
+    finally:  # by identity: nested logs may hold equal contents
+        del stack[next(i for i, entry in enumerate(stack) if entry is log)]
 
 
 def _interpreter(kernel):

@@ -296,3 +296,15 @@ def test_compile_report_prints_registers_and_spills(tmp_path):
     assert {r[1] for r in rows} == {"sm_90", "sm_80"}
     for name, arch, regs, spills, shared, warps, stages in rows:
         assert 0 < int(regs) <= 255 and spills == "0/0" and int(warps) in (4, 8) and int(stages) >= 1
+
+
+def test_nested_kernel_logs_each_see_their_launches():
+    m = netdsl.build(str(SPECS / "course.net"), "Net").eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad(), netdsl.kernel_log() as outer:
+        with netdsl.kernel_log() as first:
+            pass
+        with netdsl.kernel_log() as inner:
+            m(x)
+        m(x)
+    assert first == [] and len(inner) == 2 and len(outer) == 4
