@@ -118,12 +118,5 @@ def kernels_of(node):
     """Every Fused unit and unfused Layer under node, in order (for summaries)."""
     if isinstance(node, (ir.Fused, ir.Layer)):
         yield node
-    elif isinstance(node, ir.Seq):
-        for n in node.items:
-            yield from kernels_of(n)
-    elif isinstance(node, ir.Join):
-        for b in node.branches:
-            yield from kernels_of(b)
-    elif isinstance(node, ir.Dense):
-        for s in node.steps:
-            yield from kernels_of(s)
+    for child in ir.children(node):
+        yield from kernels_of(child)

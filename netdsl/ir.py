@@ -354,20 +354,24 @@ class Net:
         return self.body.out_shape
 
 
+def children(node: Node) -> tuple:
+    """The sub-nodes of a Seq, Join or Dense, in execution order; () for a layer or kernel."""
+    if isinstance(node, Seq):
+        return node.items
+    if isinstance(node, Join):
+        return node.branches
+    if isinstance(node, Dense):
+        return node.steps
+    return ()
+
+
 def walk_layers(node: Node):
     """Every Layer under node, in execution order."""
     if isinstance(node, Layer):
         yield node
-    elif isinstance(node, Seq):
-        for n in node.items:
-            yield from walk_layers(n)
-    elif isinstance(node, Join):
-        for b in node.branches:
-            yield from walk_layers(b)
-    elif isinstance(node, Dense):
-        for s in node.steps:
-            yield from walk_layers(s)
     elif isinstance(node, Fused):
         yield from node.layers
         if node.act is not None:
             yield node.act
+    for child in children(node):
+        yield from walk_layers(child)

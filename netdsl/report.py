@@ -17,16 +17,11 @@ def rows(net: ir.Net):
             spec = OPS.get(node.op)
             summary = spec.summary(node.attrs) if spec else ""
             yield node.name, node.op, summary, node.out_shape, node.params, node.macs
-        elif isinstance(node, ir.Seq):
-            for n in node.items:
-                yield from visit(n)
-        elif isinstance(node, ir.Join):
-            for b in node.branches:
-                yield from visit(b)
+        for child in ir.children(node):
+            yield from visit(child)
+        if isinstance(node, ir.Join):  # the join's own row follows its branches
             yield node.name or "(root)", "add" if node.kind == "residual" else node.kind, "", node.out_shape, 0, 0
         elif isinstance(node, ir.Dense):
-            for s in node.steps:
-                yield from visit(s)
             yield node.name or "(root)", "dense", f"{len(node.steps)} layers", node.out_shape, 0, 0
 
     yield from visit(net.body)

@@ -91,11 +91,7 @@ def _preserves_size(node) -> bool:
         return node.op not in ("conv_transpose", "upsample", "adaptive_avgpool", "global_avgpool", "flatten", "linear")
     if isinstance(node, ir.Fused):
         return all(_preserves_size(l) for l in node.layers)
-    if isinstance(node, ir.Seq):
-        return all(_preserves_size(n) for n in node.items)
-    if isinstance(node, (ir.Join, ir.Dense)):
-        return all(_preserves_size(b) for b in (node.branches if isinstance(node, ir.Join) else node.steps))
-    return False
+    return all(_preserves_size(child) for child in ir.children(node))
 
 
 class _Forward:
