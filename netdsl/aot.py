@@ -14,7 +14,7 @@ import torch
 from . import runtime as rt
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-           torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+           torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
 
 def _type(v) -> str:
@@ -32,12 +32,20 @@ def _type(v) -> str:
 OPTIONS = ("num_warps", "num_stages")  # launch options, not constexpr arguments
 
 
-def signatures(module, x, train: bool = False):
-    """Distinct (kernel, signature, meta) that one forward launches; meta holds
-    the constexprs and the launch options (num_warps, num_stages)."""
+def signatures(module, x, train: bool = False, backward: bool = False):
+    """Distinct (kernel, signature, meta) that one forward (with backward: one
+    training step, forward and backward) launches; meta holds the constexprs
+    and the launch options (num_warps, num_stages)."""
     module.train(train)
-    with torch.no_grad(), rt.plan_launches() as plan:
-        module(x)
+    with rt.plan_launches() as plan:
+        if backward:
+            with torch.enable_grad():
+                y = module(x.detach().requires_grad_())
+                y.backward(torch.empty_like(y))  # planned launches compute nothing: any gradient will do
+            module.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                module(x)
     seen, out = set(), []
     for kernel, args, meta in plan:
         names = kernel.arg_names
@@ -62,7 +70,9 @@ def compile_one(kernel, sig, meta, arch: int):
 
 def compile_launches(module, x, archs=(90, 80), train_too: bool = True):
     """Compile every distinct launch; returns [(kernel name, arch, compiled)]."""
-    todo = signatures(module, x, False) + (signatures(module, x, True) if train_too else [])
+    todo = signatures(module, x, False)
+    if train_too:
+        todo += signatures(module, x, True) + signatures(module, x, True, backward=True)
     done, results = set(), []
     for kernel, sig, meta in todo:
         key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(meta.items())))

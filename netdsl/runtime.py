@@ -148,9 +148,24 @@ def needs_int64(*tensors) -> bool:
     return False
 
 
+def acc(x):
+    """The accumulation type of kernels reading x: fp64 for fp64 tensors
+    (gradcheck), fp32 for everything else (fp16/bf16 included)."""
+    import triton.language as tl
+
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def stat_empty(C, like):
+    """A per-channel fp32 buffer (fp64 for fp64 tensors): BN statistics stay fp32 under half precision."""
+    return torch.empty(C, device=like.device, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
+
+
 def precision(x) -> str:
     # fp32 tl.dot uses TF32 on GPUs unless told otherwise; follow torch's own
     # setting for convolutions (torch.backends.cudnn.allow_tf32).
+    if x.dtype == torch.float64:
+        return "ieee"
     if x.dtype != torch.float32:
         return "tf32"  # half inputs: the setting only matters for fp32 (ieee is fp32-only)
     if gpu_tiles(x) and torch.backends.cudnn.allow_tf32:
@@ -220,8 +235,8 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
         count = y4.shape[0] * y4.shape[2] * y4.shape[3]
         if count <= 1 and bn.training:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
-        mean, scale, shift = (torch.empty(C, device=y4.device, dtype=torch.float32) for _ in range(3))
-        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, scale, shift)
+        mean, rstd, scale, shift = (stat_empty(C, y4) for _ in range(4))
+        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, rstd, scale, shift)
         return scale, shift, mean
     # Eval: the fold only changes when a parameter or buffer does; torch bumps a
     # tensor's _version on every in-place write (optimizer steps, load_state_dict).
@@ -230,9 +245,8 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
     cached = bn.__dict__.get("_netdsl_fold")
     if cached is not None and cached[0] == key:
         return cached[1], cached[2], None
-    scale = torch.empty(C, device=y4.device, dtype=torch.float32)
-    shift = torch.empty(C, device=y4.device, dtype=torch.float32)
-    _norm.bn_fold(_rt, K.bn_fold, bn, scale, shift, conv_bias=conv_bias)
+    rstd, scale, shift = (stat_empty(C, y4) for _ in range(3))
+    _norm.bn_fold(_rt, K.bn_fold, bn, rstd, scale, shift, conv_bias=conv_bias)
     if getattr(_local, "plan", None) is None:  # a planned launch computed nothing
         bn.__dict__["_netdsl_fold"] = (key, scale, shift)
     return scale, shift, None
@@ -244,9 +258,15 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     N = x.shape[0]
+    if residual is not None and tuple(residual.shape) != (N, layer.out_channels, Ho, Wo):
+        raise ShapeError(f"{at}: residual add of unequal shapes {[N, layer.out_channels, Ho, Wo]} and {list(residual.shape)}")
+    if _grad.wanted(x, layer.weight, layer.bias, residual, *((bn.weight, bn.bias) if bn is not None else ())):
+        _no_out(out)
+        return _grad.ConvFn.apply(x, layer.weight, layer.bias, bn.weight if bn is not None else None,
+                                  bn.bias if bn is not None else None, residual,
+                                  (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo)))
     if out is None:
         out = empty((N, layer.out_channels, Ho, Wo), x)
-    _check_residual(residual, out, at)
     kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
     if bn is None:
         return _conv.conv2d(_rt, kernel, x, layer.weight, out, shift=layer.bias, residual=residual,
@@ -262,7 +282,7 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
                         act=act, slope=slope, **kw)
 
 
-def conv_transpose(kernel, layer, x, *, out=None, at=""):
+def conv_transpose(K, kernel, layer, x, *, out=None, at=""):
     _channels(x, layer.in_channels, at)
     H, W = x.shape[2], x.shape[3]
     dims = []
@@ -271,16 +291,24 @@ def conv_transpose(kernel, layer, x, *, out=None, at=""):
         dims.append((n - 1) * s - 2 * p + d * (k - 1) + op + 1)
     if min(dims) < 1:
         raise ShapeError(f"{at}: a {H}×{W} input gives a {dims[0]}×{dims[1]} output")
+    if _grad.wanted(x, layer.weight, layer.bias):
+        _no_out(out)
+        return _grad.ConvTransposeFn.apply(x, layer.weight, layer.bias,
+                                           (K, kernel, layer, (x.shape[0], layer.out_channels, *dims)))
     if out is None:
         out = empty((x.shape[0], layer.out_channels, *dims), x)
     return _conv.conv_transpose2d(_rt, kernel, x, layer.weight, out, bias=layer.bias, groups=layer.groups)
 
 
-def linear(kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
+def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
     """A linear layer is a 1×1 conv on a 1×1 image: the same GEMM kernel."""
     if x.dim() != 2 or x.shape[1] != layer.in_features:
         raise ShapeError(f"{at}: expects [N, {layer.in_features}] input features, got {list(x.shape)} "
                          "(a different input size changes what reaches this layer)")
+    if _grad.wanted(x, layer.weight, layer.bias):
+        _no_out(out)
+        return _grad.ConvFn.apply(x, layer.weight, layer.bias, None, None, None,
+                                  (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features)))
     if out is None:
         out = torch.empty((x.shape[0], layer.out_features), device=x.device, dtype=x.dtype)
     w4 = layer.weight.view(layer.out_features, layer.in_features, 1, 1)
@@ -290,10 +318,13 @@ def linear(kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
 
 def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, at=""):
     _channels(x, bn.num_features, at)
+    _check_residual(residual, x, at)
+    if _grad.wanted(x, bn.weight, bn.bias, residual):
+        _no_out(out)
+        return _grad.BatchNormFn.apply(x, bn.weight, bn.bias, residual, (K, bn, act, slope))
     x4 = as4d(x)
     if out is None:
         out = empty(tuple(x.shape), x)
-    _check_residual(residual, out, at)
     scale, shift, mean = _bn_scale_shift(K, bn, x4, bn.training)
     _norm.channel_affine(_rt, K.channel_affine, x4, scale, shift, as4d(out),
                          as4d(residual) if residual is not None else None, act, slope, center=mean)
@@ -301,6 +332,9 @@ def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, at="")
 
 
 def activation(K, x, act, slope=0.01, out=None):
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.ActivationFn.apply(x, (K, act, slope))
     if out is None:
         out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
     _ew.elementwise(_rt, K.elementwise, 0, as4d(x), as4d(out), act=act, slope=slope)
@@ -309,6 +343,9 @@ def activation(K, x, act, slope=0.01, out=None):
 
 def add(K, a, b, act=None, out=None, at=""):
     _check_residual(b, a, at)
+    if _grad.wanted(a, b):
+        _no_out(out)
+        return _grad.AddFn.apply(a, b, (K, act))
     if out is None:
         out = empty(tuple(a.shape), a, channels_last=_is_cl(a))
     _ew.elementwise(_rt, K.elementwise, 1, as4d(a), as4d(out), other4=as4d(b), act=act)
@@ -323,16 +360,23 @@ def copy(K, x, out):
 def dropout(K, x, p, training, out=None):
     if not training or p == 0.0:
         return x if out is None else copy(K, x, out)
+    seed = torch.initial_seed() % (2**31 - 1)
+    offset = (next(_dropout_calls) * x.numel()) % (2**31 - x.numel() - 1)
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.DropoutFn.apply(x, (K, p, seed, offset))
     if out is None:
         out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
-    offset = next(_dropout_calls) * x.numel()
-    _ew.elementwise(_rt, K.elementwise, 2, as4d(x), as4d(out), p=p, seed=torch.initial_seed() % (2**31 - 1),
-                    offset=offset % (2**31 - x.numel() - 1))
+    _ew.elementwise(_rt, K.elementwise, 2, as4d(x), as4d(out), p=p, seed=seed, offset=offset)
     return out
 
 
-def pool(kernel, x, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=False, out=None, at=""):
+def pool(kernel, x, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=False, *, max_pool, out=None, at=""):
     Ho, Wo = _spatial(x, kernel_size, stride, padding, dilation, ceil_mode, at)
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.PoolFn.apply(x, (kernel, max_pool, (x.shape[0], x.shape[1], Ho, Wo),
+                                      kernel_size[0] * kernel_size[1]))
     if out is None:
         out = empty((x.shape[0], x.shape[1], Ho, Wo), x)
     _pool.pool2d(_rt, kernel, x, out)
@@ -340,14 +384,20 @@ def pool(kernel, x, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=Fal
 
 
 def adaptive_avgpool(K, x, size, out=None, at=""):
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.AdaptiveAvgPoolFn.apply(x, (K, (x.shape[0], x.shape[1], *size)))
     if out is None:
         out = empty((x.shape[0], x.shape[1], *size), x)
     _pool.adaptive_avgpool2d(_rt, K.adaptive_avgpool, x, out)
     return out
 
 
-def upsample(kernel, x, scale, align_corners=False, out=None, at=""):
+def upsample(kernel, x, scale, align_corners=False, *, bilinear, out=None, at=""):
     Ho, Wo = int(x.shape[2] * scale), int(x.shape[3] * scale)
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.UpsampleFn.apply(x, (kernel, scale, align_corners, bilinear, (x.shape[0], x.shape[1], Ho, Wo)))
     if out is None:
         out = empty((x.shape[0], x.shape[1], Ho, Wo), x)
     _pool.upsample2d(_rt, kernel, x, out, scale, align_corners)
@@ -355,6 +405,9 @@ def upsample(kernel, x, scale, align_corners=False, out=None, at=""):
 
 
 def lrn(kernel, layer, x, out=None, at=""):
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.LRNFn.apply(x, (kernel, layer))
     if out is None:
         out = empty(tuple(x.shape), x)
     _norm.lrn(_rt, kernel, x, out, layer.alpha, layer.beta, layer.k)
@@ -362,6 +415,9 @@ def lrn(kernel, layer, x, out=None, at=""):
 
 
 def softmax(K, x, out=None, at=""):
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.SoftmaxFn.apply(x, K)
     if out is None:
         out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
     _norm.softmax(_rt, K.softmax, as4d(x), as4d(out))
@@ -372,6 +428,8 @@ def flatten(K, x):
     """torch.flatten(x, 1): a view when x is NCHW-contiguous, else one copy kernel."""
     if x.dim() == 2:
         return x
+    if _grad.wanted(x):
+        return _grad.FlattenFn.apply(x, K)
     if not x.is_contiguous():
         x = copy(K, x, torch.empty(x.shape, device=x.device, dtype=x.dtype))
     return x.view(x.shape[0], -1)
@@ -388,6 +446,39 @@ def _check_residual(r, out, at):
 
 def concat_buffer(x, channels: int, H: int, W: int):
     return empty((x.shape[0], channels, H, W), x)
+
+
+def concat(K, xs, at=""):
+    """torch.cat(xs, 1) for the autograd forward (the inference forward writes
+    branches straight into slices of one buffer instead)."""
+    for x in xs[1:]:
+        if x.shape[0] != xs[0].shape[0] or x.shape[2:] != xs[0].shape[2:]:
+            raise ShapeError(f"{at}: concat of unequal sizes {list(xs[0].shape)} and {list(x.shape)}")
+    if _grad.wanted(*xs):
+        return _grad.ConcatFn.apply(K, *xs)
+    buf = concat_buffer(xs[0], sum(x.shape[1] for x in xs), xs[0].shape[2], xs[0].shape[3])
+    c0 = 0
+    for x in xs:
+        copy(K, x, buf[:, c0:c0 + x.shape[1]])
+        c0 += x.shape[1]
+    return buf
+
+
+def _no_out(out):
+    if out is not None:  # generated autograd forwards never write into caller buffers
+        raise RuntimeError("netdsl: out= buffers are for inference forwards only (no autograd)")
+
+
+def attach_backward(kernel, **grads):
+    """Give a generated forward kernel its backward kernels (dgrad/wgrad, or backward)."""
+    kernel.netdsl_backward = Kernels(**grads)
+
+
+def grad_wanted(module, x) -> bool:
+    """The generated forward takes its autograd path only when a gradient can flow."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
 # ------------------------------------------------------------------ modules
@@ -431,9 +522,13 @@ class _RT:
     """What kernel launchers call back into (keeps kernels/ free of torch state)."""
 
     launch = staticmethod(launch)
+    acc = staticmethod(acc)
     needs_int64 = staticmethod(needs_int64)
     precision = staticmethod(precision)
     gpu_tiles = staticmethod(gpu_tiles)
 
 
 _rt = _RT()
+
+
+from . import grad as _grad  # noqa: E402  (grad builds on the helpers above)

@@ -75,7 +75,7 @@ def spec_path(tmp_path_factory):
 
 @pytest.mark.parametrize("name,shape,body", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_kernel_against_torch(spec_path, name, shape, body):
-    tri, ref = twins(spec_path, name, seed=hash(name) % 1000)
+    tri, ref = twins(spec_path, name, seed=sum(map(ord, name)))
     torch.manual_seed(len(name))
     batch = 1 if len(name) % 2 else 3
     x = torch.randn(batch, *shape)

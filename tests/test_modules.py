@@ -271,6 +271,8 @@ def test_zoo_kernels_compile_for_sm90_and_sm80(file, net, shape):
 def test_int64_indexing_compiles_for_huge_tensors():
     """A tensor past 2^31 elements switches the kernels to int64 offsets; the
     conv kernel compiles that way (a run needs a GPU with the memory)."""
+    import triton.language as tl
+
     from netdsl import aot
     from netdsl.cache import compile_to_module
 
@@ -280,7 +282,7 @@ def test_int64_indexing_compiles_for_huge_tensors():
     kernel = next(v for k, v in vars(mod).items() if k.startswith("conv__"))
     sig = {n: "*fp32" if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
     sig.update(slope="fp32")
-    meta = dict(HAS_SCALE=False, HAS_SHIFT=True, HAS_RES=False, ACT=0, IDX64=True, PRECISION="tf32",
+    meta = dict(HAS_SCALE=False, HAS_SHIFT=True, HAS_RES=False, ACT=0, IDX64=True, PRECISION="tf32", ACC=tl.float32,
                 BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
     sig.update({k: "constexpr" for k in meta})
     ptx = aot.compile_one(kernel, sig, meta, 90).asm["ptx"]
@@ -291,7 +293,7 @@ def test_compile_report_prints_registers_and_spills(tmp_path):
     p = subprocess.run([sys.executable, "-m", "netdsl", "compile", "specs/lenet.net", "-o", str(tmp_path / "l.py"),
                         "--report", "--batch", "16"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "LeNet5: kernels as compiled for the GPU (batch 16, eval and train launches)" in p.stdout
+    assert "LeNet5: kernels as compiled for the GPU (batch 16: inference, and a training step forward and backward)" in p.stdout
     rows = [l.split() for l in p.stdout.splitlines() if l.startswith(("conv_relu__conv1", "linear_relu__fc1"))]
     assert {r[1] for r in rows} == {"sm_90", "sm_80"}
     for name, arch, regs, spills, shared, warps, stages in rows:

@@ -61,3 +61,49 @@ def compare(tri, ref, x, modes=("eval", "train"), tol=1e-4):
                 assert rel_err(ours[k], truth[k]) < 2 * rel_err(theirs[k], truth[k]), (k, err)
         if k.endswith("num_batches_tracked"):
             assert ours[k].item() == theirs[k].item(), k
+
+
+
+def _grads(module, x, mode, w):
+    getattr(module, mode)()
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = module(x)
+    (y * w.to(y.dtype)).sum().backward()
+    grads = {"input": x.grad}
+    grads.update({n: p.grad for n, p in module.named_parameters()})
+    return y, grads
+
+
+def grad_compare(tri, ref, x, modes=("train", "eval"), tol=1e-3):
+    """Gradients of the input and of every parameter within `tol` of the torch
+    twin's (relative to the largest entry of each), for a random weighting of
+    the outputs.  Where a gradient is a cancellation (a conv bias feeding a
+    train-mode batch norm is exactly zero in theory; a BN's gamma before a
+    scale-invariant BN nearly so), torch's own fp32 result carries the same
+    rounding noise: the rule is then compare()'s, ours no further from the
+    float64 twin's gradient than 2× torch's."""
+    exact = copy.deepcopy(ref).double()
+    for mode in modes:
+        state = copy.deepcopy(ref.state_dict())  # train-mode forwards move running statistics
+        with torch.no_grad():
+            w = torch.randn(ref.eval()(x).shape, generator=torch.Generator().manual_seed(5))
+        ya, ours = _grads(tri, x, mode, w)
+        yb, theirs = _grads(ref, x, mode, w)
+        assert mode == "train" or rel_err(ya, yb) < 1e-4, (mode, rel_err(ya, yb))
+        truth = None
+        for name, b in theirs.items():
+            a = ours[name]
+            if b is None:  # a frozen parameter: no gradient, no kernel
+                assert a is None, (mode, name)
+                continue
+            assert a is not None and a.shape == b.shape, (mode, name)
+            err = rel_err(a, b)
+            if err >= tol:
+                if truth is None:
+                    exact.load_state_dict(state)
+                    truth = _grads(exact, x.double(), mode, w)[1]
+                floor = 1e-7 * truth[name].abs().max().item()
+                ours_off = (a.double() - truth[name]).abs().max().item()
+                torch_off = (b.double() - truth[name]).abs().max().item()
+                assert ours_off <= 2 * torch_off + floor, (mode, name, err, ours_off, torch_off)

@@ -9,7 +9,7 @@ from ..kernels import conv as kconv
 from ..kernels import elementwise as kew
 from ..kernels import norm as knorm
 from ..kernels import pool as kpool
-from ..kernels import ACTIVATION, render
+from ..kernels import ACTIVATION, ACTIVATION_GRAD, render
 from .layers import check_class_name, class_lines, where
 
 GENERIC = {  # kernels with nothing spec-specific; one copy per file
@@ -19,6 +19,21 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "elementwise": kew.ELEMENTWISE,
     "adaptive_avgpool": kpool.ADAPTIVE_AVGPOOL2D,
     "softmax": knorm.SOFTMAX,
+    "channel_grad": knorm.CHANNEL_GRAD,
+    "channel_grad_apply": knorm.CHANNEL_GRAD_APPLY,
+    "adaptive_avgpool_backward": kpool.ADAPTIVE_AVGPOOL2D_BACKWARD,
+    "softmax_backward": knorm.SOFTMAX_BACKWARD,
+}
+
+# The backward kernels of a spec-specific forward template: (name prefix,
+# template), instantiated with the forward kernel's own constants.
+BACKWARD = {
+    kconv.CONV2D: (("dgrad", "conv_dgrad", kconv.CONV_TRANSPOSE2D), ("wgrad", "conv_wgrad", kconv.CONV2D_WGRAD)),
+    kconv.CONV_TRANSPOSE2D: (("dgrad", "conv_transpose_dgrad", kconv.CONV2D),
+                             ("wgrad", "conv_transpose_wgrad", kconv.CONV2D_WGRAD)),
+    kpool.POOL2D: (("backward", "pool_backward", kpool.POOL2D_BACKWARD),),
+    kpool.UPSAMPLE2D: (("backward", "upsample_backward", kpool.UPSAMPLE2D_BACKWARD),),
+    knorm.LRN: (("backward", "lrn_backward", knorm.LRN_BACKWARD),),
 }
 
 _GENERIC_DOC = {
@@ -28,6 +43,10 @@ _GENERIC_DOC = {
     "elementwise": "activations, unfused adds, dropout, copies",
     "adaptive_avgpool": "adaptive / global average pooling",
     "softmax": "softmax over channels",
+    "channel_grad": "backward: per-channel sums of dy·act'(y) (batch-norm and bias gradients)",
+    "channel_grad_apply": "backward: dx of batch norm (and activation), and the residual's gradient",
+    "adaptive_avgpool_backward": "backward of adaptive / global average pooling",
+    "softmax_backward": "backward of softmax over channels",
 }
 
 
@@ -46,8 +65,10 @@ class _Kernels:
         key = (template, tuple(sorted(consts.items())))
         entry = self.by_key.get(key)
         if entry is None:
-            entry = {"name": f"{what}__{mangle(label)}", "template": template, "consts": consts,
-                     "users": [], "title": _title(what, consts)}
+            label = mangle(label)
+            entry = {"name": f"{what}__{label}", "template": template, "consts": consts,
+                     "users": [], "title": _title(what, consts),
+                     "backward": [(role, f"{prefix}__{label}", tmpl) for role, prefix, tmpl in BACKWARD.get(template, ())]}
             self.by_key[key] = entry
             self.order.append(entry)
         entry["users"].append(user)
@@ -60,7 +81,18 @@ class _Kernels:
             shown = [f"  {u}" for u in users[:8]] + ([f"  ... and {len(users) - 8} more"] if len(users) > 8 else [])
             header = "\n".join([e["title"], "used by:"] + shown)
             out.append(render(e["template"], e["name"], header, **e["consts"]))
+            for role, name, template in e["backward"]:
+                out.append(render(template, name, f"backward ({role}) of {e['name']}", **e["consts"]))
         return out
+
+    def attachments(self) -> list[str]:
+        """Lines handing each forward kernel its backward kernels."""
+        lines = []
+        for e in self.order:
+            if e["backward"]:
+                roles = ", ".join(f"{role}={name}" for role, name, _ in e["backward"])
+                lines.append(f"rt.attach_backward({e['name']}, {roles})")
+        return lines
 
 
 def _title(what, c) -> str:
@@ -95,8 +127,14 @@ def _preserves_size(node) -> bool:
 
 
 class _Forward:
-    def __init__(self, kernels: _Kernels):
+    """Emits one forward as straight-line code.  With autograd=True: the
+    training forward, where every op returns a fresh tensor (autograd
+    Functions) and concats are explicit; without: the inference forward,
+    where branches write straight into slices of shared buffers."""
+
+    def __init__(self, kernels: _Kernels, autograd: bool = False):
         self.k = kernels
+        self.autograd = autograd
         self.lines: list[str] = []
         self.count = 0
         self.residual: list[str] = []  # shortcut tensors awaiting a fused epilogue
@@ -151,7 +189,7 @@ class _Forward:
         elif f.kind == "linear":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
                               KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
-            self.put(f"{v} = rt.linear({kern}, self.layer({main.name!r}), {x}{act}{self._out(out)}, at={at!r})")
+            self.put(f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}{self._out(out)}, at={at!r})")
         else:
             self.put(f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{self._out(out)}, at={at!r})")
         return v
@@ -169,13 +207,14 @@ class _Forward:
             consts.pop("GROUPS")
             kern = self.k.get(kpool.POOL2D, op, f"{l.name}  ({where(l)})", l.name, **consts)
             self.put(f"{v} = rt.pool({kern}, {x}, {tuple(a['kernel_size'])}, {tuple(a['stride'])}, {tuple(a['padding'])}, "
-                     f"{tuple(a.get('dilation', (1, 1)))}, ceil_mode={a['ceil_mode']}{o}, at={at!r})")
+                     f"{tuple(a.get('dilation', (1, 1)))}, ceil_mode={a['ceil_mode']}, max_pool={op == 'maxpool'}{o}, at={at!r})")
         elif op in ("adaptive_avgpool", "global_avgpool"):
             self.put(f"{v} = rt.adaptive_avgpool(K, {x}, {tuple(a['output_size'])}{o}, at={at!r})")
         elif op == "upsample":
             kern = self.k.get(kpool.UPSAMPLE2D, f"upsample_{a['mode']}", f"{l.name}  ({where(l)})", l.name,
                               BILINEAR=a["mode"] == "bilinear", ALIGN_CORNERS=a["align_corners"])
-            self.put(f"{v} = rt.upsample({kern}, {x}, {a['scale_factor']!r}, {a['align_corners']}{o}, at={at!r})")
+            self.put(f"{v} = rt.upsample({kern}, {x}, {a['scale_factor']!r}, {a['align_corners']}, "
+                     f"bilinear={a['mode'] == 'bilinear'}{o}, at={at!r})")
         elif op == "flatten":
             self.put(f"{v} = rt.flatten(K, {x})  # {at}")
             return self._into(v, out)
@@ -193,7 +232,7 @@ class _Forward:
         elif op == "conv_transpose":
             kern = self.k.get(kconv.CONV_TRANSPOSE2D, "conv_transpose", f"{l.name}  ({where(l)})", l.name,
                               **_conv_consts(a))
-            self.put(f"{v} = rt.conv_transpose({kern}, self.layer({l.name!r}), {x}{o}, at={at!r})")
+            self.put(f"{v} = rt.conv_transpose(K, {kern}, self.layer({l.name!r}), {x}{o}, at={at!r})")
         else:
             raise AssertionError(f"unfused {op}")
         return out or v
@@ -220,6 +259,11 @@ class _Forward:
 
     def concat(self, j: ir.Join, x: str, out: str | None) -> str:
         C = j.out_shape[0]
+        if self.autograd:
+            outs = [self.emit(b, x) for b in j.branches]
+            v = self.var()
+            self.put(f"{v} = rt.concat(K, [{', '.join(outs)}], at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
+            return v
         buf = out or self.var()
         if all(_preserves_size(b) for b in j.branches):
             # every branch writes straight into its channel slice: no copies
@@ -245,6 +289,17 @@ class _Forward:
         if not all(_preserves_size(s) for s in d.steps):
             raise NetdslError([Diagnostic(d.pos, "a dense block's layers must keep the spatial size")])
         C = d.out_shape[0]
+        if self.autograd:  # each layer reads the concat of all earlier features, as torchvision's
+            feats = [x]
+            at = f"{d.name} ({where(d)})"
+            for step in d.steps:
+                inp = feats[0] if len(feats) == 1 else self.var()
+                if len(feats) > 1:
+                    self.put(f"{inp} = rt.concat(K, [{', '.join(feats)}], at={at!r})")
+                feats.append(self.emit(step, inp))
+            v = self.var()
+            self.put(f"{v} = rt.concat(K, [{', '.join(feats)}], at={at!r})")
+            return v
         buf = out or self.var()
         if out is None:
             self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
@@ -264,7 +319,9 @@ def generate(nets: list[ir.Net], source: str) -> str:
         check_class_name(net)
         fwd = _Forward(kernels)
         result = fwd.emit(net.body, "x")
-        classes.append((net, fwd.lines, result))
+        train = _Forward(kernels, autograd=True)
+        train_result = train.emit(net.body, "x")
+        classes.append((net, (fwd.lines, result), (train.lines, train_result)))
     out = [f'"""Generated by netdsl from {source}: Triton kernels and the nn.Modules that run them.',
            "",
            "On CUDA tensors the kernels run compiled; on CPU tensors through Triton's interpreter.",
@@ -277,19 +334,27 @@ def generate(nets: list[ir.Net], source: str) -> str:
            "from netdsl import runtime as rt",
            ""]
     out += ["", render(ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh")]
+    out += ["", render(ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)")]
     for name, template in GENERIC.items():
         out += ["", render(template, name, _GENERIC_DOC[name])]
     for src in kernels.source():
         out += ["", src]
-    out += ["", "K = rt.Kernels(" + ", ".join(f"{n}={n}" for n in GENERIC) + ")", ""]
-    for net, lines, result in classes:
+    out += ["", "K = rt.Kernels(" + ", ".join(f"{n}={n}" for n in GENERIC) + ")"]
+    out += kernels.attachments() + [""]
+    for net, (lines, result), (train_lines, train_result) in classes:
         out += class_lines(net)
         out += ["",
                 "    def forward(self, x):",
-                f"        x = rt.check_input(x, self.input_shape, {net.name!r})"]
+                f"        x = rt.check_input(x, self.input_shape, {net.name!r})",
+                "        if rt.grad_wanted(self, x):",
+                "            return self.forward_autograd(x)"]
         out += [f"        {line}" for line in lines]
         out += [f"        return {result}", ""]
-    out += ["", f"NETWORKS = {{{', '.join(f'{n.name!r}: {n.name}' for n, _, _ in classes)}}}", ""]
+        out += ["    def forward_autograd(self, x):",
+                '        """The training forward: each fused kernel an autograd Function with Triton backward kernels."""']
+        out += [f"        {line}" for line in train_lines]
+        out += [f"        return {train_result}", ""]
+    out += ["", f"NETWORKS = {{{', '.join(f'{n.name!r}: {n.name}' for n, *_ in classes)}}}", ""]
     return "\n".join(out)
 
 

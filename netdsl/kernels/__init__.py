@@ -25,6 +25,22 @@ def $NAME(y, ACT: tl.constexpr, slope):
     return y
 '''
 
+# Its derivative, from the activation's output y (what backward keeps):
+# relu and leaky relu pass where y > 0, as torch's threshold_backward does.
+ACTIVATION_GRAD = r'''
+@triton.jit
+def $NAME(dy, y, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        dy = tl.where(y > 0.0, dy, 0.0)
+    elif ACT == 2:
+        dy = tl.where(y > 0.0, dy, dy * slope)
+    elif ACT == 3:
+        dy = dy * y * (1.0 - y)
+    elif ACT == 4:
+        dy = dy * (1.0 - y * y)
+    return dy
+'''
+
 
 _GEOMETRY = (("KH", "KH"), ("KW", "KW"), ("SH", "SH"), ("SW", "SW"), ("PH", "PH"), ("PW", "PW"),
              ("DH", "DH"), ("DW", "DW"), ("GROUPS", "G"))

@@ -24,7 +24,7 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    ACC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -44,7 +44,7 @@ def $NAME(
     oh = (offs_m // Wo) % Ho
     n = offs_m // (Wo * Ho)
     co = g * cout_g + offs_n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     # One flat loop over (kernel tap, channel block): it pipelines well and
     # keeps register pressure low (nested tap loops unroll into spills).
     c_blocks = tl.cdiv(cin_g, BLOCK_K)
@@ -64,13 +64,13 @@ def $NAME(
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = acc * tl.load(scale_ptr + co, mask=n_mask, other=0.0).to(ACC)[None, :]
     if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(ACC)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
-        acc = acc + r.to(tl.float32)
+        acc = acc + r.to(ACC)
     acc = activation(acc, ACT, slope)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -88,7 +88,7 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw,
     # meta-parameters
-    HAS_SHIFT: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     $GEOMETRY
@@ -106,7 +106,7 @@ def $NAME(
     ow = offs_m % Wo
     oh = (offs_m // Wo) % Ho
     n = offs_m // (Wo * Ho)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     c_blocks = tl.cdiv(cin_g, BLOCK_K)
     for it in range(0, KH * KW * c_blocks):
         tap = it // c_blocks
@@ -128,7 +128,7 @@ def $NAME(
         acc += tl.dot(a, b, input_precision=PRECISION)
     co = g * cout_g + offs_n
     if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(ACC)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -147,7 +147,7 @@ def $NAME(
     # strides
     sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
     # meta-parameters
-    IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     $GEOMETRY
@@ -163,7 +163,7 @@ def $NAME(
     ci_mask = offs_ci < cin_g
     co = g * cout_g + offs_co
     ci = g * cin_g + offs_ci
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for m0 in range(0, N * Ho * Wo, BLOCK_K):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         if IDX64:
@@ -220,7 +220,7 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
               N, H, W, C_in, Ho, Wo, C_out, float(slope),
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-              ACT=ACT_CODES[act], IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
+              ACT=ACT_CODES[act], IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x), ACC=rt.acc(x),
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
     return out
 
@@ -237,7 +237,7 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1):
         BM, BN, BK = _pow2(cout_g, 16, 512), _pow2(cin_g, 16, 512), _pow2(N * Ho * Wo, 16, 1024)
     grid = (triton.cdiv(cout_g, BM), triton.cdiv(cin_g, BN), groups * KH * KW)
     rt.launch(kernel, grid, dy, x, dw, N, H, W, C_in, Ho, Wo, C_out, *dy.stride(), *x.stride(), *dw.stride(),
-              IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+              IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
               **gpu_options(rt, x))
     return dw
 
@@ -256,6 +256,6 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1):
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
     rt.launch(kernel, grid, x, weight, bias if bias is not None else out, out,
               N, H, W, C_in, Ho, Wo, C_out, *x.stride(), *weight.stride(), *out.stride(),
-              HAS_SHIFT=bias is not None, IDX64=rt.needs_int64(x, weight, out), PRECISION=rt.precision(x),
+              HAS_SHIFT=bias is not None, IDX64=rt.needs_int64(x, weight, out), PRECISION=rt.precision(x), ACC=rt.acc(x),
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
     return out

@@ -19,7 +19,7 @@ BN_STATS = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, scale_ptr, shift_ptr,
+    x_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
     # sizes
     N, C, H, W, eps, momentum,
     # strides
@@ -46,20 +46,23 @@ def $NAME(
         v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, v - mean[None, :], 0.0)
         acc += d * d
-    var = (tl.sum(acc, axis=0) / M).to(tl.float32)
-    mean = mean.to(tl.float32)
-    # the apply kernel computes (x − mean)·scale + shift
-    scale = 1.0 / tl.sqrt(var + eps)
-    shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    STAT = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
+    var = (tl.sum(acc, axis=0) / M).to(STAT)
+    mean = mean.to(STAT)
+    # the apply kernel computes (x − mean)·scale + shift; backward needs rstd
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = rstd
+    shift = tl.zeros((BLOCK_C,), dtype=STAT)
     if AFFINE:
-        scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
-        shift = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(STAT)
+        shift = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(STAT)
     tl.store(mean_ptr + offs_c, mean, mask=c_mask)
+    tl.store(rstd_ptr + offs_c, rstd, mask=c_mask)
     tl.store(scale_ptr + offs_c, scale, mask=c_mask)
     tl.store(shift_ptr + offs_c, shift, mask=c_mask)
     if TRACK:  # running statistics exactly as torch: unbiased variance, momentum, batches tracked
-        rm = tl.load(rmean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-        rv = tl.load(rvar_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        rm = tl.load(rmean_ptr + offs_c, mask=c_mask, other=0.0).to(STAT)
+        rv = tl.load(rvar_ptr + offs_c, mask=c_mask, other=0.0).to(STAT)
         new_rm = (1.0 - momentum) * rm + momentum * mean
         new_rv = (1.0 - momentum) * rv + momentum * (var * M / (M - 1.0))
         tl.store(rmean_ptr + offs_c, new_rm.to(rmean_ptr.dtype.element_ty), mask=c_mask)
@@ -72,26 +75,28 @@ BN_FOLD = r'''
 @triton.jit
 def $NAME(
     # pointers
-    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, conv_bias_ptr, scale_ptr, shift_ptr,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, conv_bias_ptr, rstd_ptr, scale_ptr, shift_ptr,
     # sizes
     C, eps,
     # meta-parameters
-    AFFINE: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, AFFINE: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # eval mode: y = x·scale + shift from the running statistics, ready to fold
     # into a conv epilogue (with the conv's bias: scale·(conv + b − mean) + beta)
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs < C
-    mean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    var = tl.load(rvar_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    scale = 1.0 / tl.sqrt(var + eps)
+    mean = tl.load(rmean_ptr + offs, mask=mask, other=0.0).to(ACC)
+    var = tl.load(rvar_ptr + offs, mask=mask, other=1.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = rstd
     if AFFINE:
-        scale = scale * tl.load(weight_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+        scale = scale * tl.load(weight_ptr + offs, mask=mask, other=1.0).to(ACC)
     shift = -mean * scale
     if AFFINE:
-        shift = shift + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = shift + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(ACC)
     if CONV_BIAS:
-        shift = shift + scale * tl.load(conv_bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = shift + scale * tl.load(conv_bias_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(rstd_ptr + offs, rstd, mask=mask)
     tl.store(scale_ptr + offs, scale, mask=mask)
     tl.store(shift_ptr + offs, shift, mask=mask)
 '''
@@ -106,7 +111,7 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
-    HAS_CENTER: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+    ACC: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,14 +124,14 @@ def $NAME(
     h = (offs_m // W) % H
     w = offs_m % W
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
-    y = x.to(tl.float32)
+    y = x.to(ACC)
     if HAS_CENTER:
         y = y - tl.load(center_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     y = y * tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     y = y + tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask, other=0.0)
-        y = y + r.to(tl.float32)
+        y = y + r.to(ACC)
     y = activation(y, ACT, slope)
     tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
 '''
@@ -143,7 +148,7 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     SIZE = $SIZE
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,13 +156,13 @@ def $NAME(
     m_mask = offs_m < N * H * W
     mask = m_mask[:, None] & (offs_c < C)[None, :]
     row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for j in range(SIZE):
         cj = offs_c + j - SIZE // 2
         ok = m_mask[:, None] & ((cj >= 0) & (cj < C))[None, :]
-        v = tl.load(x_ptr + row[:, None] + cj[None, :] * sxc, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + row[:, None] + cj[None, :] * sxc, mask=ok, other=0.0).to(ACC)
         acc += v * v
-    x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
     div = tl.exp(beta * tl.log(k + alpha / SIZE * acc))
     yrow = (offs_m // (H * W)) * syn + ((offs_m // W) % H) * syh + (offs_m % W) * syw
     tl.store(y_ptr + yrow[:, None] + offs_c[None, :] * syc, (x / div).to(y_ptr.dtype.element_ty), mask=mask)
@@ -174,20 +179,209 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     m_mask = offs_m < N * H * W
     mask = m_mask[:, None] & (offs_c < C)[None, :]
     row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-    x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=float("-inf")).to(ACC)
     x = tl.where(m_mask[:, None], x, 0.0)  # rows past the end: keep them finite
     x = x - tl.max(x, axis=1)[:, None]
     e = tl.where(mask, tl.exp(x), 0.0)
     y = e / tl.maximum(tl.sum(e, axis=1), 1e-30)[:, None]  # >= 1 on real rows
     yrow = (offs_m // (H * W)) * syn + ((offs_m // W) % H) * syh + (offs_m % W) * syw
     tl.store(y_ptr + yrow[:, None] + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
+'''
+
+# dx = y·(dy − Σ_c dy·y), per pixel over the channels.
+SOFTMAX_BACKWARD = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    y_ptr, dy_ptr, dx_ptr,
+    # sizes
+    N, C, H, W,
+    # strides
+    syn, syc, syh, syw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+    # meta-parameters
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask = (offs_m < N * H * W)[:, None] & (offs_c < C)[None, :]
+    n = offs_m // (H * W)
+    h = (offs_m // W) % H
+    w = offs_m % W
+    y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
+    g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
+    dx = y * (g - tl.sum(g * y, axis=1)[:, None])
+    tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+'''
+
+
+# Backward of y = act(BN(x) + residual), of y = act(conv + bias + residual)
+# (NORM false) and of a bias alone: one pass over the channels' pixels for the
+# per-channel sums, then CHANNEL_GRAD_APPLY for dx.  g = dy·act'(y) comes from
+# the saved output, x̂ = (x − mean)·rstd is recomputed from the saved input.
+CHANNEL_GRAD = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, g_ptr, dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr,
+    # sizes
+    N, C, H, W, slope,
+    # strides
+    sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    # meta-parameters
+    ACC: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, TRAIN: tl.constexpr, AFFINE: tl.constexpr,
+    STORE_G: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    M = N * H * W
+    if NORM:
+        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+        rstd = tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+    sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    sum_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    sum_x = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & c_mask[None, :]
+        n = offs_m // (H * W)
+        h = (offs_m // W) % H
+        w = offs_m % W
+        g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
+        if ACT != 0:
+            y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
+            g = activation_grad(g, y, ACT, slope)
+        if STORE_G:
+            tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc,
+                     g.to(g_ptr.dtype.element_ty), mask=mask)
+        sum_g += g
+        if NORM:
+            x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+            xh = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+            sum_gx += g * xh
+            sum_x += xh
+    sg = tl.sum(sum_g, axis=0)
+    if NORM:
+        sgx = tl.sum(sum_gx, axis=0)
+        sx = tl.sum(sum_x, axis=0)
+        a = rstd
+        if AFFINE:
+            a = a * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)
+            tl.store(dweight_ptr + offs_c, sgx.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(dbias_ptr + offs_c, sg.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+        # dx = a·(g − b − x̂·c): b, c are zero in eval mode (fixed statistics)
+        if TRAIN:
+            b = sg / M
+            cc = sgx / M
+        else:
+            b = tl.zeros((BLOCK_C,), dtype=ACC)
+            cc = tl.zeros((BLOCK_C,), dtype=ACC)
+        tl.store(coef_ptr + offs_c, a.to(coef_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(coef_ptr + C + offs_c, b.to(coef_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(coef_ptr + 2 * C + offs_c, cc.to(coef_ptr.dtype.element_ty), mask=c_mask)
+        if CONV_BIAS:  # Σ dx: a conv bias feeding the batch norm
+            tl.store(dcbias_ptr + offs_c, (a * (sg - M * b - sx * cc)).to(dcbias_ptr.dtype.element_ty), mask=c_mask)
+    elif CONV_BIAS:
+        tl.store(dcbias_ptr + offs_c, sg.to(dcbias_ptr.dtype.element_ty), mask=c_mask)
+'''
+
+CHANNEL_GRAD_APPLY = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, coef_ptr, dx_ptr, g_ptr,
+    # sizes
+    N, C, H, W, slope,
+    # strides
+    sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, son, soc, soh, sow, sgn, sgc, sgh, sgw,
+    # meta-parameters
+    ACC: tl.constexpr, ACT: tl.constexpr, TRAIN: tl.constexpr, STORE_G: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+    c_mask = offs_c < C
+    mask = (offs_m < N * H * W)[:, None] & c_mask[None, :]
+    n = offs_m // (H * W)
+    h = (offs_m // W) % H
+    w = offs_m % W
+    g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
+    if ACT != 0:
+        y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
+        g = activation_grad(g, y, ACT, slope)
+    if STORE_G:  # the residual branch's gradient
+        tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc, g.to(g_ptr.dtype.element_ty), mask=mask)
+    a = tl.load(coef_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+    dx = g
+    if TRAIN:
+        x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+        rstd = tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+        b = tl.load(coef_ptr + C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+        cc = tl.load(coef_ptr + 2 * C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+        dx = dx - b - (x - mean) * rstd * cc
+    dx = dx * a
+    tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+'''
+
+# dx_i = g_i·d_i^−β − (2αβ/size)·x_i·Σ_c g_c·x_c·d_c^(−β−1) over the channels c
+# whose window holds i (c in [i − (size−1)//2, i + size//2]); d recomputed.
+LRN_BACKWARD = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    x_ptr, dy_ptr, dx_ptr,
+    # sizes
+    N, C, H, W, alpha, beta, k,
+    # strides
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+    # meta-parameters
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    SIZE = $SIZE
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_mask = offs_m < N * H * W
+    mask = m_mask[:, None] & (offs_c < C)[None, :]
+    n = offs_m // (H * W)
+    h = (offs_m // W) % H
+    w = offs_m % W
+    xrow = n * sxn + h * sxh + w * sxw
+    drow = n * sdn + h * sdh + w * sdw
+    total = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for t in range(SIZE):
+        c = offs_c + t - (SIZE - 1) // 2  # a channel whose window holds offs_c
+        c_ok = m_mask[:, None] & ((c >= 0) & (c < C))[None, :]
+        sq = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+        for j in range(SIZE):
+            cj = c + j - SIZE // 2
+            ok = c_ok & ((cj >= 0) & (cj < C))[None, :]
+            v = tl.load(x_ptr + xrow[:, None] + cj[None, :] * sxc, mask=ok, other=0.0).to(ACC)
+            sq += v * v
+        d = k + alpha / SIZE * sq
+        xc = tl.load(x_ptr + xrow[:, None] + c[None, :] * sxc, mask=c_ok, other=0.0).to(ACC)
+        gc = tl.load(dy_ptr + drow[:, None] + c[None, :] * sdc, mask=c_ok, other=0.0).to(ACC)
+        total += tl.where(c_ok, gc * xc * tl.exp((-beta - 1.0) * tl.log(d)), 0.0)
+    sq = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for j in range(SIZE):
+        cj = offs_c + j - SIZE // 2
+        ok = m_mask[:, None] & ((cj >= 0) & (cj < C))[None, :]
+        v = tl.load(x_ptr + xrow[:, None] + cj[None, :] * sxc, mask=ok, other=0.0).to(ACC)
+        sq += v * v
+    d = k + alpha / SIZE * sq
+    x = tl.load(x_ptr + xrow[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+    g = tl.load(dy_ptr + drow[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
+    dx = g * tl.exp(-beta * tl.log(d)) - 2.0 * alpha * beta / SIZE * x * total
+    orow = n * son + h * soh + w * sow
+    tl.store(dx_ptr + orow[:, None] + offs_c[None, :] * soc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 '''
 
 
@@ -198,31 +392,36 @@ def _tiles(M, C, on_gpu):
     return max(16, min(4096, triton.next_power_of_2(M))), max(16, min(512, triton.next_power_of_2(C)))
 
 
-def bn_stats(rt, kernel, bn, x4, mean, scale, shift):
-    """Training: batch mean, scale and shift of `bn` over x4, and its running-stat update."""
+def _reduce_tiles(rt, x4):
+    N, C, H, W = x4.shape
+    bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
+    return bm, 16 if rt.gpu_tiles(x4) else bc
+
+
+def bn_stats(rt, kernel, bn, x4, mean, rstd, scale, shift):
+    """Training: batch mean, rstd, scale and shift of `bn` over x4, and its running-stat update."""
     import triton.language as tl
 
     N, C, H, W = x4.shape
-    bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
-    if rt.gpu_tiles(x4):
-        bc = 16
-    acc = tl.float32 if rt.gpu_tiles(x4) else tl.float64  # as torch: float on CUDA, double on CPU
+    bm, bc = _reduce_tiles(rt, x4)
+    # as torch: float on CUDA, double on CPU
+    acc = rt.acc(x4) if rt.gpu_tiles(x4) else tl.float64
     track = bn.running_mean is not None
     rt.launch(kernel, (triton.cdiv(C, bc),), x4,
               bn.weight if bn.affine else mean, bn.bias if bn.affine else mean,
               bn.running_mean if track else mean, bn.running_var if track else mean,
-              bn.num_batches_tracked if track else mean, mean, scale, shift,
+              bn.num_batches_tracked if track else mean, mean, rstd, scale, shift,
               N, C, H, W, float(bn.eps), float(bn.momentum if bn.momentum is not None else 0.0), *x4.stride(),
               AFFINE=bn.affine, TRACK=track and bn.training, ACC=acc, BLOCK_M=bm, BLOCK_C=bc)
 
 
-def bn_fold(rt, kernel, bn, scale, shift, conv_bias=None):
-    """Eval: scale/shift from the running statistics."""
+def bn_fold(rt, kernel, bn, rstd, scale, shift, conv_bias=None):
+    """Eval: rstd, scale and shift from the running statistics."""
     C = scale.shape[0]
     bc = max(16, min(1024, triton.next_power_of_2(C)))
     rt.launch(kernel, (triton.cdiv(C, bc),), bn.weight if bn.affine else scale, bn.bias if bn.affine else scale,
-              bn.running_mean, bn.running_var, conv_bias if conv_bias is not None else scale, scale, shift,
-              C, float(bn.eps), AFFINE=bn.affine, CONV_BIAS=conv_bias is not None, BLOCK_C=bc)
+              bn.running_mean, bn.running_var, conv_bias if conv_bias is not None else scale, rstd, scale, shift,
+              C, float(bn.eps), ACC=rt.acc(scale), AFFINE=bn.affine, CONV_BIAS=conv_bias is not None, BLOCK_C=bc)
 
 
 def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01, center=None):
@@ -231,20 +430,83 @@ def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None,
     r = residual4 if residual4 is not None else out4
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)),
               x4, center if center is not None else scale, scale, shift, r, out4, N, C, H, W, float(slope),
-              *x4.stride(), *r.stride(), *out4.stride(), HAS_CENTER=center is not None, HAS_RES=residual4 is not None, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, r),
+              *x4.stride(), *r.stride(), *out4.stride(), ACC=rt.acc(x4), HAS_CENTER=center is not None,
+              HAS_RES=residual4 is not None, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, r),
               BLOCK_M=bm, BLOCK_C=bc)
+
+
+def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None, weight=None,
+                 train=False, g4=None, dweight=None, dbias=None, dcbias=None, coef=None):
+    """Per-channel sums of g = dy·act'(y) (and of g·x̂, x̂ with BN): the BN
+    parameter gradients, a conv bias's gradient, and coef for CHANNEL_GRAD_APPLY.
+    With g4, g is also written out."""
+    N, C, H, W = dy4.shape
+    bm, bc = _reduce_tiles(rt, dy4)
+    norm = mean is not None
+    y4 = y4 if y4 is not None else dy4
+    x4 = x4 if x4 is not None else dy4
+    g = g4 if g4 is not None else dy4
+    anyc = coef if coef is not None else (dcbias if dcbias is not None else dy4)
+    import triton.language as tl
+
+    acc = rt.acc(dy4) if rt.gpu_tiles(dy4) else tl.float64  # as bn_stats: double sums on the CPU, as torch
+    rt.launch(kernel, (triton.cdiv(C, bc),), dy4, y4, x4,
+              mean if norm else anyc, rstd if norm else anyc, weight if weight is not None else anyc, g,
+              dweight if dweight is not None else anyc, dbias if dbias is not None else anyc,
+              dcbias if dcbias is not None else anyc, coef if coef is not None else anyc,
+              N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *g.stride(),
+              ACC=acc, ACT=ACT_CODES[act], NORM=norm, TRAIN=train, AFFINE=weight is not None,
+              STORE_G=g4 is not None, CONV_BIAS=dcbias is not None, BLOCK_M=bm, BLOCK_C=bc)
+
+
+def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None,
+                       train=False, g4=None):
+    """dx = coef_a·(g − coef_b − x̂·coef_c), g = dy·act'(y); with g4 also g (a residual's gradient)."""
+    N, C, H, W = dy4.shape
+    bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(dy4))
+    y4 = y4 if y4 is not None else dy4
+    x4 = x4 if x4 is not None else dy4
+    g = g4 if g4 is not None else dx4
+    rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), dy4, y4, x4,
+              mean if mean is not None else coef, rstd if rstd is not None else coef, coef, dx4, g,
+              N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *dx4.stride(), *g.stride(),
+              ACC=rt.acc(dy4), ACT=ACT_CODES[act], TRAIN=train, STORE_G=g4 is not None,
+              IDX64=rt.needs_int64(dy4, y4, x4, dx4, g), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def lrn(rt, kernel, x4, out4, alpha, beta, k):
     N, C, H, W = x4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), x4, out4, N, C, H, W,
-              float(alpha), float(beta), float(k), *x4.stride(), *out4.stride(), BLOCK_M=bm, BLOCK_C=bc)
+              float(alpha), float(beta), float(k), *x4.stride(), *out4.stride(), ACC=rt.acc(x4), BLOCK_M=bm, BLOCK_C=bc)
+
+
+def lrn_backward(rt, kernel, x4, dy4, dx4, alpha, beta, k):
+    N, C, H, W = x4.shape
+    bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
+    if not rt.gpu_tiles(x4):
+        bm = min(bm, 1024)  # SIZE² loads of a tile each: keep the interpreter's arrays modest
+    rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), x4, dy4, dx4, N, C, H, W,
+              float(alpha), float(beta), float(k), *x4.stride(), *dy4.stride(), *dx4.stride(),
+              ACC=rt.acc(x4), BLOCK_M=bm, BLOCK_C=bc)
+
+
+def _softmax_tiles(rt, x4):
+    N, C, H, W = x4.shape
+    bc = max(16, triton.next_power_of_2(C))
+    bm = 16 if rt.gpu_tiles(x4) else max(16, min(256, triton.next_power_of_2(N * H * W)))
+    return bm, bc
 
 
 def softmax(rt, kernel, x4, out4):
     N, C, H, W = x4.shape
-    bc = max(16, triton.next_power_of_2(C))
-    bm = 16 if rt.gpu_tiles(x4) else max(16, min(256, triton.next_power_of_2(N * H * W)))
+    bm, bc = _softmax_tiles(rt, x4)
     rt.launch(kernel, (triton.cdiv(N * H * W, bm),), x4, out4, N, C, H, W, *x4.stride(), *out4.stride(),
-              BLOCK_M=bm, BLOCK_C=bc)
+              ACC=rt.acc(x4), BLOCK_M=bm, BLOCK_C=bc)
+
+
+def softmax_backward(rt, kernel, y4, dy4, dx4):
+    N, C, H, W = y4.shape
+    bm, bc = _softmax_tiles(rt, y4)
+    rt.launch(kernel, (triton.cdiv(N * H * W, bm),), y4, dy4, dx4, N, C, H, W,
+              *y4.stride(), *dy4.stride(), *dx4.stride(), ACC=rt.acc(y4), BLOCK_M=bm, BLOCK_C=bc)

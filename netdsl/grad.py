@@ -1,0 +1,435 @@
+"""Training: one torch.autograd.Function per fused forward kernel, whose
+backward runs generated Triton kernels.
+
+What each saves for backward (the rest is recomputed):
+- conv / linear: its input and weight; with an activation, its output (the
+  ReLU mask, and the sigmoid/tanh derivative, come from it); with batch norm,
+  also the conv's raw output and the per-channel mean and rstd (x̂ is
+  recomputed from them).
+- batch norm alone: its input, its output (with an activation), mean, rstd.
+- activation, add + activation, softmax: the output.  add, dropout (the
+  mask is regenerated from its seed), flatten, concat, avg pooling,
+  upsampling: nothing but shapes.  max pooling: the window tap of each
+  maximum (int8).  LRN: its input.
+
+The autograd engine sums the gradients of a tensor used twice (a residual
+block's input); everything else is a kernel.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import runtime as rt
+from .kernels import conv as _conv
+from .kernels import elementwise as _ew
+from .kernels import norm as _norm
+from .kernels import pool as _pool
+
+_rt = rt._rt
+
+
+def wanted(*tensors) -> bool:
+    """Autograd bookkeeping only where a gradient can flow (never under no_grad / inference_mode)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _grad_like(x):
+    return rt.empty(tuple(x.shape), x, channels_last=x.dim() == 4)
+
+
+def _backward_of(kernel):
+    bw = getattr(kernel, "netdsl_backward", None)
+    if bw is None:
+        raise RuntimeError(f"kernel {kernel.fn.__name__} has no backward kernels attached; "
+                           "regenerate the module with this netdsl version")
+    return bw
+
+
+# ------------------------------------------------------------------ batch norm
+
+
+class _BN:
+    """Forward of y = act(BN(raw) + residual) with the statistics backward needs."""
+
+    @staticmethod
+    def forward(K, bn, raw4, out4, residual4, act, slope):
+        C = bn.num_features
+        batch_stats = bn.training or bn.running_mean is None
+        if batch_stats:
+            count = raw4.shape[0] * raw4.shape[2] * raw4.shape[3]
+            if count <= 1 and bn.training:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(raw4.shape)}")
+            mean, rstd, scale, shift = (rt.stat_empty(C, raw4) for _ in range(4))
+            _norm.bn_stats(_rt, K.bn_stats, bn, raw4, mean, rstd, scale, shift)
+            center = mean
+        else:  # eval: fixed statistics, folded to x·scale + shift
+            rstd, scale, shift = (rt.stat_empty(C, raw4) for _ in range(3))
+            _norm.bn_fold(_rt, K.bn_fold, bn, rstd, scale, shift)
+            mean, center = bn.running_mean, None
+        _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center)
+        return mean, rstd, batch_stats
+
+    @staticmethod
+    def backward(K, bn, dy4, out4, raw4, mean, rstd, batch_stats, act, slope, *, need_dx, need_res,
+                 need_affine, conv_bias=None):
+        """(draw, dresidual, dgamma, dbeta, dconv_bias), None where not needed."""
+        C = bn.num_features
+        coef = torch.empty(3 * C, device=dy4.device, dtype=mean.dtype)
+        # parameter gradients are stored in the parameters' dtype, sums stay fp32
+        dgamma = torch.empty_like(bn.weight) if bn.affine else None
+        dbeta = torch.empty_like(bn.bias) if bn.affine else None
+        dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
+        y4 = out4 if act is not None else None
+        _norm.channel_grad(_rt, K.channel_grad, dy4, y4=y4, act=act, slope=slope, x4=raw4, mean=mean, rstd=rstd,
+                           weight=bn.weight if bn.affine else None, train=batch_stats,
+                           dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef)
+        draw = g = None
+        if need_dx or need_res:
+            draw = _grad_like(raw4)
+            g = _grad_like(raw4) if need_res else None
+            _norm.channel_grad_apply(_rt, K.channel_grad_apply, dy4, coef, draw, y4=y4, act=act, slope=slope,
+                                     x4=raw4, mean=mean, rstd=rstd, train=batch_stats, g4=g)
+        if not need_affine:
+            dgamma = dbeta = None
+        return draw, g, dgamma, dbeta, dcb
+
+
+# ------------------------------------------------------------------ conv / linear
+
+
+class ConvFn(torch.autograd.Function):
+    """y = act(BN(conv(x, W) + b) + residual), BN / residual / act optional;
+    also linear (a 1×1 conv on [N, F, 1, 1] views)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, spec):
+        K, kernel, layer, bn, act, slope, out_shape = spec
+        linear = isinstance(layer, torch.nn.Linear)
+        x4 = rt.as4d(x)
+        w4 = weight.view(*weight.shape, 1, 1) if linear else weight
+        if linear:
+            out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
+            kw = {}
+        else:
+            out = rt.empty(out_shape, x)
+            kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        out4, res4 = rt.as4d(out), rt.as4d(residual) if residual is not None else None
+        if bn is None:
+            _conv.conv2d(_rt, kernel, x4, w4, out4, shift=bias, residual=res4, act=act, slope=slope, **kw)
+            ctx.save_for_backward(x, weight, out if act is not None else None)
+            ctx.stats = None
+        else:
+            raw = rt.empty(out_shape, x)
+            _conv.conv2d(_rt, kernel, x4, w4, raw, shift=bias, **kw)
+            mean, rstd, batch_stats = _BN.forward(K, bn, raw, out4, res4, act, slope)
+            ctx.save_for_backward(x, weight, out if act is not None else None, raw, mean, rstd)
+            ctx.stats = batch_stats
+        ctx.spec, ctx.linear, ctx.has_bias = spec, linear, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, kernel, layer, bn, act, slope, _ = ctx.spec
+        x, weight, out = ctx.saved_tensors[:3]
+        nx, nw, nb, ngamma, nbeta, nres, _ = ctx.needs_input_grad
+        dy4 = rt.as4d(dy)
+        out4 = rt.as4d(out) if out is not None else None
+        dbias = dgamma = dbeta = dres = None
+        need_draw = nx or nw
+        if bn is not None:
+            raw, mean, rstd = ctx.saved_tensors[3:]
+            draw, dres, dgamma, dbeta, dbias = _BN.backward(
+                K, bn, dy4, out4, raw, mean, rstd, ctx.stats, act, slope, need_dx=need_draw, need_res=nres,
+                need_affine=ngamma or nbeta, conv_bias=layer.bias if nb else None)
+        elif nb:  # bias: Σ g over pixels, g = dy·act'(y) written on the way when act needs it
+            dbias = torch.empty_like(layer.bias)
+            g = _grad_like(dy4) if act is not None and (need_draw or nres) else None
+            _norm.channel_grad(_rt, K.channel_grad, dy4, y4=out4, act=act, slope=slope, g4=g, dcbias=dbias)
+            draw = g if act is not None else dy4
+        elif act is not None and (need_draw or nres):
+            draw = _grad_like(dy4)
+            _ew.elementwise(_rt, K.elementwise, 4, dy4, draw, other4=out4, act=act, slope=slope)
+        else:
+            draw = dy4
+        if bn is None and nres:
+            dres = draw
+        bw = _backward_of(kernel)
+        w4 = weight.view(*weight.shape, 1, 1) if ctx.linear else weight
+        groups = 1 if ctx.linear else layer.groups
+        dx = dw = None
+        if nx:
+            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.linear else _grad_like(x)
+            _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups)
+        if nw:
+            dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+            dw4 = dw.view(*dw.shape, 1, 1) if ctx.linear else dw
+            _conv.conv2d_wgrad(_rt, bw.wgrad, draw, rt.as4d(x), dw4, groups=groups)
+        if dres is not None and ctx.linear:
+            dres = dres.view(dy.shape)
+        return dx, dw, dbias, dgamma, dbeta, dres, None
+
+
+class BatchNormFn(torch.autograd.Function):
+    """y = act(BN(x) + residual), BatchNorm2d on [N, C, H, W] or BatchNorm1d on [N, F]."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, residual, spec):
+        K, bn, act, slope = spec
+        out = rt.empty(tuple(x.shape), x)
+        x4, out4 = rt.as4d(x), rt.as4d(out)
+        mean, rstd, batch_stats = _BN.forward(K, bn, x4, out4, rt.as4d(residual) if residual is not None else None,
+                                              act, slope)
+        ctx.save_for_backward(x, out if act is not None else None, mean, rstd)
+        ctx.spec, ctx.stats = spec, batch_stats
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, bn, act, slope = ctx.spec
+        x, out, mean, rstd = ctx.saved_tensors
+        nx, ngamma, nbeta, nres, _ = ctx.needs_input_grad
+        dx, dres, dgamma, dbeta, _ = _BN.backward(
+            K, bn, rt.as4d(dy), rt.as4d(out) if out is not None else None, rt.as4d(x), mean, rstd, ctx.stats,
+            act, slope, need_dx=nx, need_res=nres, need_affine=ngamma or nbeta)
+        view = (lambda t: t.view(x.shape) if t is not None else None)
+        return view(dx), dgamma, dbeta, view(dres), None
+
+
+class ConvTransposeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec):
+        K, kernel, layer, out_shape = spec
+        out = rt.empty(out_shape, x)
+        _conv.conv_transpose2d(_rt, kernel, x, weight, out, bias=bias, groups=layer.groups)
+        ctx.save_for_backward(x, weight)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, kernel, layer, _ = ctx.spec
+        x, weight = ctx.saved_tensors
+        nx, nw, nb, _ = ctx.needs_input_grad
+        bw = _backward_of(kernel)
+        dx = dw = db = None
+        if nx:  # the adjoint of a transposed conv is the conv with its geometry
+            dx = _grad_like(x)
+            _conv.conv2d(_rt, bw.dgrad, dy, weight, dx, stride=layer.stride, padding=layer.padding,
+                         dilation=layer.dilation, groups=layer.groups)
+        if nw:  # roles swap: x plays the conv's output gradient, dy its input
+            dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+            _conv.conv2d_wgrad(_rt, bw.wgrad, x, dy, dw, groups=layer.groups)
+        if nb:
+            db = torch.empty_like(layer.bias)
+            _norm.channel_grad(_rt, K.channel_grad, dy, dcbias=db)
+        return dx, dw, db, None
+
+
+# ------------------------------------------------------------------ elementwise
+
+
+class ActivationFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        K, act, slope = spec
+        out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+        _ew.elementwise(_rt, K.elementwise, 0, rt.as4d(x), rt.as4d(out), act=act, slope=slope)
+        ctx.save_for_backward(out)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, act, slope = ctx.spec
+        (out,) = ctx.saved_tensors
+        dx = rt.empty(tuple(dy.shape), out, channels_last=rt._is_cl(out))
+        _ew.elementwise(_rt, K.elementwise, 4, rt.as4d(dy), rt.as4d(dx), other4=rt.as4d(out), act=act, slope=slope)
+        return dx, None
+
+
+class AddFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, spec):
+        K, act = spec
+        out = rt.empty(tuple(a.shape), a, channels_last=rt._is_cl(a))
+        _ew.elementwise(_rt, K.elementwise, 1, rt.as4d(a), rt.as4d(out), other4=rt.as4d(b), act=act)
+        ctx.save_for_backward(out if act is not None else None)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, act = ctx.spec
+        (out,) = ctx.saved_tensors
+        g = dy
+        if act is not None:
+            g = rt.empty(tuple(dy.shape), out, channels_last=rt._is_cl(out))
+            _ew.elementwise(_rt, K.elementwise, 4, rt.as4d(dy), rt.as4d(g), other4=rt.as4d(out), act=act)
+        return g, g, None
+
+
+class DropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        K, p, seed, offset = spec
+        out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+        _ew.elementwise(_rt, K.elementwise, 2, rt.as4d(x), rt.as4d(out), p=p, seed=seed, offset=offset)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # the same seed and offset draw the same mask
+        K, p, seed, offset = ctx.spec
+        dx = rt.empty(tuple(dy.shape), dy, channels_last=rt._is_cl(dy))
+        _ew.elementwise(_rt, K.elementwise, 2, rt.as4d(dy), rt.as4d(dx), p=p, seed=seed, offset=offset)
+        return dx, None
+
+
+class FlattenFn(torch.autograd.Function):
+    """torch.flatten(x, 1); a copy kernel where x is not NCHW-contiguous, and back."""
+
+    @staticmethod
+    def forward(ctx, x, K):
+        ctx.shape, ctx.K = tuple(x.shape), K
+        if x.is_contiguous():
+            return x.view(x.shape[0], -1)
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        rt.copy(K, x, out)
+        return out.view(x.shape[0], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        dx = torch.empty(ctx.shape, device=dy.device, dtype=dy.dtype)
+        rt.copy(ctx.K, rt.as4d(dy), rt.as4d(dx.view(dy.shape)))
+        return dx, None
+
+
+class ConcatFn(torch.autograd.Function):
+    """torch.cat(xs, 1) by copy kernels; its backward is free: channel slices."""
+
+    @staticmethod
+    def forward(ctx, K, *xs):
+        N, _, H, W = xs[0].shape
+        buf = rt.concat_buffer(xs[0], sum(x.shape[1] for x in xs), H, W)
+        c0 = 0
+        ctx.bounds = []
+        for x in xs:
+            c1 = c0 + x.shape[1]
+            rt.copy(K, x, buf[:, c0:c1])
+            ctx.bounds.append((c0, c1))
+            c0 = c1
+        return buf
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return (None, *(dy[:, c0:c1] for c0, c1 in ctx.bounds))
+
+
+# ------------------------------------------------------------------ pooling, resampling, normalization
+
+
+class PoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        kernel, is_max, out_shape, taps = spec
+        out = rt.empty(out_shape, x)
+        idx = None
+        if is_max:
+            idx = torch.empty(out_shape, device=x.device, dtype=torch.int8 if taps <= 127 else torch.int32,
+                              memory_format=torch.channels_last)
+        _pool.pool2d(_rt, kernel, x, out, idx=idx)
+        ctx.save_for_backward(idx)
+        ctx.spec, ctx.shape = spec, tuple(x.shape)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        kernel = ctx.spec[0]
+        (idx,) = ctx.saved_tensors
+        dx = rt.empty(ctx.shape, dy)
+        _pool.pool2d_backward(_rt, _backward_of(kernel).backward, dy, idx, dx)
+        return dx, None
+
+
+class AdaptiveAvgPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        K, out_shape = spec
+        out = rt.empty(out_shape, x)
+        _pool.adaptive_avgpool2d(_rt, K.adaptive_avgpool, x, out)
+        ctx.spec, ctx.shape = spec, tuple(x.shape)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, _ = ctx.spec
+        dx = rt.empty(ctx.shape, dy)
+        _pool.adaptive_avgpool2d_backward(_rt, K.adaptive_avgpool_backward, dy, dx)
+        return dx, None
+
+
+class UpsampleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        kernel, scale, align, bilinear, out_shape = spec
+        out = rt.empty(out_shape, x)
+        _pool.upsample2d(_rt, kernel, x, out, scale, align)
+        ctx.spec, ctx.shape = spec, tuple(x.shape)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        kernel, scale, align, bilinear, _ = ctx.spec
+        dx = rt.empty(ctx.shape, dy)
+        _pool.upsample2d_backward(_rt, _backward_of(kernel).backward, dy, dx, scale, align, bilinear)
+        return dx, None
+
+
+class LRNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        kernel, layer = spec
+        out = rt.empty(tuple(x.shape), x)
+        _norm.lrn(_rt, kernel, x, out, layer.alpha, layer.beta, layer.k)
+        ctx.save_for_backward(x)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        kernel, layer = ctx.spec
+        (x,) = ctx.saved_tensors
+        dx = _grad_like(x)
+        _norm.lrn_backward(_rt, _backward_of(kernel).backward, x, dy, dx, layer.alpha, layer.beta, layer.k)
+        return dx, None
+
+
+class SoftmaxFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, K):
+        out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+        _norm.softmax(_rt, K.softmax, rt.as4d(x), rt.as4d(out))
+        ctx.save_for_backward(out)
+        ctx.K = K
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (out,) = ctx.saved_tensors
+        dx = rt.empty(tuple(dy.shape), out, channels_last=rt._is_cl(out))
+        _norm.softmax_backward(_rt, ctx.K.softmax_backward, rt.as4d(out), rt.as4d(dy), rt.as4d(dx))
+        return dx, None
