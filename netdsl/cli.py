@@ -83,7 +83,62 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--report", action="store_true",
                    help="compile every kernel for sm_90 and sm_80 and print registers, spills, shared memory, warps, stages")
     k.add_argument("--batch", type=int, default=32, help="batch size the --report launches are planned for (default 32)")
+    t = sub.add_parser("train", help="train a network on real data (offline): digits, mnist:DIR or cifar10:DIR")
+    t.add_argument("file")
+    t.add_argument("--net", required=True, help="the network to train")
+    t.add_argument("--data", default="digits",
+                   help="digits (default: scikit-learn's bundled 8×8 digits), mnist:DIR or cifar10:DIR "
+                        "(torchvision's on-disk layout; nothing is downloaded)")
+    t.add_argument("--epochs", type=_positive, default=10)
+    t.add_argument("--batch-size", type=_positive, default=64)
+    t.add_argument("--lr", type=float, help="learning rate (default 0.05 for sgd, 1e-3 for adam)")
+    t.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--augment", default="", metavar="LIST",
+                   help="comma list of hflip, vflip, rotate:DEG, rot90, crop:SIZE (resize to SIZE, random crop back), noise:STD")
+    t.add_argument("--out", metavar="CKPT.pt", help="save a checkpoint (model, optimizer, epoch) after each epoch")
+    t.add_argument("--resume", metavar="CKPT.pt", help="resume from a checkpoint")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=0, help="train on only this many examples")
+    t.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a network parameter (repeatable)")
+    t.add_argument("--json", action="store_true",
+                   help="end with one JSON line: the final epoch, loss, accuracy (held-out, 0-1) and seconds")
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return v
+
+
+def cmd_train(args) -> int:
+    from . import train as T
+    from .data import DataError
+    from .runtime import ShapeError
+
+    opts = T.Options(file=args.file, net=args.net, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+                     lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+                     out=args.out, resume=args.resume, augment=args.augment, device=args.device, seed=args.seed,
+                     limit=args.limit, overrides=dict(args.set), progress=sys.stderr.isatty())
+    try:
+        result = T.train(opts)
+    except (DataError, T.TrainError, ShapeError) as e:
+        sys.stderr.write(f"netdsl: error: {e}\n")
+        return EXIT_INVALID
+    if args.json:
+        print(T.result_json(result))
+    else:
+        print(f"{args.net}: epoch {result.epoch}, loss {result.loss:.4f}, held-out accuracy {result.accuracy:.4f}, "
+              f"{result.seconds:.1f} s")
+    return EXIT_OK
 
 
 def cmd_check(args) -> int:
@@ -139,7 +194,7 @@ def cmd_compile(args) -> int:
         mod = import_file(out)
         for net in nets:
             x = torch.randn(args.batch, *net.input_shape)
-            print(f"\n{net.name}: kernels as compiled for the GPU (batch {args.batch}, eval and train launches)")
+            print(f"\n{net.name}: kernels as compiled for the GPU (batch {args.batch}: inference, and a training step forward and backward)")
             print(aot.format_report(aot.report(mod.NETWORKS[net.name](), x)))
     return EXIT_OK
 
@@ -151,7 +206,7 @@ def _valid(net, res) -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"check": cmd_check, "compile": cmd_compile}[args.command](args)
+        return {"check": cmd_check, "compile": cmd_compile, "train": cmd_train}[args.command](args)
     except NetdslError as e:
         sys.stderr.write(render_all(e.diagnostics, e.sources))
         return EXIT_INVALID

@@ -82,7 +82,8 @@ def grad_compare(tri, ref, x, modes=("train", "eval"), tol=1e-3):
     train-mode batch norm is exactly zero in theory; a BN's gamma before a
     scale-invariant BN nearly so), torch's own fp32 result carries the same
     rounding noise: the rule is then compare()'s, ours no further from the
-    float64 twin's gradient than 2× torch's."""
+    float64 twin's gradient than 2× torch's (plus a noise floor of 1e-5 of
+    the network's largest gradient, for gradients that are zero in theory)."""
     exact = copy.deepcopy(ref).double()
     for mode in modes:
         state = copy.deepcopy(ref.state_dict())  # train-mode forwards move running statistics
@@ -103,7 +104,9 @@ def grad_compare(tri, ref, x, modes=("train", "eval"), tol=1e-3):
                 if truth is None:
                     exact.load_state_dict(state)
                     truth = _grads(exact, x.double(), mode, w)[1]
-                floor = 1e-7 * truth[name].abs().max().item()
+                # a theoretically zero gradient is pure rounding noise: held to
+                # 1e-5 of the network's largest gradient, an absolute noise floor
+                floor = 1e-5 * max(t.abs().max().item() for t in truth.values() if t is not None)
                 ours_off = (a.double() - truth[name]).abs().max().item()
                 torch_off = (b.double() - truth[name]).abs().max().item()
                 assert ours_off <= 2 * torch_off + floor, (mode, name, err, ours_off, torch_off)

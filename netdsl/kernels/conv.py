@@ -200,7 +200,14 @@ def conv_blocks(M, cout_g, cin_g, on_gpu):
     # tiles (fewer, larger numpy ops); GPU sizes are a starting point for autotuning.
     if on_gpu:
         return 64 if M >= 64 else 16, _pow2(cout_g, 16, 64), _pow2(cin_g, 16, 32)
-    return _pow2(M, 16, 1024), _pow2(cout_g, 16, 512), _pow2(cin_g, 16, 512)
+    # the interpreter has no tensor-core minimum: tiles fit the channels exactly
+    bn, bk = _pow2(cout_g, 1, 512), _pow2(cin_g, 1, 512)
+    return _pow2(M, 16, _CPU_TILE // max(bn, bk)), bn, bk
+
+
+# Elements per interpreted tile: each interpreted op costs ~0.1 ms of Python
+# whatever its size, so tiles grow until numpy's own work dominates.
+_CPU_TILE = 1 << 18
 
 
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
@@ -234,7 +241,8 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1):
     if rt.gpu_tiles(x):
         BM, BN, BK = _pow2(cout_g, 16, 64), _pow2(cin_g, 16, 64), 32
     else:
-        BM, BN, BK = _pow2(cout_g, 16, 512), _pow2(cin_g, 16, 512), _pow2(N * Ho * Wo, 16, 1024)
+        BM, BN = _pow2(cout_g, 1, 512), _pow2(cin_g, 1, 512)
+        BK = _pow2(N * Ho * Wo, 16, _CPU_TILE // max(BM, BN))
     grid = (triton.cdiv(cout_g, BM), triton.cdiv(cin_g, BN), groups * KH * KW)
     rt.launch(kernel, grid, dy, x, dw, N, H, W, C_in, Ho, Wo, C_out, *dy.stride(), *x.stride(), *dw.stride(),
               IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,

@@ -389,7 +389,9 @@ def _tiles(M, C, on_gpu):
     # the interpreter runs each program in Python: few, large tiles are fastest there
     if on_gpu:
         return 64, max(16, min(64, triton.next_power_of_2(C)))
-    return max(16, min(4096, triton.next_power_of_2(M))), max(16, min(512, triton.next_power_of_2(C)))
+    # (the interpreter needs no minimum tile: channels fit exactly)
+    bc = min(512, triton.next_power_of_2(C))
+    return max(16, min((1 << 16) // bc, triton.next_power_of_2(M))), bc
 
 
 def _reduce_tiles(rt, x4):

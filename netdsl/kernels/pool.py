@@ -326,7 +326,9 @@ def _tiles(M, C, on_gpu):
     # the interpreter runs each program in Python: few, large tiles are fastest there
     if on_gpu:  # 32×32: the pointer and mask tiles of 64×64 spilled registers (Triton 3.9, sm_80/sm_90)
         return 32, max(16, min(32, triton.next_power_of_2(C)))
-    return max(16, min(4096, triton.next_power_of_2(M))), max(16, min(512, triton.next_power_of_2(C)))
+    # (the interpreter needs no minimum tile: channels fit exactly)
+    bc = min(512, triton.next_power_of_2(C))
+    return max(16, min((1 << 16) // bc, triton.next_power_of_2(M))), bc
 
 
 def pool2d(rt, kernel, x, out, idx=None):

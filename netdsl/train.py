@@ -1,0 +1,211 @@
+"""`netdsl train`: train a compiled network on real data, offline.
+
+The model is the generated Triton module (every forward and backward op a
+Triton kernel; on a CPU, Triton's interpreter).  The loss (cross-entropy),
+the optimizer step and the data pipeline are plain PyTorch.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+
+
+class TrainError(ValueError):
+    """A training setup that cannot work (a bad checkpoint, a class count mismatch)."""
+
+
+@dataclass
+class Options:
+    file: str
+    net: str
+    data: str = "digits"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None  # default: 0.05 for SGD, 1e-3 for Adam
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    out: str | None = None
+    resume: str | None = None
+    augment: str = ""
+    device: str | None = None
+    seed: int = 0
+    limit: int = 0  # use only this many training examples (quick runs)
+    overrides: dict = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    accuracy: float
+    seconds: float
+
+
+def _optimizer(opts: Options, params):
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=opts.lr if opts.lr is not None else 0.05, momentum=opts.momentum,
+                               weight_decay=opts.weight_decay)
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(params, lr=opts.lr if opts.lr is not None else 1e-3, weight_decay=opts.weight_decay)
+    raise TrainError(f"unknown optimizer '{opts.optimizer}' (sgd or adam)")
+
+
+def evaluate(model, split: D.Split, input_shape, mean, std, batch_size, device) -> float:
+    """Accuracy (0-1) on a split; inference mode, so no autograd bookkeeping."""
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for images, labels in D.batches(split, batch_size, False, None):
+            x = D.prepare(images, input_shape, mean, std, None, None).to(device)
+            correct += (model(x).argmax(1).cpu() == labels).sum().item()
+    return correct / max(1, len(split))
+
+
+class _Progress:
+    """A rich progress bar on a terminal (or when forced); silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
+                                TimeRemainingColumn(), transient=False)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def task(self, description, total):
+        return self.bar.add_task(description, total=total, loss=0.0, acc=0.0) if self.bar else None
+
+    def update(self, task, **fields):
+        if self.bar:
+            self.bar.update(task, advance=1, **fields)
+
+    def print(self, text):
+        if self.bar:
+            self.bar.console.print(text)
+        else:
+            print(text, file=sys.stderr)
+
+
+def train(opts: Options, log=print) -> EpochResult:
+    from .cache import build
+
+    torch.manual_seed(opts.seed)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset = D.load(opts.data, seed=opts.seed)
+    model = build(opts.file, opts.net, **opts.overrides).to(device)
+    input_shape = tuple(model.input_shape)
+    if len(input_shape) != 3:
+        raise TrainError(f"{opts.net} takes [N, {input_shape[0]}] features; training needs an image network [N, C, H, W]")
+    out_features = _out_features(model, input_shape, device)
+    if out_features < dataset.classes:
+        raise TrainError(f"{opts.net} has {out_features} outputs but {dataset.name} has {dataset.classes} classes "
+                         f"(set the class count, e.g. --set num_classes={dataset.classes})")
+    train_split = dataset.train
+    if opts.limit:
+        train_split = D.Split(train_split.images[:opts.limit], train_split.labels[:opts.limit])
+    mean, std = D.stats(train_split, input_shape[0])
+    augment = D.Augment.parse(opts.augment)
+    optimizer = _optimizer(opts, [p for p in model.parameters() if p.requires_grad])
+    start = 0
+    if opts.resume:
+        start = _load_checkpoint(opts.resume, model, optimizer, opts.net)
+    g = torch.Generator().manual_seed(opts.seed * 1000 + start)
+    t0 = time.perf_counter()
+    result = None
+    steps = -(-len(train_split) // opts.batch_size)
+    with _Progress(opts.progress) as progress:
+        for epoch in range(start + 1, opts.epochs + 1):
+            model.train()
+            task = progress.task(f"epoch {epoch}/{opts.epochs}", steps)
+            total_loss = total_correct = seen = 0
+            for images, labels in D.batches(train_split, opts.batch_size, True, g):
+                if len(labels) < 2 and _has_bn(model):  # BN needs two samples per channel
+                    continue
+                x = D.prepare(images, input_shape, mean, std, augment, g).to(device)
+                y = labels.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                optimizer.step()
+                n = len(labels)
+                total_loss += loss.item() * n
+                total_correct += (logits.argmax(1) == y).sum().item()
+                seen += n
+                progress.update(task, loss=total_loss / seen, acc=total_correct / seen)
+            accuracy = evaluate(model, dataset.test, input_shape, mean, std, opts.batch_size, device)
+            result = EpochResult(epoch, total_loss / max(1, seen), total_correct / max(1, seen), accuracy,
+                                 time.perf_counter() - t0)
+            progress.print(f"epoch {epoch}: loss {result.loss:.4f}, train accuracy {result.train_accuracy:.3f}, "
+                           f"held-out accuracy {accuracy:.3f} ({len(dataset.test)} {dataset.name} examples), "
+                           f"{result.seconds:.1f} s")
+            if opts.out:
+                _save_checkpoint(opts.out, model, optimizer, epoch, opts)
+    if result is None:  # resumed at or past the last epoch: report where it stands
+        accuracy = evaluate(model, dataset.test, input_shape, mean, std, opts.batch_size, device)
+        result = EpochResult(start, float("nan"), float("nan"), accuracy, time.perf_counter() - t0)
+    return result
+
+
+def _has_bn(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _out_features(model, input_shape, device) -> int:
+    from .runtime import plan_launches
+
+    with torch.no_grad(), plan_launches():  # shapes only: no kernel runs
+        model.eval()
+        return model(torch.empty(2, *input_shape, device=device)).shape[1]
+
+
+def _save_checkpoint(path, model, optimizer, epoch, opts: Options):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "net": opts.net, "file": opts.file, "optimizer_name": opts.optimizer}
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    import os
+
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path, model, optimizer, net) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise TrainError(f"{path}: cannot read the checkpoint ({e})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise TrainError(f"{path}: not a netdsl training checkpoint (no 'model' entry)")
+    if state.get("net") not in (None, net):
+        raise TrainError(f"{path}: a checkpoint of {state['net']}, not {net}")
+    try:
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        raise TrainError(f"{path}: does not fit {net}: {str(e).splitlines()[0]}") from None
+    return int(state.get("epoch", 0))
+
+
+def result_json(r: EpochResult) -> str:
+    return json.dumps({"epoch": r.epoch, "loss": r.loss, "accuracy": r.accuracy, "seconds": round(r.seconds, 3)})
