@@ -312,6 +312,32 @@ class FlattenFn(torch.autograd.Function):
         return dx, None
 
 
+class CastFn(torch.autograd.Function):
+    """A dtype cast by the copy kernel (autocast); backward casts the gradient back."""
+
+    @staticmethod
+    def forward(ctx, t, spec):
+        K, dtype = spec
+        out = torch.empty_like(t, dtype=dtype)
+        rt.copy(K, _as4(t), _as4(out))
+        ctx.K, ctx.dtype = K, t.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        dx = torch.empty_like(dy, dtype=ctx.dtype)
+        rt.copy(ctx.K, _as4(dy), _as4(dx))
+        return dx, None
+
+
+def _as4(t):
+    """Any tensor of up to 4 dims as [N, C, H, W] (a bias [C] as [1, C, 1, 1])."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0) if t.dim() == 1 else t.unsqueeze(-1)
+    return t
+
+
 class ConcatFn(torch.autograd.Function):
     """torch.cat(xs, 1) by copy kernels; its backward is free: channel slices."""
 

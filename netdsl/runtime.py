@@ -260,25 +260,26 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     N = x.shape[0]
     if residual is not None and tuple(residual.shape) != (N, layer.out_channels, Ho, Wo):
         raise ShapeError(f"{at}: residual add of unequal shapes {[N, layer.out_channels, Ho, Wo]} and {list(residual.shape)}")
-    if _grad.wanted(x, layer.weight, layer.bias, residual, *((bn.weight, bn.bias) if bn is not None else ())):
+    x, weight = _autocast(K, x, layer.weight)
+    if _grad.wanted(x, weight, layer.bias, residual, *((bn.weight, bn.bias) if bn is not None else ())):
         _no_out(out)
-        return _grad.ConvFn.apply(x, layer.weight, layer.bias, bn.weight if bn is not None else None,
+        return _grad.ConvFn.apply(x, weight, layer.bias, bn.weight if bn is not None else None,
                                   bn.bias if bn is not None else None, residual,
                                   (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo)))
     if out is None:
         out = empty((N, layer.out_channels, Ho, Wo), x)
     kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
     if bn is None:
-        return _conv.conv2d(_rt, kernel, x, layer.weight, out, shift=layer.bias, residual=residual,
+        return _conv.conv2d(_rt, kernel, x, weight, out, shift=layer.bias, residual=residual,
                             act=act, slope=slope, **kw)
     if bn.training or bn.running_mean is None:
         raw = empty((N, layer.out_channels, Ho, Wo), x)
-        _conv.conv2d(_rt, kernel, x, layer.weight, raw, shift=layer.bias, **kw)
+        _conv.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, **kw)
         scale, shift, mean = _bn_scale_shift(K, bn, raw, True)
         _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
         return out
     scale, shift, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
-    return _conv.conv2d(_rt, kernel, x, layer.weight, out, scale=scale, shift=shift, residual=residual,
+    return _conv.conv2d(_rt, kernel, x, weight, out, scale=scale, shift=shift, residual=residual,
                         act=act, slope=slope, **kw)
 
 
@@ -291,13 +292,14 @@ def conv_transpose(K, kernel, layer, x, *, out=None, at=""):
         dims.append((n - 1) * s - 2 * p + d * (k - 1) + op + 1)
     if min(dims) < 1:
         raise ShapeError(f"{at}: a {H}×{W} input gives a {dims[0]}×{dims[1]} output")
-    if _grad.wanted(x, layer.weight, layer.bias):
+    x, weight = _autocast(K, x, layer.weight)
+    if _grad.wanted(x, weight, layer.bias):
         _no_out(out)
-        return _grad.ConvTransposeFn.apply(x, layer.weight, layer.bias,
+        return _grad.ConvTransposeFn.apply(x, weight, layer.bias,
                                            (K, kernel, layer, (x.shape[0], layer.out_channels, *dims)))
     if out is None:
         out = empty((x.shape[0], layer.out_channels, *dims), x)
-    return _conv.conv_transpose2d(_rt, kernel, x, layer.weight, out, bias=layer.bias, groups=layer.groups)
+    return _conv.conv_transpose2d(_rt, kernel, x, weight, out, bias=layer.bias, groups=layer.groups)
 
 
 def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
@@ -305,13 +307,14 @@ def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
     if x.dim() != 2 or x.shape[1] != layer.in_features:
         raise ShapeError(f"{at}: expects [N, {layer.in_features}] input features, got {list(x.shape)} "
                          "(a different input size changes what reaches this layer)")
-    if _grad.wanted(x, layer.weight, layer.bias):
+    x, weight = _autocast(K, x, layer.weight)
+    if _grad.wanted(x, weight, layer.bias):
         _no_out(out)
-        return _grad.ConvFn.apply(x, layer.weight, layer.bias, None, None, None,
+        return _grad.ConvFn.apply(x, weight, layer.bias, None, None, None,
                                   (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features)))
     if out is None:
         out = torch.empty((x.shape[0], layer.out_features), device=x.device, dtype=x.dtype)
-    w4 = layer.weight.view(layer.out_features, layer.in_features, 1, 1)
+    w4 = weight.view(layer.out_features, layer.in_features, 1, 1)
     _conv.conv2d(_rt, kernel, as4d(x), w4, as4d(out), shift=layer.bias, act=act, slope=slope)
     return out
 
@@ -462,6 +465,29 @@ def concat(K, xs, at=""):
         copy(K, x, buf[:, c0:c0 + x.shape[1]])
         c0 += x.shape[1]
     return buf
+
+
+def _autocast(K, x, weight):
+    """Under torch.autocast, convs and linears take the autocast dtype, as
+    torch's do: x and the weight are cast by a copy kernel (differentiable;
+    the weight's gradient returns to its fp32 master copy).  Accumulation
+    stays fp32 in the kernels, BN statistics stay fp32 buffers."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return x, weight
+    dt = torch.get_autocast_dtype(dev)
+    return cast(K, x, dt), cast(K, weight, dt)
+
+
+def cast(K, t, dtype):
+    """t in dtype, by the copy kernel (an autograd Function when a gradient can flow)."""
+    if t.dtype == dtype or not t.is_floating_point():
+        return t
+    if _grad.wanted(t):
+        return _grad.CastFn.apply(t, (K, dtype))
+    out = torch.empty_like(t, dtype=dtype)
+    copy(K, _grad._as4(t), _grad._as4(out))
+    return out
 
 
 def _no_out(out):

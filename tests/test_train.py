@@ -193,3 +193,26 @@ def test_backward_saves_no_more_than_eager(file, net, shape, overrides):
     x = torch.randn(*shape)
     ours, eager = _saved_bytes(tri, x.clone()), _saved_bytes(ref, x.clone())
     assert ours <= eager, (ours, eager)
+
+
+def test_autocast_half_inputs_fp32_master_gradients(small_spec):
+    """Under torch.autocast convs and linears run in half precision (fp16 here:
+    the CPU interpreter has no bf16; on CUDA bf16 runs the same code), BN
+    statistics stay fp32, and gradients land fp32 on the fp32 parameters."""
+    tri, ref = twins(small_spec, "Small")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 12, 12, generator=g)
+    y = torch.randint(0, 5, (4,), generator=g)
+    outs = []
+    for m in (tri, ref):
+        m.train()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = m(x)
+            loss = F.cross_entropy(out.float(), y) * 1024  # scaled, as GradScaler does: no fp16 underflow
+        loss.backward()
+        outs.append(out)
+    assert outs[0].dtype == outs[1].dtype == torch.float16
+    assert rel_err(outs[0], outs[1]) < 1e-2
+    for (n, a), (_, b) in zip(tri.named_parameters(), ref.named_parameters()):
+        assert a.grad.dtype == torch.float32 and rel_err(a.grad, b.grad) < 5e-2, (n, rel_err(a.grad, b.grad))
+    assert all(t.dtype == torch.float32 for k, t in tri.state_dict().items() if "running" in k)
