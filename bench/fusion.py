@@ -9,7 +9,8 @@ run on the first call after a parameter changes, and are left out.  Its bytes ar
 operands (reads and writes, weights included).  Eager's compute ops and bytes
 are counted with a torch dispatch mode over the twin's forward (each op's
 tensor inputs and outputs).  Both are estimates from tensor sizes: caches are
-ignored.
+ignored.  A training step's netdsl figure is launches + the torch ops of
+autograd's own engine (gradient sums where a tensor feeds two layers).
 """
 import argparse
 import sys
@@ -26,12 +27,14 @@ from netdsl import runtime as rt  # noqa: E402
 
 NETS = [("resnet.net", "ResNet18"), ("resnet.net", "ResNet50"), ("vgg.net", "VGG16"),
         ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121")]
-FREE = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default", "t.default",
+FREE = {"empty.memory_format", "empty_strided.default", "empty_like.default", "new_empty_strided.default", "view.default", "_unsafe_view.default", "t.default",
         "detach.default", "alias.default", "slice.Tensor", "as_strided.default", "expand.default",
         "_reshape_alias.default", "reshape.default", "flatten.using_ints", "unsqueeze.default"}
 
 
 def nbytes(t):
+    if isinstance(t, rt.TensorInfo):
+        return t.nbytes
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
@@ -41,6 +44,8 @@ def distinct_tensors(values):
         if isinstance(v, (list, tuple)):
             for x in distinct_tensors(v):
                 seen[id(x)] = x
+        elif isinstance(v, rt.TensorInfo):
+            seen[(v.data_ptr, v.shape, v.stride)] = v
         elif isinstance(v, torch.Tensor):
             seen[(v.data_ptr(), tuple(v.shape), tuple(v.stride()))] = v
     return list(seen.values())
@@ -77,11 +82,33 @@ def eager(model, x):
     return c.ops, c.bytes
 
 
+def _step(model, x):
+    y = model(x.detach().requires_grad_())
+    y.backward(torch.ones_like(y))
+    model.zero_grad(set_to_none=True)
+
+
+def netdsl_step(model, x):
+    """A training step (forward and backward, train mode): our launches, plus
+    the torch ops autograd's engine itself runs (summing the gradients of a
+    tensor used twice, e.g. a residual block's input), counted by dispatch."""
+    with rt.plan_launches() as plan, Count() as engine:
+        _step(model, x)
+    total = sum(sum(nbytes(t) for t in distinct_tensors(args)) for _, args, _ in plan)
+    return len(plan), engine.ops, total + engine.bytes
+
+
+def eager_step(model, x):
+    with Count() as c:
+        _step(model, x)
+    return c.ops, c.bytes
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
-    print(f"batch {args.batch}, fp32, 3×224×224 inputs; forward passes (training steps need backward: not yet)")
+    print(f"batch {args.batch}, fp32, 3×224×224 inputs; forward passes, and training steps (forward + backward)")
     print(f"{'network':12} {'mode':5} {'netdsl launches':>15} {'eager ops':>9} {'ratio':>6} "
           f"{'netdsl MB':>10} {'eager MB':>10} {'ratio':>6}")
     for file, name in NETS:
@@ -95,6 +122,12 @@ def main():
             ops, eb = eager(ref, x)
             print(f"{name:12} {mode:5} {launches:15d} {ops:9d} {launches / ops:6.2f} "
                   f"{nb / 1e6:10.1f} {eb / 1e6:10.1f} {nb / eb:6.2f}")
+        tri.train()
+        ref.train()
+        launches, engine_ops, nb = netdsl_step(tri, x)
+        ops, eb = eager_step(ref, x)
+        print(f"{name:12} {'step':5} {f'{launches}+{engine_ops}':>15} {ops:9d} {(launches + engine_ops) / ops:6.2f} "
+              f"{nb / 1e6:10.1f} {eb / 1e6:10.1f} {nb / eb:6.2f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 
 
 def _type(v) -> str:
-    if isinstance(v, torch.Tensor):
+    if isinstance(v, (torch.Tensor, rt.TensorInfo)):
         return "*" + _DTYPES[v.dtype]
     if isinstance(v, bool):
         return "i1"

@@ -104,7 +104,9 @@ def launch(kernel, grid, *args, **meta):
         log.append((kernel.fn.__name__, tuple(grid)))
     plan = getattr(_local, "plan", None)
     if plan is not None:  # record only (ahead-of-time compilation, reports)
-        plan.append((kernel, args, meta))
+        # descriptions, not the tensors: holding them would change what
+        # autograd's engine does (it copies a gradient someone else still holds)
+        plan.append((kernel, tuple(TensorInfo.of(a) if isinstance(a, torch.Tensor) else a for a in args), meta))
         return
     _local.in_launch = True
     try:
@@ -120,6 +122,20 @@ def launch(kernel, grid, *args, **meta):
         _local.in_launch = False
 
 
+class TensorInfo(tuple):
+    """What a planned launch records of a tensor argument."""
+
+    dtype = property(lambda self: self[0])
+    shape = property(lambda self: self[1])
+    stride = property(lambda self: self[2])
+    data_ptr = property(lambda self: self[3])
+    nbytes = property(lambda self: self[4])
+
+    @classmethod
+    def of(cls, t):
+        return cls((t.dtype, tuple(t.shape), tuple(t.stride()), t.data_ptr(), t.numel() * t.element_size()))
+
+
 def in_launch() -> bool:
     """True while a kernel runs (the interpreter moves data with torch ops then)."""
     return getattr(_local, "in_launch", False)
@@ -128,7 +144,7 @@ def in_launch() -> bool:
 @contextlib.contextmanager
 def plan_launches():
     """Run a forward without executing kernels, with the tile sizes a GPU would
-    get, recording (kernel, args, meta) for each launch."""
+    get, recording (kernel, args, meta) for each launch (tensors as TensorInfo)."""
     _local.plan = plan = []
     try:
         yield plan
