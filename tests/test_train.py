@@ -216,3 +216,23 @@ def test_autocast_half_inputs_fp32_master_gradients(small_spec):
     for (n, a), (_, b) in zip(tri.named_parameters(), ref.named_parameters()):
         assert a.grad.dtype == torch.float32 and rel_err(a.grad, b.grad) < 5e-2, (n, rel_err(a.grad, b.grad))
     assert all(t.dtype == torch.float32 for k, t in tri.state_dict().items() if "running" in k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_training_step_compiles_for_gpus(small_spec, dtype):
+    """bf16 cannot run under the CPU interpreter: a planned autocast training
+    step (forward and backward) compiles every launch for sm_90 and sm_80
+    instead, without spills."""
+    from netdsl import aot
+
+    m = netdsl.build(small_spec, "Small")
+    with torch.autocast("cpu", dtype=dtype):
+        launches = aot.signatures(m, torch.randn(32, 3, 12, 12), train=True, backward=True)
+    names = {k.fn.__name__ for k, _, _ in launches}
+    assert {"conv_wgrad__0", "conv_dgrad__0", "channel_grad", "channel_grad_apply", "pool_backward__9"} <= names, names
+    assert any(sig.get("x_ptr") == ("*bf16" if dtype == torch.bfloat16 else "*fp16")
+               for k, sig, _ in launches if k.fn.__name__.startswith("conv_bn_relu")), "convs ran in fp32"
+    for kernel, sig, meta in launches:
+        for arch in (90, 80):
+            info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
+            assert info["spill_stores"] == 0, (kernel.fn.__name__, arch, info)
