@@ -41,11 +41,11 @@ def nbytes(t):
 def distinct_tensors(values):
     seen = {}
     for v in values:
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, rt.TensorInfo):  # (a tuple itself: first)
+            seen[(v.data_ptr, v.shape, v.stride)] = v
+        elif isinstance(v, (list, tuple)):
             for x in distinct_tensors(v):
                 seen[id(x)] = x
-        elif isinstance(v, rt.TensorInfo):
-            seen[(v.data_ptr, v.shape, v.stride)] = v
         elif isinstance(v, torch.Tensor):
             seen[(v.data_ptr(), tuple(v.shape), tuple(v.stride()))] = v
     return list(seen.values())

@@ -1,0 +1,201 @@
+"""GPU benchmark: correctness first, then timings, netdsl against eager
+PyTorch (cuDNN) and torch.compile, one table printed last.
+
+    python bench/gpu.py [--quick] [--max-autotune] [--layer-compile] [--json OUT.json]
+
+NOT YET RUN ON A GPU: written in a session without one (see BENCHMARKS.md).
+The first GPU session should run it, fix what breaks, and record the table.
+
+Rows (median of CUDA-event timings after warm-up, milliseconds):
+- every distinct conv→BN→ReLU layer shape of ResNet-50 at batch 256, forward
+  (train-mode BN) and forward+backward;
+- ResNet-50 and VGG-16: inference (eval, BN folded) and one training step
+  (forward, backward, SGD step), fp32 (TF32 allowed) and bf16 (autocast),
+  channels_last;
+against eager PyTorch on the --target torch twin, torch.compile (default) and,
+with --max-autotune, mode="max-autotune" (with inductor freezing for
+inference, so Inductor folds BN too).
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import netdsl  # noqa: E402
+
+
+def timed(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def twins(path, net, **overrides):
+    tri = netdsl.build(str(path), net, **overrides).cuda().to(memory_format=torch.channels_last)
+    ref = netdsl.build(str(path), net, target="torch", **overrides).cuda().to(memory_format=torch.channels_last)
+    tri.load_state_dict(ref.state_dict())
+    return tri, ref
+
+
+def correctness(rows):
+    """Outputs and gradients against the twin on ResNet-50 (batch 8), before any timing."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tri, ref = twins(ROOT / "specs" / "resnet.net", "ResNet50")
+    x = torch.randn(8, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    for mode in ("eval", "train"):
+        tri.train(mode == "train"), ref.train(mode == "train")
+        with torch.no_grad():
+            rows.append(("check", f"ResNet50 {mode} output rel err", rel(tri(x), ref(x))))
+    tri.train(), ref.train()
+    for m in (tri, ref):
+        m.zero_grad(set_to_none=True)
+        m(x).square().mean().backward()
+    worst = max(rel(a.grad, b.grad) for a, b in zip(tri.parameters(), ref.parameters()))
+    rows.append(("check", "ResNet50 train grads worst rel err", worst))
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def resnet50_layer_shapes():
+    """Distinct (C_in, C_out, k, stride, H) of ResNet-50's conv→BN→ReLU layers, from netdsl check."""
+    net = netdsl.checked_net(str(ROOT / "specs" / "resnet.net"), "ResNet50")
+    from netdsl import ir
+
+    shapes = []
+    for layer in ir.walk_layers(net.body):
+        if layer.op == "conv":
+            a = layer.attrs
+            key = (layer.in_shape[0], a["out_channels"], a["kernel_size"][0], a["stride"][0], layer.in_shape[1])
+            if key not in shapes:
+                shapes.append(key)
+    return shapes
+
+
+def layer_rows(rows, batch, compile_modes):
+    tmp = Path(tempfile.mkdtemp())
+    for cin, cout, k, s, H in resnet50_layer_shapes():
+        name = f"L{cin}_{cout}_{k}x{k}_s{s}_{H}"
+        spec = tmp / f"{name}.net"
+        spec.write_text(f"net {name} input({cin}, {H}, {H}) {{\n"
+                        f"    conv({cout}, {k}, stride={s}, padding={k // 2}, bias=false) -> bn -> relu\n}}\n")
+        tri, ref = twins(spec, name)
+        x = torch.randn(batch, cin, H, H, device="cuda").to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            err = rel(tri(x), ref(x))
+        flops = 2 * batch * cin * cout * k * k * (H // s) ** 2
+        for label, fn_of in (("fwd", lambda m: (lambda: m(x))),
+                             ("fwd+bwd", lambda m: (lambda: m(x).sum().backward()))):
+            t = {"netdsl": timed(fn_of(tri)), "eager": timed(fn_of(ref))}
+            for cm in compile_modes:
+                t[cm] = timed(fn_of(torch.compile(ref, mode=None if cm == "compile" else cm)))
+            rows.append(("layer", f"{name} {label}", t, flops * (3 if label == "fwd+bwd" else 1), err))
+
+
+def net_rows(rows, batch, compile_modes):
+    for file, net in (("resnet.net", "ResNet50"), ("vgg.net", "VGG16")):
+        tri, ref = twins(ROOT / "specs" / file, net)
+        x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device="cuda")
+        for dtype in (torch.float32, torch.bfloat16):
+            dname = "fp32(tf32)" if dtype == torch.float32 else "bf16"
+
+            def infer(m):
+                def run():
+                    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                        m(x)
+                return run
+
+            def step(m):
+                opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+                def run():
+                    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                        loss = F.cross_entropy(m(x).float(), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                return run
+
+            tri.eval(), ref.eval()
+            t = {"netdsl": timed(infer(tri)), "eager": timed(infer(ref))}
+            for cm in compile_modes:
+                import torch._inductor.config as icfg
+
+                icfg.freezing = True
+                t[cm] = timed(infer(torch.compile(ref, mode=None if cm == "compile" else cm)))
+                icfg.freezing = False
+            rows.append(("net", f"{net} inference {dname} b{batch}", t, None, None))
+            tri.train(), ref.train()
+            t = {"netdsl": timed(step(tri), reps=5), "eager": timed(step(ref), reps=5)}
+            for cm in compile_modes:
+                t[cm] = timed(step(torch.compile(ref, mode=None if cm == "compile" else cm)), reps=5)
+            rows.append(("net", f"{net} train step {dname} b{batch}", t, None, None))
+
+
+def table(rows):
+    lines = []
+    for kind, name, *rest in rows:
+        if kind == "check":
+            lines.append(f"{name:48} {rest[0]:.2e}")
+            continue
+        t, flops, err = rest
+        cells = "  ".join(f"{k} {v:8.3f}" for k, v in t.items())
+        ratios = "  ".join(f"{k}/netdsl {v / t['netdsl']:5.2f}" for k, v in t.items() if k != "netdsl")
+        extra = f"  {flops / t['netdsl'] / 1e9:7.1f} TFLOP/s" if flops else ""
+        extra += f"  err {err:.1e}" if err is not None else ""
+        lines.append(f"{name:48} {cells}  {ratios}{extra}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="batch 64 and no per-layer rows")
+    ap.add_argument("--max-autotune", action="store_true", help="also torch.compile(mode='max-autotune') (slow to compile)")
+    ap.add_argument("--layer-compile", action="store_true",
+                    help="also torch.compile each single-layer twin (23 compiles: minutes)")
+    ap.add_argument("--json", help="write the rows here too")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA GPU")
+    import triton
+
+    print(f"{time.strftime('%Y-%m-%d')}  {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {triton.__version__}", flush=True)
+    torch.backends.cudnn.benchmark = True
+    modes = ["compile"] + (["max-autotune"] if args.max_autotune else [])
+    rows = []
+    correctness(rows)
+    print(table(rows), flush=True)
+    if not args.quick:
+        layer_rows(rows, 256, modes if args.layer_compile else [])
+    net_rows(rows, 64 if args.quick else 256, modes)
+    print("\n" + table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, default=str, indent=1))
+
+
+if __name__ == "__main__":
+    main()
