@@ -12,8 +12,9 @@ What each saves for backward (the rest is recomputed):
   upsampling: nothing but shapes.  max pooling: the window tap of each
   maximum (int8).  LRN: its input.
 
-The autograd engine sums the gradients of a tensor used twice (a residual
-block's input); everything else is a kernel.
+A tensor with several consumers (a residual block's input, inception
+branches, dense-block features) goes through ForkFn, whose backward sums the
+consumers' gradients with the add kernel: autograd's engine never computes.
 """
 from __future__ import annotations
 
@@ -310,6 +311,29 @@ class FlattenFn(torch.autograd.Function):
         dx = torch.empty(ctx.shape, device=dy.device, dtype=dy.dtype)
         rt.copy(ctx.K, rt.as4d(dy), rt.as4d(dx.view(dy.shape)))
         return dx, None
+
+
+class ForkFn(torch.autograd.Function):
+    """One tensor for several consumers (a residual block's input, inception
+    branches, dense-block features): backward sums their gradients with the
+    add kernel, so autograd's engine never sums gradients with torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, K, n):
+        ctx.set_materialize_grads(False)  # an unused alias gives None, not a zero-filled tensor
+        ctx.K = K
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        live = [g for g in grads if g is not None]
+        if not live:
+            return None, None, None
+        total = live[0]
+        for g in live[1:]:
+            total = rt.add(ctx.K, total, g)
+        return total, None, None
 
 
 class CastFn(torch.autograd.Function):

@@ -506,6 +506,14 @@ def cast(K, t, dtype):
     return out
 
 
+def fork(K, x, n):
+    """x for n consumers (the autograd forward): aliases whose gradients are
+    summed by the elementwise kernel in backward."""
+    if not _grad.wanted(x):
+        return (x,) * n
+    return _grad.ForkFn.apply(x, K, n)
+
+
 def _no_out(out):
     if out is not None:  # generated autograd forwards never write into caller buffers
         raise RuntimeError("netdsl: out= buffers are for inference forwards only (no autograd)")

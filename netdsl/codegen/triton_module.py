@@ -164,6 +164,16 @@ class _Forward:
             return self.dense(node, x, out)
         raise AssertionError(type(node).__name__)
 
+    def fork(self, x: str, n: int) -> list[str]:
+        """n names for x, one per consumer.  In the autograd forward they are
+        aliases from rt.fork, whose backward sums the consumers' gradients
+        with a kernel (autograd's engine would otherwise sum them with torch)."""
+        if not self.autograd or n == 1:
+            return [x] * n
+        names = [self.var() for _ in range(n)]
+        self.put(f"{', '.join(names)} = rt.fork(K, {x}, {n})")
+        return names[::-1]  # consumers pop from the end: the first consumer gets the first alias
+
     def _into(self, v: str, out: str | None) -> str:
         if out is None:
             return v
@@ -241,13 +251,14 @@ class _Forward:
         if j.kind == "concat":
             return self.concat(j, x, out)
         body, short = j.branches if j.kind == "residual" else (j.branches[0], None)
+        xs = self.fork(x, len(j.branches))
         if j.fused:
-            s = self.emit(short, x) if short.items else x
+            s = self.emit(short, xs[1]) if short.items else xs[1]
             self.residual.append(s)
-            v = self.emit(body, x, out)
+            v = self.emit(body, xs[0], out)
             self.residual.pop()
             return v
-        outs = [self.emit(b, x) for b in j.branches]
+        outs = [self.emit(b, xi) for b, xi in zip(j.branches, xs)]
         v = self.var()
         self.put(f"{v} = rt.add(K, {outs[0]}, {outs[1]}{self._out(out if len(outs) == 2 else None)}, "
                  f"at={(j.name or 'add') + ' (' + where(j) + ')'!r})")
@@ -260,7 +271,7 @@ class _Forward:
     def concat(self, j: ir.Join, x: str, out: str | None) -> str:
         C = j.out_shape[0]
         if self.autograd:
-            outs = [self.emit(b, x) for b in j.branches]
+            outs = [self.emit(b, xi) for b, xi in zip(j.branches, self.fork(x, len(j.branches)))]
             v = self.var()
             self.put(f"{v} = rt.concat(K, [{', '.join(outs)}], at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
             return v
@@ -290,15 +301,19 @@ class _Forward:
             raise NetdslError([Diagnostic(d.pos, "a dense block's layers must keep the spatial size")])
         C = d.out_shape[0]
         if self.autograd:  # each layer reads the concat of all earlier features, as torchvision's
-            feats = [x]
+            L = len(d.steps)
             at = f"{d.name} ({where(d)})"
-            for step in d.steps:
-                inp = feats[0] if len(feats) == 1 else self.var()
-                if len(feats) > 1:
-                    self.put(f"{inp} = rt.concat(K, [{', '.join(feats)}], at={at!r})")
-                feats.append(self.emit(step, inp))
+            # feature j feeds the steps j..L-1 (all of them for the input) and the final concat
+            aliases = [self.fork(x, L + 1)]
+            for k, step in enumerate(d.steps):
+                if k == 0:
+                    inp = aliases[0].pop()
+                else:
+                    inp = self.var()
+                    self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], at={at!r})")
+                aliases.append(self.fork(self.emit(step, inp), L - (k + 1) + 1))
             v = self.var()
-            self.put(f"{v} = rt.concat(K, [{', '.join(feats)}], at={at!r})")
+            self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], at={at!r})")
             return v
         buf = out or self.var()
         if out is None:
