@@ -83,7 +83,10 @@ def grad_compare(tri, ref, x, modes=("train", "eval"), tol=1e-3):
     scale-invariant BN nearly so), torch's own fp32 result carries the same
     rounding noise: the rule is then compare()'s, ours no further from the
     float64 twin's gradient than 2× torch's (plus a noise floor of 1e-5 of
-    the network's largest gradient, for gradients that are zero in theory)."""
+    the network's largest gradient, for gradients that are zero in theory).
+    Deep networks with max pooling can still differ where an fp32 rounding
+    flips a nearly tied maximum; then our kernels, run in float64, must match
+    the float64 twin to 1e-6 on every gradient."""
     exact = copy.deepcopy(ref).double()
     for mode in modes:
         state = copy.deepcopy(ref.state_dict())  # train-mode forwards move running statistics
@@ -92,7 +95,7 @@ def grad_compare(tri, ref, x, modes=("train", "eval"), tol=1e-3):
         ya, ours = _grads(tri, x, mode, w)
         yb, theirs = _grads(ref, x, mode, w)
         assert mode == "train" or rel_err(ya, yb) < 1e-4, (mode, rel_err(ya, yb))
-        truth = None
+        truth, flips = None, []
         for name, b in theirs.items():
             a = ours[name]
             if b is None:  # a frozen parameter: no gradient, no kernel
@@ -109,4 +112,17 @@ def grad_compare(tri, ref, x, modes=("train", "eval"), tol=1e-3):
                 floor = 1e-5 * max(t.abs().max().item() for t in truth.values() if t is not None)
                 ours_off = (a.double() - truth[name]).abs().max().item()
                 torch_off = (b.double() - truth[name]).abs().max().item()
-                assert ours_off <= 2 * torch_off + floor, (mode, name, err, ours_off, torch_off)
+                if ours_off > 2 * torch_off + floor:
+                    flips.append((name, err, ours_off, torch_off))
+        if flips:
+            # Max pooling and ReLU are discontinuous: an fp32 forward that differs
+            # from torch's in the 6th digit can pick another maximum of a nearly
+            # tied window (or flip a ReLU at ~0), and route that gradient
+            # elsewhere.  Then the kernels themselves must agree with the float64
+            # twin when run in float64, where no such flip happens.
+            ours64 = copy.deepcopy(tri).double()
+            ours64.load_state_dict(state)
+            g64 = _grads(ours64, x.double(), mode, w)[1]
+            for name, t in truth.items():
+                if t is not None:
+                    assert rel_err(g64[name], t) < 1e-6, (mode, name, rel_err(g64[name], t), flips[:3])
