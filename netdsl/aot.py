@@ -29,7 +29,7 @@ def _type(v) -> str:
     raise TypeError(f"cannot type kernel argument {v!r}")
 
 
-OPTIONS = ("num_warps", "num_stages")  # launch options, not constexpr arguments
+OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options, not constexpr arguments
 
 
 def signatures(module, x, train: bool = False, backward: bool = False):

@@ -244,10 +244,13 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1):
         BM, BN = _pow2(cout_g, 1, 512), _pow2(cin_g, 1, 512)
         BK = _pow2(N * Ho * Wo, 16, _CPU_TILE // max(BM, BN))
     grid = (triton.cdiv(cout_g, BM), triton.cdiv(cin_g, BN), groups * KH * KW)
-    # 4 warps: with 8, ptxas capped GoogLeNet's 3×3 wgrad at 64 registers and spilled (sm_80)
+    # Left alone, ptxas capped some of the zoo's 26 wgrad variants at 64-80
+    # registers and spilled 4-8 bytes, at every warps/stages setting tried,
+    # differently under Triton 3.6 and 3.9; with the cap lifted (maxnreg 255),
+    # none spills under either (sm_90 and sm_80).  Autotuning will pick per shape.
     rt.launch(kernel, grid, dy, x, dw, N, H, W, C_in, Ho, Wo, C_out, *dy.stride(), *x.stride(), *dw.stride(),
               IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-              **({"num_warps": 4} if rt.gpu_tiles(x) else {}))
+              **({"num_warps": 8, "num_stages": 2, "maxnreg": 255} if rt.gpu_tiles(x) else {}))
     return dw
 
 
