@@ -8,33 +8,15 @@ import torch
 import torch.nn.functional as F
 
 import netdsl
+from test_modules import FAST
+from test_modules import SLOW as ZOO_SLOW
 from twin import grad_compare, randomize, rel_err, twins
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
-FAST = [
-    ("lenet.net", "LeNet5", (2, 1, 32, 32), {}),
-    ("resnet.net", "CifarResNet", (2, 3, 32, 32), {}),
-    ("resnet.net", "ResNet18", (4, 3, 64, 64), {"width": 8, "num_classes": 10}),
-    ("course.net", "SequentialCNN", (2, 1, 28, 28), {}),
-    ("course.net", "TestNet", (2, 1, 28, 28), {}),
-    ("course.net", "Net", (3, 4), {}),
-    ("course.net", "BasicNet", (3, 4), {}),
-    ("course.net", "MyLinear", (3, 4), {}),
-    ("course.net", "Sharpen", (2, 1, 28, 28), {}),
-    ("course.net", "Filters", (2, 3, 28, 28), {}),
-    ("course.net", "Slides", (2, 1, 28, 28), {}),
-]
-# The rest of the zoo reuses these kernels at more layers; VGGs by family.
-SLOW = [
-    ("resnet.net", "ResNet50", (4, 3, 64, 64), {"width": 8}),
-    ("googlenet.net", "GoogLeNet", (4, 3, 64, 64), {"dropout": 0.0}),
-    ("densenet.net", "DenseNet121", (4, 3, 64, 64), {"growth": 8}),
-    ("alexnet.net", "AlexNet", (2, 3, 96, 96), {"dropout": 0.0}),
-    ("vgg.net", "VGG_A_LRN", (2, 3, 32, 32), {}),
-    ("vgg.net", "VGG11_BN", (2, 3, 32, 32), {}),
-    ("vgg.net", "VGG16", (2, 3, 32, 32), {}),
-]
+# The forward twins' zoo (test_modules); the slow part by family: the rest of
+# the zoo reuses these kernels at more layers.
+SLOW = [c for c in ZOO_SLOW if c[1] in ("ResNet50", "GoogLeNet", "DenseNet121", "AlexNet", "VGG_A_LRN", "VGG11_BN", "VGG16")]
 
 
 def _zoo(file, net, shape, overrides):
