@@ -55,21 +55,11 @@ class _BN:
 
     @staticmethod
     def forward(K, bn, raw4, out4, residual4, act, slope):
-        C = bn.num_features
         batch_stats = bn.training or bn.running_mean is None
-        if batch_stats:
-            count = raw4.shape[0] * raw4.shape[2] * raw4.shape[3]
-            if count <= 1 and bn.training:
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(raw4.shape)}")
-            mean, rstd, scale, shift = (rt.stat_empty(C, raw4) for _ in range(4))
-            _norm.bn_stats(_rt, K.bn_stats, bn, raw4, mean, rstd, scale, shift)
-            center = mean
-        else:  # eval: fixed statistics, folded to x·scale + shift
-            rstd, scale, shift = (rt.stat_empty(C, raw4) for _ in range(3))
-            _norm.bn_fold(_rt, K.bn_fold, bn, rstd, scale, shift)
-            mean, center = bn.running_mean, None
+        # eval: the fixed statistics folded to x·scale + shift, centred on the running mean for backward
+        scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats)
         _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center)
-        return mean, rstd, batch_stats
+        return (center if batch_stats else bn.running_mean), rstd, batch_stats
 
     @staticmethod
     def backward(K, bn, dy4, out4, raw4, mean, rstd, batch_stats, act, slope, *, need_dx, need_res,
@@ -126,7 +116,7 @@ class ConvFn(torch.autograd.Function):
             mean, rstd, batch_stats = _BN.forward(K, bn, raw, out4, res4, act, slope)
             ctx.save_for_backward(x, weight, out if act is not None else None, raw, mean, rstd)
             ctx.stats = batch_stats
-        ctx.spec, ctx.linear, ctx.has_bias = spec, linear, bias is not None
+        ctx.spec, ctx.linear = spec, linear
         return out
 
     @staticmethod

@@ -244,8 +244,9 @@ class Kernels:
 
 
 def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
-    """(scale, shift, center): y = (x − center)·scale + shift; center is the batch
-    mean in training (precision), None when folded to x·scale + shift (eval)."""
+    """(scale, shift, center, rstd): y = (x − center)·scale + shift; center is the
+    batch mean in training (precision), None when folded to x·scale + shift
+    (eval); rstd = 1/sqrt(var + eps) is what backward needs."""
     C = bn.num_features
     if training or bn.running_mean is None:
         count = y4.shape[0] * y4.shape[2] * y4.shape[3]
@@ -253,19 +254,19 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
         mean, rstd, scale, shift = (stat_empty(C, y4) for _ in range(4))
         _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, rstd, scale, shift)
-        return scale, shift, mean
+        return scale, shift, mean, rstd
     # Eval: the fold only changes when a parameter or buffer does; torch bumps a
     # tensor's _version on every in-place write (optimizer steps, load_state_dict).
     tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
     key = tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in tensors)
     cached = bn.__dict__.get("_netdsl_fold")
     if cached is not None and cached[0] == key:
-        return cached[1], cached[2], None
+        return cached[1], cached[2], None, cached[3]
     rstd, scale, shift = (stat_empty(C, y4) for _ in range(3))
     _norm.bn_fold(_rt, K.bn_fold, bn, rstd, scale, shift, conv_bias=conv_bias)
     if getattr(_local, "plan", None) is None:  # a planned launch computed nothing
-        bn.__dict__["_netdsl_fold"] = (key, scale, shift)
-    return scale, shift, None
+        bn.__dict__["_netdsl_fold"] = (key, scale, shift, rstd)
+    return scale, shift, None, rstd
 
 
 def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
@@ -291,10 +292,10 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     if bn.training or bn.running_mean is None:
         raw = empty((N, layer.out_channels, Ho, Wo), x)
         _conv.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, **kw)
-        scale, shift, mean = _bn_scale_shift(K, bn, raw, True)
+        scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True)
         _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
         return out
-    scale, shift, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
+    scale, shift, _, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
     return _conv.conv2d(_rt, kernel, x, weight, out, scale=scale, shift=shift, residual=residual,
                         act=act, slope=slope, **kw)
 
@@ -344,7 +345,7 @@ def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, at="")
     x4 = as4d(x)
     if out is None:
         out = empty(tuple(x.shape), x)
-    scale, shift, mean = _bn_scale_shift(K, bn, x4, bn.training)
+    scale, shift, mean, _ = _bn_scale_shift(K, bn, x4, bn.training)
     _norm.channel_affine(_rt, K.channel_affine, x4, scale, shift, as4d(out),
                          as4d(residual) if residual is not None else None, act, slope, center=mean)
     return out
