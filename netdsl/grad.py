@@ -57,7 +57,7 @@ class _BN:
     def forward(K, bn, raw4, out4, residual4, act, slope):
         batch_stats = bn.training or bn.running_mean is None
         # eval: the fixed statistics folded to x·scale + shift, centred on the running mean for backward
-        scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats)
+        scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False)
         _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center)
         return (center if batch_stats else bn.running_mean), rstd, batch_stats
 

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import threading
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -243,7 +244,7 @@ class Kernels:
         self.__dict__.update(kernels)
 
 
-def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
+def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True):
     """(scale, shift, center, rstd): y = (x − center)·scale + shift; center is the
     batch mean in training (precision), None when folded to x·scale + shift
     (eval); rstd = 1/sqrt(var + eps) is what backward needs."""
@@ -257,15 +258,21 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None):
         return scale, shift, mean, rstd
     # Eval: the fold only changes when a parameter or buffer does; torch bumps a
     # tensor's _version on every in-place write (optimizer steps, load_state_dict).
+    # The tensors themselves are held by weak reference: a new tensor (say, from
+    # torch.func.functional_call) at a freed one's address is not a hit.  Writes
+    # through .data bypass _version: the autograd path (cache=False) never
+    # caches, so training and gradcheck always see the current values.
     tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
-    key = tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in tensors)
-    cached = bn.__dict__.get("_netdsl_fold")
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2], None, cached[3]
+    versions = tuple(t._version if t is not None else None for t in tensors)
+    cached = bn.__dict__.get("_netdsl_fold") if cache else None
+    if cached is not None and cached[1] == versions and all(
+            (r is None and t is None) or (r is not None and r() is t) for r, t in zip(cached[0], tensors)):
+        return cached[2], cached[3], None, cached[4]
     rstd, scale, shift = (stat_empty(C, y4) for _ in range(3))
     _norm.bn_fold(_rt, K.bn_fold, bn, rstd, scale, shift, conv_bias=conv_bias)
-    if getattr(_local, "plan", None) is None:  # a planned launch computed nothing
-        bn.__dict__["_netdsl_fold"] = (key, scale, shift, rstd)
+    if cache and getattr(_local, "plan", None) is None:  # a planned launch computed nothing
+        refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
+        bn.__dict__["_netdsl_fold"] = (refs, versions, scale, shift, rstd)
     return scale, shift, None, rstd
 
 
