@@ -244,6 +244,11 @@ class Kernels:
         self.__dict__.update(kernels)
 
 
+# Eval BN folds per BN module, outside the module: it stays picklable and a
+# deepcopy starts without them.
+_FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True):
     """(scale, shift, center, rstd): y = (x − center)·scale + shift; center is the
     batch mean in training (precision), None when folded to x·scale + shift
@@ -264,7 +269,7 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True):
     # caches, so training and gradcheck always see the current values.
     tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias)
     versions = tuple(t._version if t is not None else None for t in tensors)
-    cached = bn.__dict__.get("_netdsl_fold") if cache else None
+    cached = _FOLDS.get(bn) if cache else None
     if cached is not None and cached[1] == versions and all(
             (r is None and t is None) or (r is not None and r() is t) for r, t in zip(cached[0], tensors)):
         return cached[2], cached[3], None, cached[4]
@@ -272,7 +277,7 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True):
     _norm.bn_fold(_rt, K.bn_fold, bn, rstd, scale, shift, conv_bias=conv_bias)
     if cache and getattr(_local, "plan", None) is None:  # a planned launch computed nothing
         refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
-        bn.__dict__["_netdsl_fold"] = (refs, versions, scale, shift, rstd)
+        _FOLDS[bn] = (refs, versions, scale, shift, rstd)
     return scale, shift, None, rstd
 
 
