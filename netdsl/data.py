@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +240,3 @@ def stats(split: Split, channels: int):
     mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-6).view(1, -1, 1, 1)
     return mean.expand(1, channels, 1, 1), std.expand(1, channels, 1, 1)
-
-
-def env_data_root() -> str | None:
-    return os.environ.get("NETDSL_DATA")
