@@ -54,10 +54,11 @@ class _BN:
     """Forward of y = act(BN(raw) + residual) with the statistics backward needs."""
 
     @staticmethod
-    def forward(K, bn, raw4, out4, residual4, act, slope):
+    def forward(K, bn, raw4, out4, residual4, act, slope, partials=None):
         batch_stats = bn.training or bn.running_mean is None
         # eval: the fixed statistics folded to x·scale + shift, centred on the running mean for backward
-        scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False)
+        scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
+                                                        partials=partials if batch_stats else None)
         _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center)
         return (center if batch_stats else bn.running_mean), rstd, batch_stats
 
@@ -112,8 +113,14 @@ class ConvFn(torch.autograd.Function):
             ctx.stats = None
         else:
             raw = rt.empty(out_shape, x)
-            _conv.conv2d(_rt, kernel, x4, w4, raw, shift=bias, **kw)
-            mean, rstd, batch_stats = _BN.forward(K, bn, raw, out4, res4, act, slope)
+            raw4 = rt.as4d(raw)
+            batch_stats = bn.training or bn.running_mean is None
+            partials = None
+            if batch_stats:
+                _, partials = _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, stats=True, **kw)
+            else:
+                _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, **kw)
+            mean, rstd, batch_stats = _BN.forward(K, bn, raw4, out4, res4, act, slope, partials)
             ctx.save_for_backward(x, weight, out if act is not None else None, raw, mean, rstd)
             ctx.stats = batch_stats
         ctx.spec, ctx.linear = spec, linear

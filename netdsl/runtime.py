@@ -249,17 +249,18 @@ class Kernels:
 _FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True):
+def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=None):
     """(scale, shift, center, rstd): y = (x − center)·scale + shift; center is the
     batch mean in training (precision), None when folded to x·scale + shift
-    (eval); rstd = 1/sqrt(var + eps) is what backward needs."""
+    (eval); rstd = 1/sqrt(var + eps) is what backward needs.  partials: the
+    producing conv's per-tile sums (training), so y4 need not be read again."""
     C = bn.num_features
     if training or bn.running_mean is None:
         count = y4.shape[0] * y4.shape[2] * y4.shape[3]
         if count <= 1 and bn.training:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
         mean, rstd, scale, shift = (stat_empty(C, y4) for _ in range(4))
-        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, rstd, scale, shift)
+        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, rstd, scale, shift, partials=partials)
         return scale, shift, mean, rstd
     # Eval: the fold only changes when a parameter or buffer does; torch bumps a
     # tensor's _version on every in-place write (optimizer steps, load_state_dict).
@@ -283,7 +284,8 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True):
 
 def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
     """conv [+ BN] [+ residual] [+ act].  Eval: one kernel, BN folded into the
-    epilogue.  Training: the conv, then BN statistics, then one apply kernel."""
+    epilogue.  Training: the conv (whose epilogue leaves per-tile sums), BN
+    statistics merged from those sums, then one apply kernel."""
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     N = x.shape[0]
@@ -303,8 +305,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
                             act=act, slope=slope, **kw)
     if bn.training or bn.running_mean is None:
         raw = empty((N, layer.out_channels, Ho, Wo), x)
-        _conv.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, **kw)
-        scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True)
+        _, partials = _conv.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, stats=True, **kw)
+        scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True, partials=partials)
         _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
         return out
     scale, shift, _, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)

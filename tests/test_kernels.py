@@ -111,3 +111,28 @@ def test_dropout_in_kernel(tmp_path):
     assert torch.allclose(y[kept], x[kept] / 0.75)
     with torch.no_grad():
         assert not torch.equal(m(x), y)  # a fresh mask per call
+
+
+def test_bn_statistics_from_many_conv_tiles(tmp_path):
+    """Train-mode BN takes its statistics from the conv epilogue's per-tile
+    sums (Chan's merge): 4 tiles of 1024 pixels here, the last one partial,
+    and a mean of ~50 against a spread of ~1, where sums of squares would cancel."""
+    import netdsl
+
+    p = tmp_path / "tiles.net"
+    p.write_text("net Tiles input(256, 40, 40) { conv(256, 1) -> bn -> relu }\n")
+    tri, ref = twins(str(p), "Tiles", seed=7)
+    with torch.no_grad():
+        ref.state_dict()["0.bias"].add_(50.0)
+        tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 256, 40, 40)
+    tri.train()
+    with torch.no_grad(), netdsl.kernel_log() as log:
+        tri(x)
+    names = [n for n, _ in log]
+    assert names[0].startswith("conv_bn_relu__") and log[0][1][0] == 4 and names[1:] == ["bn_stats", "channel_affine"]
+    tri, ref = twins(str(p), "Tiles", seed=7)
+    with torch.no_grad():
+        ref.state_dict()["0.bias"].add_(50.0)
+        tri.load_state_dict(ref.state_dict())
+    compare(tri, ref, x, modes=("train",), tol=1e-5)

@@ -8,8 +8,11 @@ accumulation).  Tensors are addressed through strides, so NCHW and
 channels_last inputs and channel slices of a concat buffer all work.
 
 Epilogue (constexpr flags): y = act(acc · scale[c] + shift[c] + residual).
-`scale`/`shift` carry a bias or a folded BatchNorm.
+`scale`/`shift` carry a bias or a folded BatchNorm.  With STATS, each tile
+also writes its per-channel sum and squared deviations for a training-mode
+BatchNorm's statistics, so they need no separate pass over y.
 """
+import torch
 import triton
 
 from . import ACT_CODES
@@ -18,14 +21,14 @@ CONV2D = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, psum_ptr, pm2_ptr,
     # sizes
     N, H, W, C_in, Ho, Wo, C_out, slope,
     # strides
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
     ACC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     $GEOMETRY
@@ -72,8 +75,19 @@ def $NAME(
         r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
         acc = acc + r.to(ACC)
     acc = activation(acc, ACT, slope)
+    y = acc.to(y_ptr.dtype.element_ty)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_off, y, mask=mask)
+    if STATS:
+        # the batch-norm statistics' first pass, on the stored values: per
+        # channel, this tile's sum and squared deviations from the tile's mean
+        PS = psum_ptr.dtype.element_ty
+        v = tl.where(mask, y.to(PS), 0.0)
+        s = tl.sum(v, axis=0)
+        cnt = tl.minimum(N * Ho * Wo - pid_m * BLOCK_M, BLOCK_M).to(PS)
+        d = tl.where(mask, v - (s / cnt)[None, :], 0.0)
+        tl.store(psum_ptr + pid_m * C_out + co, s, mask=n_mask)
+        tl.store(pm2_ptr + pid_m * C_out + co, tl.sum(d * d, axis=0), mask=n_mask)
 '''
 
 # Transposed conv gathers: output pixel (oh, ow) takes input (ih, iw) where
@@ -211,8 +225,10 @@ _CPU_TILE = 1 << 18
 
 
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
-           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
-    """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual)."""
+           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False):
+    """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual).
+    With stats, returns (out, (psum, pm2, tile)): the per-tile partial sums
+    norm.bn_stats merges into batch statistics."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     Ho, Wo = out.shape[2], out.shape[3]
@@ -222,14 +238,21 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     dummy = out
     r = residual if residual is not None else dummy
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
+    psum = pm2 = dummy
+    if stats:
+        from .norm import reduce_acc
+        import triton.language as tl
+
+        ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
+        psum, pm2 = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
     rt.launch(kernel, grid,
               x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy, r, out,
-              N, H, W, C_in, Ho, Wo, C_out, float(slope),
+              psum, pm2, N, H, W, C_in, Ho, Wo, C_out, float(slope),
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-              ACT=ACT_CODES[act], IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x), ACC=rt.acc(x),
-              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
-    return out
+              ACT=ACT_CODES[act], STATS=stats, IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
+              ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
+    return (out, (psum, pm2, BM)) if stats else out
 
 
 def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1):

@@ -19,33 +19,54 @@ BN_STATS = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
+    x_ptr, psum_ptr, pm2_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
     # sizes
-    N, C, H, W, eps, momentum,
+    N, C, H, W, T, TILE, eps, momentum,
     # strides
     sxn, sxc, sxh, sxw,
     # meta-parameters
-    AFFINE: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIALS: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # ACC: the accumulation type; fp64 where torch's own kernels use double (CPU)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     M = N * H * W
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = (offs_m < M)[:, None] & c_mask[None, :]
-        row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-        acc += tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+    if PARTIALS:
+        # the producing conv's epilogue left, per tile t of TILE pixels, the
+        # tile's sum and its sum of squared deviations from the tile's mean
+        for t0 in range(0, T, BLOCK_M):
+            offs_t = t0 + tl.arange(0, BLOCK_M)
+            mask = (offs_t < T)[:, None] & c_mask[None, :]
+            acc += tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = (offs_m < M)[:, None] & c_mask[None, :]
+            row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
+            acc += tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
     mean = tl.sum(acc, axis=0) / M
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = (offs_m < M)[:, None] & c_mask[None, :]
-        row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-        v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, v - mean[None, :], 0.0)
-        acc += d * d
+    if PARTIALS:
+        # Chan et al.: M2 = Σ_t (M2_t + n_t·(mean_t − mean)²), no cancellation
+        for t0 in range(0, T, BLOCK_M):
+            offs_t = t0 + tl.arange(0, BLOCK_M)
+            t_ok = offs_t < T
+            mask = t_ok[:, None] & c_mask[None, :]
+            cnt = tl.where(t_ok, tl.minimum(M - offs_t * TILE, TILE), 1).to(ACC)[:, None]
+            s = tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+            q = tl.load(pm2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+            d = s / cnt - mean[None, :]
+            acc += tl.where(mask, q + cnt * d * d, 0.0)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = (offs_m < M)[:, None] & c_mask[None, :]
+            row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
+            v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+            d = tl.where(mask, v - mean[None, :], 0.0)
+            acc += d * d
     STAT = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     var = (tl.sum(acc, axis=0) / M).to(STAT)
     mean = mean.to(STAT)
@@ -400,21 +421,31 @@ def _reduce_tiles(rt, x4):
     return bm, 16 if rt.gpu_tiles(x4) else bc
 
 
-def bn_stats(rt, kernel, bn, x4, mean, rstd, scale, shift):
-    """Training: batch mean, rstd, scale and shift of `bn` over x4, and its running-stat update."""
-    import triton.language as tl
-
+def bn_stats(rt, kernel, bn, x4, mean, rstd, scale, shift, partials=None):
+    """Training: batch mean, rstd, scale and shift of `bn` over x4, and its
+    running-stat update; from the producing conv's per-tile partials when given
+    (x4 is then not read)."""
     N, C, H, W = x4.shape
     bm, bc = _reduce_tiles(rt, x4)
-    # as torch: float on CUDA, double on CPU
-    acc = rt.acc(x4) if rt.gpu_tiles(x4) else tl.float64
     track = bn.running_mean is not None
-    rt.launch(kernel, (triton.cdiv(C, bc),), x4,
+    psum, pm2, tile = partials if partials is not None else (mean, mean, 1)
+    if partials is not None:
+        bm = min(bm, triton.next_power_of_2(psum.shape[0]))
+    rt.launch(kernel, (triton.cdiv(C, bc),), x4, psum, pm2,
               bn.weight if bn.affine else mean, bn.bias if bn.affine else mean,
               bn.running_mean if track else mean, bn.running_var if track else mean,
               bn.num_batches_tracked if track else mean, mean, rstd, scale, shift,
-              N, C, H, W, float(bn.eps), float(bn.momentum if bn.momentum is not None else 0.0), *x4.stride(),
-              AFFINE=bn.affine, TRACK=track and bn.training, ACC=acc, BLOCK_M=bm, BLOCK_C=bc)
+              N, C, H, W, psum.shape[0] if partials is not None else 1, tile,
+              float(bn.eps), float(bn.momentum if bn.momentum is not None else 0.0), *x4.stride(),
+              PARTIALS=partials is not None, AFFINE=bn.affine, TRACK=track and bn.training,
+              ACC=reduce_acc(rt, x4), BLOCK_M=bm, BLOCK_C=bc)
+
+
+def reduce_acc(rt, x):
+    """Per-channel reductions over a batch: float on CUDA, double on the CPU, as torch's."""
+    import triton.language as tl
+
+    return rt.acc(x) if rt.gpu_tiles(x) else tl.float64
 
 
 def bn_fold(rt, kernel, bn, rstd, scale, shift, conv_bias=None):
