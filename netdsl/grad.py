@@ -64,24 +64,28 @@ class _BN:
 
     @staticmethod
     def backward(K, bn, dy4, out4, raw4, mean, rstd, batch_stats, act, slope, *, need_dx, need_res,
-                 need_affine, conv_bias=None):
-        """(draw, dresidual, dgamma, dbeta, dconv_bias), None where not needed."""
+                 need_affine, conv_bias=None, y_from_x=False):
+        """(draw, dresidual, dgamma, dbeta, dconv_bias), None where not needed.
+        y_from_x: the output was never stored (deferred BN), act' comes from
+        y = act(x̂·γ + β) recomputed from raw4."""
         C = bn.num_features
         coef = torch.empty(3 * C, device=dy4.device, dtype=mean.dtype)
         # parameter gradients are stored in the parameters' dtype, sums stay fp32
         dgamma = torch.empty_like(bn.weight) if bn.affine else None
         dbeta = torch.empty_like(bn.bias) if bn.affine else None
         dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
-        y4 = out4 if act is not None else None
+        y4 = out4 if act is not None and not y_from_x else None
+        gamma, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
         _norm.channel_grad(_rt, K.channel_grad, dy4, y4=y4, act=act, slope=slope, x4=raw4, mean=mean, rstd=rstd,
-                           weight=bn.weight if bn.affine else None, train=batch_stats,
+                           weight=gamma, beta=beta, y_from_x=y_from_x, train=batch_stats,
                            dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef)
         draw = g = None
         if need_dx or need_res:
             draw = _grad_like(raw4)
             g = _grad_like(raw4) if need_res else None
             _norm.channel_grad_apply(_rt, K.channel_grad_apply, dy4, coef, draw, y4=y4, act=act, slope=slope,
-                                     x4=raw4, mean=mean, rstd=rstd, train=batch_stats, g4=g)
+                                     x4=raw4, mean=mean, rstd=rstd, weight=gamma if y_from_x else None,
+                                     beta=beta if y_from_x else None, y_from_x=y_from_x, train=batch_stats, g4=g)
         if not need_affine:
             dgamma = dbeta = None
         return draw, g, dgamma, dbeta, dcb
@@ -90,13 +94,39 @@ class _BN:
 # ------------------------------------------------------------------ conv / linear
 
 
+class Deferred:
+    """A train-forward conv output whose batch norm and activation are not
+    applied yet: the consumer conv applies them as it loads (CONV2D's
+    prologue), so the activation is never written, read back, or kept for
+    backward.  raw is the autograd-tracked conv output; the statistics are
+    what the BN computed (its running statistics are already updated)."""
+
+    __slots__ = ("raw", "bn", "act", "slope", "batch_stats", "mean", "rstd", "center", "scale", "shift")
+
+    def __init__(self, bn, act, slope):
+        self.bn, self.act, self.slope, self.raw = bn, act, slope, None
+
+    shape = property(lambda self: self.raw.shape)
+    device = property(lambda self: self.raw.device)
+    dtype = property(lambda self: self.raw.dtype)
+
+    def prologue(self):
+        return self.center, self.scale, self.shift, self.act, self.slope
+
+
 class ConvFn(torch.autograd.Function):
     """y = act(BN(conv(x, W) + b) + residual), BN / residual / act optional;
-    also linear (a 1×1 conv on [N, F, 1, 1] views)."""
+    also linear (a 1×1 conv on [N, F, 1, 1] views).
+
+    spec.defer (a Deferred): return the conv output and leave BN + act to the
+    consumer; its backward then receives the gradient of the conv output.
+    spec.inp (a Deferred): x is such an output; this conv applies its BN + act
+    while loading, and its backward runs that BN's backward (in_weight and
+    in_bias are the BN's parameters)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, spec):
-        K, kernel, layer, bn, act, slope, out_shape = spec
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, in_weight, in_bias, spec):
+        K, kernel, layer, bn, act, slope, out_shape, defer, inp = spec
         linear = isinstance(layer, torch.nn.Linear)
         x4 = rt.as4d(x)
         w4 = weight.view(*weight.shape, 1, 1) if linear else weight
@@ -106,13 +136,14 @@ class ConvFn(torch.autograd.Function):
         else:
             out = rt.empty(out_shape, x)
             kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        if inp is not None:
+            kw["prologue"] = inp.prologue()
         out4, res4 = rt.as4d(out), rt.as4d(residual) if residual is not None else None
+        raw = mean = rstd = None
         if bn is None:
             _conv.conv2d(_rt, kernel, x4, w4, out4, shift=bias, residual=res4, act=act, slope=slope, **kw)
-            ctx.save_for_backward(x, weight, out if act is not None else None)
-            ctx.stats = None
         else:
-            raw = rt.empty(out_shape, x)
+            raw = out if defer is not None else rt.empty(out_shape, x)
             raw4 = rt.as4d(raw)
             batch_stats = bn.training or bn.running_mean is None
             partials = None
@@ -120,24 +151,38 @@ class ConvFn(torch.autograd.Function):
                 _, partials = _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, stats=True, **kw)
             else:
                 _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, **kw)
-            mean, rstd, batch_stats = _BN.forward(K, bn, raw4, out4, res4, act, slope, partials)
-            ctx.save_for_backward(x, weight, out if act is not None else None, raw, mean, rstd)
+            if defer is not None:
+                scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
+                                                                partials=partials)
+                defer.batch_stats, defer.rstd, defer.center, defer.scale, defer.shift = \
+                    batch_stats, rstd, center, scale, shift
+                defer.mean = center if batch_stats else bn.running_mean
+                raw = None  # the consumer keeps it
+            else:
+                mean, rstd, batch_stats = _BN.forward(K, bn, raw4, out4, res4, act, slope, partials)
             ctx.stats = batch_stats
+        keep_out = act is not None and defer is None
+        ctx.save_for_backward(x, weight, out if keep_out else None, raw, mean, rstd)
         ctx.spec, ctx.linear = spec, linear
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        K, kernel, layer, bn, act, slope, _ = ctx.spec
-        x, weight, out = ctx.saved_tensors[:3]
-        nx, nw, nb, ngamma, nbeta, nres, _ = ctx.needs_input_grad
+        K, kernel, layer, bn, act, slope, _, defer, inp = ctx.spec
+        x, weight, out, raw, mean, rstd = ctx.saved_tensors
+        nx, nw, nb, ngamma, nbeta, nres, nin_w, nin_b, _ = ctx.needs_input_grad
         dy4 = rt.as4d(dy)
         out4 = rt.as4d(out) if out is not None else None
         dbias = dgamma = dbeta = dres = None
-        need_draw = nx or nw
-        if bn is not None:
-            raw, mean, rstd = ctx.saved_tensors[3:]
+        need_dx = nx or nin_w or nin_b  # a deferred input's BN parameters need dx too
+        need_draw = need_dx or nw
+        if defer is not None:  # dy is already the conv output's gradient (the consumer ran BN's backward)
+            if nb:
+                dbias = torch.empty_like(layer.bias)
+                _norm.channel_grad(_rt, K.channel_grad, dy4, dcbias=dbias)
+            draw = dy4
+        elif bn is not None:
             draw, dres, dgamma, dbeta, dbias = _BN.backward(
                 K, bn, dy4, out4, raw, mean, rstd, ctx.stats, act, slope, need_dx=need_draw, need_res=nres,
                 need_affine=ngamma or nbeta, conv_bias=layer.bias if nb else None)
@@ -156,17 +201,22 @@ class ConvFn(torch.autograd.Function):
         bw = _backward_of(kernel)
         w4 = weight.view(*weight.shape, 1, 1) if ctx.linear else weight
         groups = 1 if ctx.linear else layer.groups
-        dx = dw = None
-        if nx:
+        dx = dw = din_w = din_b = None
+        if need_dx:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.linear else _grad_like(x)
             _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups)
         if nw:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
             dw4 = dw.view(*dw.shape, 1, 1) if ctx.linear else dw
-            _conv.conv2d_wgrad(_rt, bw.wgrad, draw, rt.as4d(x), dw4, groups=groups)
+            _conv.conv2d_wgrad(_rt, bw.wgrad, draw, rt.as4d(x), dw4, groups=groups,
+                               prologue=inp.prologue() if inp is not None else None)
+        if inp is not None and dx is not None:  # dx so far is the gradient of the deferred activation
+            dx, _, din_w, din_b, _ = _BN.backward(
+                K, inp.bn, rt.as4d(dx), None, rt.as4d(x), inp.mean, inp.rstd, inp.batch_stats, inp.act, inp.slope,
+                need_dx=nx, need_res=False, need_affine=nin_w or nin_b, y_from_x=True)
         if dres is not None and ctx.linear:
             dres = dres.view(dy.shape)
-        return dx, dw, dbias, dgamma, dbeta, dres, None
+        return dx, dw, dbias, dgamma, dbeta, dres, din_w, din_b, None
 
 
 class BatchNormFn(torch.autograd.Function):

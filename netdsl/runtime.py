@@ -282,21 +282,36 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=No
     return scale, shift, None, rstd
 
 
-def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
+def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, defer=False, at=""):
     """conv [+ BN] [+ residual] [+ act].  Eval: one kernel, BN folded into the
     epilogue.  Training: the conv (whose epilogue leaves per-tile sums), BN
-    statistics merged from those sums, then one apply kernel."""
+    statistics merged from those sums, then one apply kernel.  defer (the
+    autograd forward, when the only consumer is a conv): no apply kernel, a
+    Deferred whose BN + act the consumer conv applies as it loads.  x may be
+    such a Deferred."""
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     N = x.shape[0]
     if residual is not None and tuple(residual.shape) != (N, layer.out_channels, Ho, Wo):
         raise ShapeError(f"{at}: residual add of unequal shapes {[N, layer.out_channels, Ho, Wo]} and {list(residual.shape)}")
+    inp = x if isinstance(x, _grad.Deferred) else None
+    if inp is not None:
+        x = inp.raw
     x, weight = _autocast(K, x, layer.weight)
-    if _grad.wanted(x, weight, layer.bias, residual, *((bn.weight, bn.bias) if bn is not None else ())):
+    if inp is not None or _grad.wanted(x, weight, layer.bias, residual,
+                                       *((bn.weight, bn.bias) if bn is not None else ())):
         _no_out(out)
-        return _grad.ConvFn.apply(x, weight, layer.bias, bn.weight if bn is not None else None,
-                                  bn.bias if bn is not None else None, residual,
-                                  (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo)))
+        # defer: this BN + act go into the (only) consumer conv's loads
+        held = _grad.Deferred(bn, act, slope) if defer and bn is not None and residual is None else None
+        own_bn = bn is not None and held is None
+        in_bn = inp.bn if inp is not None and inp.bn.affine else None
+        y = _grad.ConvFn.apply(x, weight, layer.bias, bn.weight if own_bn else None, bn.bias if own_bn else None,
+                               residual, in_bn.weight if in_bn else None, in_bn.bias if in_bn else None,
+                               (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo), held, inp))
+        if held is None:
+            return y
+        held.raw = y
+        return held
     if out is None:
         out = empty((N, layer.out_channels, Ho, Wo), x)
     kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
@@ -341,8 +356,8 @@ def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
     x, weight = _autocast(K, x, layer.weight)
     if _grad.wanted(x, weight, layer.bias):
         _no_out(out)
-        return _grad.ConvFn.apply(x, weight, layer.bias, None, None, None,
-                                  (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features)))
+        return _grad.ConvFn.apply(x, weight, layer.bias, None, None, None, None, None,
+                                  (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features), None, None))
     if out is None:
         out = torch.empty((x.shape[0], layer.out_features), device=x.device, dtype=x.dtype)
     w4 = weight.view(layer.out_features, layer.in_features, 1, 1)

@@ -60,6 +60,9 @@ def _configs():
     add("Dense", (4, 5, 5), "dense { bn -> relu -> conv(3, 3, padding=1) ; bn -> relu -> conv(3, 1) ; conv(2, 1) } -> bn")
     add("Filters", (2, 8, 8), "conv(weight=[[0, -1, 0], [-1, 5, -1], [0, -1, 0]], padding=1) -> conv(weight=[[[1, 2], [3, 4]], [[0, 1], [1, 0]]], stride=2)")
     add("BNLeaky", (3, 7, 5), "bn -> leaky_relu(0.1) -> bn(affine=false) -> sigmoid")
+    # train-mode BN + act deferred into the next conv's loads (autograd forward)
+    add("Deferred", (3, 7, 6), "conv(4, 3, padding=1, bias=true) -> bn -> sigmoid -> "
+        "conv(6, 3, stride=2, padding=1, groups=2) -> bn(affine=false) -> relu -> conv(5, 1) -> bn -> tanh")
     return nets
 
 

@@ -138,6 +138,7 @@ class _Forward:
         self.lines: list[str] = []
         self.count = 0
         self.residual: list[str] = []  # shortcut tensors awaiting a fused epilogue
+        self.defer = False  # the next fused conv leaves its BN + act to its consumer conv
 
     def var(self) -> str:
         self.count += 1
@@ -151,8 +152,10 @@ class _Forward:
         if isinstance(node, ir.Seq):
             if not node.items:
                 return self._into(x, out)
-            for item in node.items[:-1]:
+            for item, nxt in zip(node.items, node.items[1:]):
+                self.defer = self._can_defer(item, nxt)
                 x = self.emit(item, x)
+                self.defer = False
             return self.emit(node.items[-1], x, out)
         if isinstance(node, ir.Fused):
             return self.fused(node, x, out)
@@ -163,6 +166,13 @@ class _Forward:
         if isinstance(node, ir.Dense):
             return self.dense(node, x, out)
         raise AssertionError(type(node).__name__)
+
+    def _can_defer(self, item, nxt) -> bool:
+        """A train-mode conv→BN(→act) whose only consumer is a conv: its BN
+        apply and activation move into that conv's loads (autograd forward;
+        the inference forward folds BN into the conv epilogue instead)."""
+        return (self.autograd and isinstance(item, ir.Fused) and item.kind == "conv" and item.bn is not None
+                and not item.residual and isinstance(nxt, ir.Fused) and nxt.kind == "conv")
 
     def fork(self, x: str, n: int) -> list[str]:
         """n names for x, one per consumer.  In the autograd forward they are
@@ -195,6 +205,8 @@ class _Forward:
         if f.kind == "conv":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
             bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
+            if self.defer:
+                bn += ", defer=True"
             self.put(f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{self._out(out)}, at={at!r})")
         elif f.kind == "linear":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
@@ -350,6 +362,8 @@ def generate(nets: list[ir.Net], source: str) -> str:
            ""]
     out += ["", render(ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh")]
     out += ["", render(ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)")]
+    out += ["", render(kconv.BN_ACT_PROLOGUE, "bn_act_prologue",
+                       "a deferred batch norm + activation, applied as a conv loads its input")]
     for name, template in GENERIC.items():
         out += ["", render(template, name, _GENERIC_DOC[name])]
     for src in kernels.source():

@@ -21,14 +21,15 @@ CONV2D = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, psum_ptr, pm2_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, psum_ptr, pm2_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
     # sizes
-    N, H, W, C_in, Ho, Wo, C_out, slope,
+    N, H, W, C_in, Ho, Wo, C_out, slope, in_slope,
     # strides
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
     ACC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    STATS: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
+    IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     $GEOMETRY
@@ -61,8 +62,12 @@ def $NAME(
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         offs_k = c0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < cin_g
+        a_mask = pix_ok[:, None] & k_mask[None, :]
         a = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (g * cin_g + offs_k)[None, :] * sxc,
-                    mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
+                    mask=a_mask, other=0.0)
+        if IN_BN:
+            a = bn_act_prologue(a, a_mask, g * cin_g + offs_k, k_mask, in_center_ptr, in_scale_ptr, in_shift_ptr,
+                                IN_CENTER, IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + co[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
@@ -88,6 +93,23 @@ def $NAME(
         d = tl.where(mask, v - (s / cnt)[None, :], 0.0)
         tl.store(psum_ptr + pid_m * C_out + co, s, mask=n_mask)
         tl.store(pm2_ptr + pid_m * C_out + co, tl.sum(d * d, axis=0), mask=n_mask)
+'''
+
+# A deferred batch norm + activation applied as a conv's input is loaded:
+# the producing layer stored only its conv output (and its statistics), so
+# the normalised activation never makes a round trip through memory.
+# Padding and out-of-range pixels stay zero, as they are in the activation.
+BN_ACT_PROLOGUE = r'''
+@triton.jit
+def $NAME(v, mask, c, c_mask, center_ptr, scale_ptr, shift_ptr, HAS_CENTER: tl.constexpr, ACT: tl.constexpr, slope,
+          ACC: tl.constexpr):
+    v = v.to(ACC)
+    if HAS_CENTER:
+        v = v - tl.load(center_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
+    v = v * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
+    v = v + tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
+    v = activation(v, ACT, slope)
+    return tl.where(mask, v, 0.0)
 '''
 
 # Transposed conv gathers: output pixel (oh, ow) takes input (ih, iw) where
@@ -155,13 +177,14 @@ CONV2D_WGRAD = r'''
 @triton.jit
 def $NAME(
     # pointers
-    dy_ptr, x_ptr, dw_ptr,
+    dy_ptr, x_ptr, dw_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
     # sizes
-    N, H, W, C_in, Ho, Wo, C_out,
+    N, H, W, C_in, Ho, Wo, C_out, in_slope,
     # strides
     sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
     # meta-parameters
-    ACC: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
+    IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     $GEOMETRY
@@ -191,8 +214,11 @@ def $NAME(
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a = tl.load(dy_ptr + co[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :],
                     mask=co_mask[:, None] & m_mask[None, :], other=0.0)
-        b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc,
-                    mask=pix_ok[:, None] & ci_mask[None, :], other=0.0)
+        b_mask = pix_ok[:, None] & ci_mask[None, :]
+        b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc, mask=b_mask, other=0.0)
+        if IN_BN:
+            b = bn_act_prologue(b, b_mask, ci, ci_mask, in_center_ptr, in_scale_ptr, in_shift_ptr,
+                                IN_CENTER, IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=PRECISION)
     dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask[:, None] & ci_mask[None, :])
@@ -225,10 +251,12 @@ _CPU_TILE = 1 << 18
 
 
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
-           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False):
+           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None):
     """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual).
     With stats, returns (out, (psum, pm2, tile)): the per-tile partial sums
-    norm.bn_stats merges into batch statistics."""
+    norm.bn_stats merges into batch statistics.  prologue = (center, scale,
+    shift, act, slope): x is a conv output whose batch norm and activation
+    act((x − center)·scale + shift) are applied as it is loaded."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     Ho, Wo = out.shape[2], out.shape[3]
@@ -245,18 +273,29 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
 
         ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
         psum, pm2 = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
+    pc, ps, pt, pact, pslope = _prologue_args(prologue, dummy)
     rt.launch(kernel, grid,
               x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy, r, out,
-              psum, pm2, N, H, W, C_in, Ho, Wo, C_out, float(slope),
+              psum, pm2, pc, ps, pt, N, H, W, C_in, Ho, Wo, C_out, float(slope), pslope,
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-              ACT=ACT_CODES[act], STATS=stats, IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
+              ACT=ACT_CODES[act], STATS=stats, IN_BN=prologue is not None,
+              IN_CENTER=prologue is not None and prologue[0] is not None, IN_ACT=pact,
+              IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
               ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
     return (out, (psum, pm2, BM)) if stats else out
 
 
-def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1):
-    """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy and its input x."""
+def _prologue_args(prologue, dummy):
+    if prologue is None:
+        return dummy, dummy, dummy, 0, 0.0
+    center, scale, shift, act, slope = prologue
+    return (center if center is not None else scale), scale, shift, ACT_CODES[act], float(slope)
+
+
+def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None):
+    """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy
+    and its input x (with prologue: as conv2d's, x before its deferred BN + act)."""
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     KH, KW = dw.shape[2], dw.shape[3]
@@ -271,7 +310,10 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1):
     # registers and spilled 4-8 bytes, at every warps/stages setting tried,
     # differently under Triton 3.6 and 3.9; with the cap lifted (maxnreg 255),
     # none spills under either (sm_90 and sm_80).  Autotuning will pick per shape.
-    rt.launch(kernel, grid, dy, x, dw, N, H, W, C_in, Ho, Wo, C_out, *dy.stride(), *x.stride(), *dw.stride(),
+    pc, ps, pt, pact, pslope = _prologue_args(prologue, dw)
+    rt.launch(kernel, grid, dy, x, dw, pc, ps, pt, N, H, W, C_in, Ho, Wo, C_out, pslope,
+              *dy.stride(), *x.stride(), *dw.stride(),
+              IN_BN=prologue is not None, IN_CENTER=prologue is not None and prologue[0] is not None, IN_ACT=pact,
               IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
               **({"num_warps": 8, "num_stages": 2, "maxnreg": 255} if rt.gpu_tiles(x) else {}))
     return dw

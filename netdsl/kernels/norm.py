@@ -250,21 +250,29 @@ CHANNEL_GRAD = r'''
 @triton.jit
 def $NAME(
     # pointers
-    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, g_ptr, dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr,
+    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, beta_ptr, g_ptr, dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr,
     # sizes
     N, C, H, W, slope,
     # strides
     sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
     # meta-parameters
     ACC: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, TRAIN: tl.constexpr, AFFINE: tl.constexpr,
-    STORE_G: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    Y_FROM_X: tl.constexpr, STORE_G: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Y_FROM_X: the output y = act(x̂·γ + β) was never stored (its BN and
+    # activation were deferred into the consumer's loads): recompute it
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     M = N * H * W
     if NORM:
         mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+    if Y_FROM_X:
+        gamma = tl.full((BLOCK_C,), 1.0, ACC)
+        beta = tl.zeros((BLOCK_C,), dtype=ACC)
+        if AFFINE:
+            gamma = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)
+            beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
     sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     sum_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     sum_x = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
@@ -275,16 +283,20 @@ def $NAME(
         h = (offs_m // W) % H
         w = offs_m % W
         g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
+        if NORM:
+            x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+            xh = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         if ACT != 0:
-            y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
+            if Y_FROM_X:
+                y = activation(xh * gamma[None, :] + beta[None, :], ACT, slope)
+            else:
+                y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
             g = activation_grad(g, y, ACT, slope)
         if STORE_G:
             tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc,
                      g.to(g_ptr.dtype.element_ty), mask=mask)
         sum_g += g
         if NORM:
-            x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-            xh = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
             sum_gx += g * xh
             sum_x += xh
     sg = tl.sum(sum_g, axis=0)
@@ -316,14 +328,14 @@ CHANNEL_GRAD_APPLY = r'''
 @triton.jit
 def $NAME(
     # pointers
-    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, coef_ptr, dx_ptr, g_ptr,
+    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, beta_ptr, coef_ptr, dx_ptr, g_ptr,
     # sizes
     N, C, H, W, slope,
     # strides
     sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, son, soc, soh, sow, sgn, sgc, sgh, sgw,
     # meta-parameters
-    ACC: tl.constexpr, ACT: tl.constexpr, TRAIN: tl.constexpr, STORE_G: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, ACT: tl.constexpr, TRAIN: tl.constexpr, Y_FROM_X: tl.constexpr, AFFINE: tl.constexpr,
+    STORE_G: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -336,7 +348,16 @@ def $NAME(
     w = offs_m % W
     g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
     if ACT != 0:
-        y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
+        if Y_FROM_X:  # as in CHANNEL_GRAD: y = act(x̂·γ + β) recomputed
+            x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+            y = (x - tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]) \
+                * tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+            if AFFINE:
+                y = y * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)[None, :] \
+                    + tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+            y = activation(y, ACT, slope)
+        else:
+            y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
         g = activation_grad(g, y, ACT, slope)
     if STORE_G:  # the residual branch's gradient
         tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc, g.to(g_ptr.dtype.element_ty), mask=mask)
@@ -469,10 +490,11 @@ def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None,
 
 
 def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None, weight=None,
-                 train=False, g4=None, dweight=None, dbias=None, dcbias=None, coef=None):
+                 beta=None, y_from_x=False, train=False, g4=None, dweight=None, dbias=None, dcbias=None, coef=None):
     """Per-channel sums of g = dy·act'(y) (and of g·x̂, x̂ with BN): the BN
     parameter gradients, a conv bias's gradient, and coef for CHANNEL_GRAD_APPLY.
-    With g4, g is also written out."""
+    With g4, g is also written out; with y_from_x, y = act(x̂·weight + beta)
+    is recomputed instead of read."""
     N, C, H, W = dy4.shape
     bm, bc = _reduce_tiles(rt, dy4)
     norm = mean is not None
@@ -484,16 +506,17 @@ def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mea
 
     acc = rt.acc(dy4) if rt.gpu_tiles(dy4) else tl.float64  # as bn_stats: double sums on the CPU, as torch
     rt.launch(kernel, (triton.cdiv(C, bc),), dy4, y4, x4,
-              mean if norm else anyc, rstd if norm else anyc, weight if weight is not None else anyc, g,
+              mean if norm else anyc, rstd if norm else anyc, weight if weight is not None else anyc,
+              beta if beta is not None else anyc, g,
               dweight if dweight is not None else anyc, dbias if dbias is not None else anyc,
               dcbias if dcbias is not None else anyc, coef if coef is not None else anyc,
               N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *g.stride(),
               ACC=acc, ACT=ACT_CODES[act], NORM=norm, TRAIN=train, AFFINE=weight is not None,
-              STORE_G=g4 is not None, CONV_BIAS=dcbias is not None, BLOCK_M=bm, BLOCK_C=bc)
+              Y_FROM_X=y_from_x, STORE_G=g4 is not None, CONV_BIAS=dcbias is not None, BLOCK_M=bm, BLOCK_C=bc)
 
 
 def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None,
-                       train=False, g4=None):
+                       weight=None, beta=None, y_from_x=False, train=False, g4=None):
     """dx = coef_a·(g − coef_b − x̂·coef_c), g = dy·act'(y); with g4 also g (a residual's gradient)."""
     N, C, H, W = dy4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(dy4))
@@ -503,9 +526,11 @@ def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0
     x4 = x4 if x4 is not None else dy4
     g = g4 if g4 is not None else dx4
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), dy4, y4, x4,
-              mean if mean is not None else coef, rstd if rstd is not None else coef, coef, dx4, g,
+              mean if mean is not None else coef, rstd if rstd is not None else coef,
+              weight if weight is not None else coef, beta if beta is not None else coef, coef, dx4, g,
               N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *dx4.stride(), *g.stride(),
-              ACC=rt.acc(dy4), ACT=ACT_CODES[act], TRAIN=train, STORE_G=g4 is not None,
+              ACC=rt.acc(dy4), ACT=ACT_CODES[act], TRAIN=train, Y_FROM_X=y_from_x, AFFINE=weight is not None,
+              STORE_G=g4 is not None,
               IDX64=rt.needs_int64(dy4, y4, x4, dx4, g), BLOCK_M=bm, BLOCK_C=bc)
 
 

@@ -1,0 +1,77 @@
+"""The fusion of a train-mode conv→BN→act into its consumer conv's loads
+(autograd forward): which layers defer, that nothing else does, and that
+the deferred activation is neither written nor kept for backward.  Numeric
+checks against torch: the "Deferred", "Residual" and "Depthwise" configs of
+test_kernels.py, through test_grad.py (gradcheck in float64, fp32 twin)."""
+import re
+
+import torch
+
+import netdsl
+from netdsl import runtime as rt
+from twin import grad_compare, twins
+
+
+def _autograd_source(m):
+    import inspect
+
+    return inspect.getsource(type(m).forward_autograd), inspect.getsource(type(m).forward)
+
+
+def test_resnet50_defers_two_batch_norms_per_bottleneck():
+    m = netdsl.build("specs/resnet.net", "ResNet50")
+    train_src, infer_src = _autograd_source(m)
+    deferred = re.findall(r"self\.layer\('([\w.]+)'\), t\d+, bn=self\.layer\('[\w.]+'\), defer=True", train_src)
+    assert len(deferred) == 32 and all(re.fullmatch(r"layer\d\.\d+\.conv[12]", d) for d in deferred), deferred
+    assert "defer" not in infer_src
+    m.train()
+    with rt.plan_launches() as launches:  # one training step, planned: no kernel runs
+        y = m(torch.randn(2, 3, 64, 64))
+        y.backward(torch.empty_like(y))
+    names = [k.fn.__name__ for k, _, _ in launches]
+    # 53 conv+BN layers, 32 deferred: 21 apply kernels; every BN takes its statistics from its conv's epilogue
+    assert names.count("channel_affine") == 21 and names.count("bn_stats") == 53
+    assert sum(bool(meta.get("STATS")) for _, _, meta in launches) == 53
+    assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 32
+    assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 32
+
+
+def test_no_deferral_where_the_activation_has_other_consumers(tmp_path):
+    p = tmp_path / "n.net"
+    p.write_text(
+        "net N input(3, 8, 8) {\n"
+        "  conv(4, 3, padding=1) -> bn -> relu -> maxpool(2)\n"               # consumer is a pool
+        "  residual { conv(4, 3, padding=1) -> bn -> relu } -> conv(4, 1)\n"  # inside a residual: the add reads it
+        "  concat { conv(2, 1) -> bn -> relu ; conv(2, 1) }\n"                # a concat branch's end
+        "  conv(3, 1) -> relu -> conv(3, 1)\n"                                # no BN: nothing to defer
+        "}\n")
+    m = netdsl.build(str(p), "N")
+    train_src, _ = _autograd_source(m)
+    assert "defer" not in train_src and "rt.conv(" in train_src
+
+
+def test_deferred_activation_is_not_kept_for_backward(tmp_path):
+    """Saved-tensor hooks: the deferred chain keeps the conv outputs only;
+    each activation between two convs is neither stored nor saved."""
+    p = tmp_path / "c.net"
+    p.write_text("net C input(8, 16, 16) { conv(16, 3, padding=1) -> bn -> relu -> conv(16, 3, padding=1) -> bn -> relu "
+                 "-> conv(16, 3, padding=1) -> bn -> relu }\n")
+    tri, ref = twins(str(p), "C")
+    x = torch.randn(4, 8, 16, 16)
+    sizes = {}
+    for name, m in (("tri", tri), ("ref", ref)):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        m.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x.requires_grad_(False)).sum()
+        sizes[name] = sum(seen.values())
+    act = 4 * 16 * 16 * 16 * 4  # one activation, fp32
+    # torch keeps the three conv outputs, two BN outputs (ReLU's mask, and conv inputs) and the last ReLU's;
+    # netdsl keeps three conv outputs and the last layer's output
+    assert sizes["tri"] <= sizes["ref"] - 2 * act, sizes
+    grad_compare(tri, ref, x)
