@@ -113,6 +113,11 @@ class Deferred:
     def prologue(self):
         return self.center, self.scale, self.shift, self.act, self.slope
 
+    def set_stats(self, batch_stats, scale, shift, center, rstd):
+        """What rt._bn_scale_shift gave (eval: folded scale/shift, centred on the running mean for backward)."""
+        self.batch_stats, self.scale, self.shift, self.center, self.rstd = batch_stats, scale, shift, center, rstd
+        self.mean = center if batch_stats else self.bn.running_mean
+
 
 class ConvFn(torch.autograd.Function):
     """y = act(BN(conv(x, W) + b) + residual), BN / residual / act optional;
@@ -152,11 +157,8 @@ class ConvFn(torch.autograd.Function):
             else:
                 _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, **kw)
             if defer is not None:
-                scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
-                                                                partials=partials)
-                defer.batch_stats, defer.rstd, defer.center, defer.scale, defer.shift = \
-                    batch_stats, rstd, center, scale, shift
-                defer.mean = center if batch_stats else bn.running_mean
+                defer.set_stats(batch_stats, *rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
+                                                                 partials=partials))
                 raw = None  # the consumer keeps it
             else:
                 mean, rstd, batch_stats = _BN.forward(K, bn, raw4, out4, res4, act, slope, partials)

@@ -365,11 +365,20 @@ def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
     return out
 
 
-def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, at=""):
+def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, defer=False, at=""):
+    """BN [+ residual] [+ act].  defer (the autograd forward, when the only
+    consumer is a conv): the statistics only, and a Deferred whose apply and
+    act the consumer conv does as it loads x (DenseNet's BN→ReLU→conv)."""
     _channels(x, bn.num_features, at)
     _check_residual(residual, x, at)
     if _grad.wanted(x, bn.weight, bn.bias, residual):
         _no_out(out)
+        if defer and residual is None and x.dim() == 4:
+            held = _grad.Deferred(bn, act, slope)
+            batch_stats = bn.training or bn.running_mean is None
+            held.set_stats(batch_stats, *_bn_scale_shift(K, bn, x, batch_stats, cache=False))
+            held.raw = x
+            return held
         return _grad.BatchNormFn.apply(x, bn.weight, bn.bias, residual, (K, bn, act, slope))
     x4 = as4d(x)
     if out is None:

@@ -5,6 +5,7 @@ checks against torch: the "Deferred", "Residual" and "Depthwise" configs of
 test_kernels.py, through test_grad.py (gradcheck in float64, fp32 twin)."""
 import re
 
+import pytest
 import torch
 
 import netdsl
@@ -75,3 +76,15 @@ def test_deferred_activation_is_not_kept_for_backward(tmp_path):
     # netdsl keeps three conv outputs and the last layer's output
     assert sizes["tri"] <= sizes["ref"] - 2 * act, sizes
     grad_compare(tri, ref, x)
+
+
+@pytest.mark.parametrize("file,net,count", [
+    ("resnet.net", "ResNet18", 8),         # conv1 of each basic block
+    ("vgg.net", "VGG16_BN", 8),            # each conv followed by a conv, not a pool
+    ("googlenet.net", "GoogLeNet", 19),    # conv2→conv3, and the 3×3 and 5×5 branches' reductions
+    ("densenet.net", "DenseNet121", 119),  # norm1 and norm2 of 58 dense layers, each transition's norm
+])
+def test_zoo_deferrals(file, net, count):
+    m = netdsl.build(f"specs/{file}", net)
+    train_src, infer_src = _autograd_source(m)
+    assert train_src.count("defer=True") == count and "defer" not in infer_src

@@ -168,10 +168,10 @@ class _Forward:
         raise AssertionError(type(node).__name__)
 
     def _can_defer(self, item, nxt) -> bool:
-        """A train-mode conv→BN(→act) whose only consumer is a conv: its BN
-        apply and activation move into that conv's loads (autograd forward;
+        """A train-mode conv→BN(→act) or BN(→act) whose only consumer is a
+        conv: its BN apply and activation move into that conv's loads (autograd forward;
         the inference forward folds BN into the conv epilogue instead)."""
-        return (self.autograd and isinstance(item, ir.Fused) and item.kind == "conv" and item.bn is not None
+        return (self.autograd and isinstance(item, ir.Fused) and item.kind in ("conv", "bn") and item.bn is not None
                 and not item.residual and isinstance(nxt, ir.Fused) and nxt.kind == "conv")
 
     def fork(self, x: str, n: int) -> list[str]:
@@ -213,7 +213,8 @@ class _Forward:
                               KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
             self.put(f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}{self._out(out)}, at={at!r})")
         else:
-            self.put(f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{self._out(out)}, at={at!r})")
+            defer = ", defer=True" if self.defer else ""
+            self.put(f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{defer}{self._out(out)}, at={at!r})")
         return v
 
     def layer(self, l: ir.Layer, x: str, out: str | None) -> str:
