@@ -452,7 +452,8 @@ def bn_stats(rt, kernel, bn, x4, mean, rstd, scale, shift, partials=None):
     psum, pm2, tile = partials if partials is not None else (mean, mean, 1)
     if partials is not None:
         bm = min(bm, triton.next_power_of_2(psum.shape[0]))
-    rt.launch(kernel, (triton.cdiv(C, bc),), x4, psum, pm2,
+    # with partials x4 is not read: pass a partials buffer in its place (what a launch touches stays exact)
+    rt.launch(kernel, (triton.cdiv(C, bc),), x4 if partials is None else psum, psum, pm2,
               bn.weight if bn.affine else mean, bn.bias if bn.affine else mean,
               bn.running_mean if track else mean, bn.running_var if track else mean,
               bn.num_batches_tracked if track else mean, mean, rstd, scale, shift,
