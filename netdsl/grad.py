@@ -165,7 +165,9 @@ class ConvFn(torch.autograd.Function):
             ctx.stats = batch_stats
         keep_out = act is not None and defer is None
         ctx.save_for_backward(x, weight, out if keep_out else None, raw, mean, rstd)
-        ctx.spec, ctx.linear = spec, linear
+        # the Deferred holds this Function's output: keep only a marker of it
+        # (the output on ctx would be a reference cycle through the graph)
+        ctx.spec, ctx.linear = (spec if defer is None else spec[:7] + (True, inp)), linear
         return out
 
     @staticmethod

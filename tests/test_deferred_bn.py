@@ -88,3 +88,29 @@ def test_zoo_deferrals(file, net, count):
     m = netdsl.build(f"specs/{file}", net)
     train_src, infer_src = _autograd_source(m)
     assert train_src.count("defer=True") == count and "defer" not in infer_src
+
+
+def test_deferred_outputs_are_freed_without_the_garbage_collector(tmp_path):
+    """No reference cycle through the autograd graph: once the loss is gone,
+    the deferred conv output is freed by reference counting alone."""
+    import gc
+    import weakref
+
+    p = tmp_path / "f.net"
+    p.write_text("net Chain input(3, 8, 8) { conv(4, 3, padding=1) -> bn -> relu -> conv(4, 3, padding=1) -> bn -> relu }\n")
+    m = netdsl.build(str(p), "Chain").train()
+    from netdsl.grad import Deferred
+
+    seen = []
+    real_init = Deferred.__init__
+    gc.disable()
+    try:
+        Deferred.__init__ = lambda self, *a: (real_init(self, *a), seen.append(self))[0]
+        y = m(torch.randn(2, 3, 8, 8)).sum()
+        raw = weakref.ref(seen[0].raw)
+        seen.clear()
+        del y
+        assert raw() is None
+    finally:
+        Deferred.__init__ = real_init
+        gc.enable()
