@@ -273,24 +273,25 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
 
         ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
         psum, pm2 = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
-    pc, ps, pt, pact, pslope = _prologue_args(prologue, dummy)
+    pptrs, pslope, pmeta = _prologue_args(prologue, dummy)
     rt.launch(kernel, grid,
               x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy, r, out,
-              psum, pm2, pc, ps, pt, N, H, W, C_in, Ho, Wo, C_out, float(slope), pslope,
+              psum, pm2, *pptrs, N, H, W, C_in, Ho, Wo, C_out, float(slope), pslope,
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-              ACT=ACT_CODES[act], STATS=stats, IN_BN=prologue is not None,
-              IN_CENTER=prologue is not None and prologue[0] is not None, IN_ACT=pact,
+              ACT=ACT_CODES[act], STATS=stats, **pmeta,
               IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
               ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
     return (out, (psum, pm2, BM)) if stats else out
 
 
 def _prologue_args(prologue, dummy):
+    """(center, scale, shift pointers), in_slope, and the IN_* constexprs of a deferred BN + act."""
     if prologue is None:
-        return dummy, dummy, dummy, 0, 0.0
+        return (dummy, dummy, dummy), 0.0, dict(IN_BN=False, IN_CENTER=False, IN_ACT=0)
     center, scale, shift, act, slope = prologue
-    return (center if center is not None else scale), scale, shift, ACT_CODES[act], float(slope)
+    return ((center if center is not None else scale), scale, shift), float(slope), \
+        dict(IN_BN=True, IN_CENTER=center is not None, IN_ACT=ACT_CODES[act])
 
 
 def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None):
@@ -310,10 +311,9 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None):
     # registers and spilled 4-8 bytes, at every warps/stages setting tried,
     # differently under Triton 3.6 and 3.9; with the cap lifted (maxnreg 255),
     # none spills under either (sm_90 and sm_80).  Autotuning will pick per shape.
-    pc, ps, pt, pact, pslope = _prologue_args(prologue, dw)
-    rt.launch(kernel, grid, dy, x, dw, pc, ps, pt, N, H, W, C_in, Ho, Wo, C_out, pslope,
-              *dy.stride(), *x.stride(), *dw.stride(),
-              IN_BN=prologue is not None, IN_CENTER=prologue is not None and prologue[0] is not None, IN_ACT=pact,
+    pptrs, pslope, pmeta = _prologue_args(prologue, dw)
+    rt.launch(kernel, grid, dy, x, dw, *pptrs, N, H, W, C_in, Ho, Wo, C_out, pslope,
+              *dy.stride(), *x.stride(), *dw.stride(), **pmeta,
               IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
               **({"num_warps": 8, "num_stages": 2, "maxnreg": 255} if rt.gpu_tiles(x) else {}))
     return dw
