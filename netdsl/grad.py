@@ -64,28 +64,28 @@ class _BN:
 
     @staticmethod
     def backward(K, bn, dy4, out4, raw4, mean, rstd, batch_stats, act, slope, *, need_dx, need_res,
-                 need_affine, conv_bias=None, y_from_x=False):
+                 need_affine, conv_bias=None, deferred=None):
         """(draw, dresidual, dgamma, dbeta, dconv_bias), None where not needed.
-        y_from_x: the output was never stored (deferred BN), act' comes from
-        y = act(x̂·γ + β) recomputed from raw4."""
+        deferred = (scale, shift, centered): the output was never stored
+        (deferred BN), act' comes from y recomputed from raw4 as the
+        consumer's prologue made it."""
         C = bn.num_features
         coef = torch.empty(3 * C, device=dy4.device, dtype=mean.dtype)
         # parameter gradients are stored in the parameters' dtype, sums stay fp32
         dgamma = torch.empty_like(bn.weight) if bn.affine else None
         dbeta = torch.empty_like(bn.bias) if bn.affine else None
         dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
-        y4 = out4 if act is not None and not y_from_x else None
-        gamma, beta = (bn.weight, bn.bias) if bn.affine else (None, None)
+        y4 = out4 if act is not None and deferred is None else None
+        gamma = bn.weight if bn.affine else None
         _norm.channel_grad(_rt, K.channel_grad, dy4, y4=y4, act=act, slope=slope, x4=raw4, mean=mean, rstd=rstd,
-                           weight=gamma, beta=beta, y_from_x=y_from_x, train=batch_stats,
+                           weight=gamma, deferred=deferred, train=batch_stats,
                            dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef)
         draw = g = None
         if need_dx or need_res:
             draw = _grad_like(raw4)
             g = _grad_like(raw4) if need_res else None
             _norm.channel_grad_apply(_rt, K.channel_grad_apply, dy4, coef, draw, y4=y4, act=act, slope=slope,
-                                     x4=raw4, mean=mean, rstd=rstd, weight=gamma if y_from_x else None,
-                                     beta=beta if y_from_x else None, y_from_x=y_from_x, train=batch_stats, g4=g)
+                                     x4=raw4, mean=mean, rstd=rstd, deferred=deferred, train=batch_stats, g4=g)
         if not need_affine:
             dgamma = dbeta = None
         return draw, g, dgamma, dbeta, dcb
@@ -99,12 +99,17 @@ class Deferred:
     applied yet: the consumer conv applies them as it loads (CONV2D's
     prologue), so the activation is never written, read back, or kept for
     backward.  raw is the autograd-tracked conv output; the statistics are
-    what the BN computed (its running statistics are already updated)."""
+    what the BN computed (its running statistics are already updated).
 
-    __slots__ = ("raw", "bn", "act", "slope", "batch_stats", "mean", "rstd", "center", "scale", "shift")
+    back (a _Back, when a conv produced raw): the backward is deferred too.
+    The consumer's dgrad takes the BN backward's sums in its epilogue, and the
+    gradient it hands back is the activation's, not raw's; the producer's
+    dgrad and wgrad apply the BN backward (coef, from back) as they load it."""
+
+    __slots__ = ("raw", "bn", "act", "slope", "batch_stats", "mean", "rstd", "center", "scale", "shift", "back")
 
     def __init__(self, bn, act, slope):
-        self.bn, self.act, self.slope, self.raw = bn, act, slope, None
+        self.bn, self.act, self.slope, self.raw, self.back = bn, act, slope, None, None
 
     shape = property(lambda self: self.raw.shape)
     device = property(lambda self: self.raw.device)
@@ -117,6 +122,33 @@ class Deferred:
         """What rt._bn_scale_shift gave (eval: folded scale/shift, centred on the running mean for backward)."""
         self.batch_stats, self.scale, self.shift, self.center, self.rstd = batch_stats, scale, shift, center, rstd
         self.mean = center if batch_stats else self.bn.running_mean
+
+    def recompute(self):
+        """(scale, shift, centered): how y is recomputed from raw in backward."""
+        return self.scale, self.shift, self.center is not None
+
+    def bn_grad(self, raw4, coef=None):
+        return _conv.BNGrad(raw4, self.mean, self.rstd, self.scale, self.shift, self.center is not None, self.act,
+                            self.slope, self.batch_stats, coef)
+
+    def stats_only(self):
+        """A copy without raw, for the producer's ctx (raw is its output: holding
+        it there would be a reference cycle through the graph); back is shared."""
+        d = Deferred(self.bn, self.act, self.slope)
+        for k in self.__slots__[4:]:
+            setattr(d, k, getattr(self, k))
+        return d
+
+
+class _Back:
+    """What the consumer's backward leaves for the producer's: the deferred
+    BN's input-gradient coefficients (A, B, C per channel), and the gradient
+    of the producing conv's bias, when it has one."""
+
+    __slots__ = ("coef", "dcbias", "conv_bias")
+
+    def __init__(self, conv_bias):
+        self.coef, self.dcbias, self.conv_bias = None, None, conv_bias
 
 
 class ConvFn(torch.autograd.Function):
@@ -159,15 +191,15 @@ class ConvFn(torch.autograd.Function):
             if defer is not None:
                 defer.set_stats(batch_stats, *rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
                                                                  partials=partials))
-                raw = None  # the consumer keeps it
+                defer.back = _Back(layer.bias)
             else:
                 mean, rstd, batch_stats = _BN.forward(K, bn, raw4, out4, res4, act, slope, partials)
             ctx.stats = batch_stats
         keep_out = act is not None and defer is None
         ctx.save_for_backward(x, weight, out if keep_out else None, raw, mean, rstd)
-        # the Deferred holds this Function's output: keep only a marker of it
+        # the Deferred holds this Function's output: keep a copy without it
         # (the output on ctx would be a reference cycle through the graph)
-        ctx.spec, ctx.linear = (spec if defer is None else spec[:7] + (True, inp)), linear
+        ctx.spec, ctx.linear = (spec if defer is None else spec[:7] + (defer.stats_only(), inp)), linear
         return out
 
     @staticmethod
@@ -181,10 +213,12 @@ class ConvFn(torch.autograd.Function):
         dbias = dgamma = dbeta = dres = None
         need_dx = nx or nin_w or nin_b  # a deferred input's BN parameters need dx too
         need_draw = need_dx or nw
-        if defer is not None:  # dy is already the conv output's gradient (the consumer ran BN's backward)
-            if nb:
-                dbias = torch.empty_like(layer.bias)
-                _norm.channel_grad(_rt, K.channel_grad, dy4, dcbias=dbias)
+        grad_in = None  # a deferred BN's backward, applied as dgrad and wgrad load dy
+        if defer is not None:  # dy is the gradient of the deferred activation, not of this conv's output
+            if defer.back.coef is None:
+                raise RuntimeError("a deferred batch norm's backward ran before its consumer's")
+            grad_in = defer.bn_grad(rt.as4d(raw), defer.back.coef)
+            dbias = defer.back.dcbias if nb else None
             draw = dy4
         elif bn is not None:
             draw, dres, dgamma, dbeta, dbias = _BN.backward(
@@ -206,21 +240,45 @@ class ConvFn(torch.autograd.Function):
         w4 = weight.view(*weight.shape, 1, 1) if ctx.linear else weight
         groups = 1 if ctx.linear else layer.groups
         dx = dw = din_w = din_b = None
+        # x's deferred BN: its backward's sums in the dgrad's epilogue, its apply left to the producing conv
+        pass_back = inp is not None and inp.back is not None
         if need_dx:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.linear else _grad_like(x)
-            _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups)
+            got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
+                                     grad_out=inp.bn_grad(rt.as4d(x)) if pass_back else None)
+            if pass_back:
+                din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got[1])
         if nw:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
             dw4 = dw.view(*dw.shape, 1, 1) if ctx.linear else dw
             _conv.conv2d_wgrad(_rt, bw.wgrad, draw, rt.as4d(x), dw4, groups=groups,
-                               prologue=inp.prologue() if inp is not None else None)
-        if inp is not None and dx is not None:  # dx so far is the gradient of the deferred activation
+                               prologue=inp.prologue() if inp is not None else None, grad_in=grad_in)
+        if pass_back:  # dx stays the deferred activation's gradient: what the producer expects
+            dx = dx if nx else None
+            din_w, din_b = (din_w, din_b) if nin_w or nin_b else (None, None)
+        elif inp is not None and dx is not None:  # dx so far is the gradient of the deferred activation
             dx, _, din_w, din_b, _ = _BN.backward(
                 K, inp.bn, rt.as4d(dx), None, rt.as4d(x), inp.mean, inp.rstd, inp.batch_stats, inp.act, inp.slope,
-                need_dx=nx, need_res=False, need_affine=nin_w or nin_b, y_from_x=True)
+                need_dx=nx, need_res=False, need_affine=nin_w or nin_b, deferred=inp.recompute())
         if dres is not None and ctx.linear:
             dres = dres.view(dy.shape)
         return dx, dw, dbias, dgamma, dbeta, dres, din_w, din_b, None
+
+
+def _deferred_bn_sums(K, inp, x4, partials):
+    """The deferred BN's backward from its dgrad's per-tile sums: its
+    parameters' gradients, and (on inp.back) the coefficients of its input
+    gradient and the producing conv's bias gradient."""
+    bn, back = inp.bn, inp.back
+    coef = torch.empty(3 * bn.num_features, device=x4.device, dtype=inp.mean.dtype)
+    dgamma, dbeta = (torch.empty_like(bn.weight), torch.empty_like(bn.bias)) if bn.affine else (None, None)
+    cb = back.conv_bias
+    back.dcbias = torch.empty_like(cb) if cb is not None and cb.requires_grad else None
+    _norm.channel_grad(_rt, K.channel_grad, x4, mean=inp.mean, rstd=inp.rstd, weight=bn.weight if bn.affine else None,
+                       train=inp.batch_stats, partials=partials, dweight=dgamma, dbias=dbeta, dcbias=back.dcbias,
+                       coef=coef)
+    back.coef = coef
+    return dgamma, dbeta
 
 
 class BatchNormFn(torch.autograd.Function):

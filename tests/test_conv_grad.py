@@ -1,5 +1,6 @@
 """The conv backward kernels (building blocks for training): weight and input
-gradients against torch.nn.grad on random odd sizes, strides, dilations and groups."""
+gradients against torch.nn.grad on random odd sizes, strides, dilations and
+groups; and a deferred batch norm's backward riding along in them."""
 import random
 
 import pytest
@@ -7,11 +8,17 @@ import torch
 
 from netdsl import runtime as rt
 from netdsl.kernels import conv as kconv
-from netdsl.kernels import render
+from netdsl.kernels import ACTIVATION, ACTIVATION_GRAD, render
+from netdsl.kernels import norm as knorm
+
+HELPERS = ((ACTIVATION, "activation"), (ACTIVATION_GRAD, "activation_grad"), (kconv.BN_ACT_PROLOGUE, "bn_act_prologue"),
+           (kconv.BN_ACT_GRAD, "bn_act_grad"), (kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue"),
+           (knorm.CHANNEL_GRAD, "channel_grad"))
 
 
 def _kernels(tmp_path, consts):
     src = ("import triton\nimport triton.language as tl\n\n"
+           + "".join(render(t, n, "helper") + "\n\n" for t, n in HELPERS)
            + render(kconv.CONV2D_WGRAD, "wgrad", "test", **consts) + "\n\n"
            + render(kconv.CONV_TRANSPOSE2D, "dgrad", "test", **consts))
     path = tmp_path / f"k{abs(hash(tuple(sorted(consts.items()))))}.py"
@@ -19,6 +26,7 @@ def _kernels(tmp_path, consts):
     from netdsl.cache import import_file
 
     mod = import_file(path)
+    _kernels.channel_grad = mod.channel_grad
     return mod.wgrad, mod.dgrad
 
 
@@ -60,3 +68,50 @@ def test_backward_kernels_compile_for_sm90_and_sm80(tmp_path):
         for arch in (90, 80):
             info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
             assert info["spill_stores"] == 0, (kernel.fn.__name__, arch, info)
+
+
+@pytest.mark.parametrize("act,train,stride", [("relu", True, 1), ("sigmoid", True, 2), ("tanh", False, 1)])
+def test_deferred_batch_norm_backward_rides_in_dgrad_and_wgrad(tmp_path, act, train, stride):
+    """P: r = conv(x); a = act(BN(r)) is never stored; Q: y = conv(a).  Q's
+    dgrad gives a's gradient and, in its epilogue, the sums for BN's
+    backward; P's dgrad and wgrad apply BN's backward as they load a's
+    gradient.  Against torch autograd through the same graph."""
+    torch.manual_seed(7)
+    consts = dict(KH=3, KW=3, SH=stride, SW=stride, PH=1, PW=1, DH=1, DW=1, GROUPS=1)
+    wgrad, dgrad = _kernels(tmp_path, consts)
+    x = torch.randn(3, 5, 11, 9, dtype=torch.float64)
+    wp, wq = torch.randn(6, 5, 3, 3, dtype=torch.float64), torch.randn(7, 6, 3, 3, dtype=torch.float64)
+    gamma, beta = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    conv = dict(stride=stride, padding=1)
+    # P's output, with a mean far from zero (x̂ must be centred)
+    r = (torch.nn.functional.conv2d(x, wp, **conv) + 3.0).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rm, rv = torch.randn(6, dtype=torch.float64) + 3.0, torch.rand(6, dtype=torch.float64) + 0.5
+    g_, b_ = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    a = getattr(torch, act)(torch.nn.functional.batch_norm(r, rm.clone(), rv.clone(), g_, b_, training=train, eps=1e-5))
+    a.retain_grad()
+    y = torch.nn.functional.conv2d(a, wq, **conv)
+    dy = torch.randn_like(y).contiguous(memory_format=torch.channels_last)
+    y.backward(dy)
+    # netdsl's side: the statistics as the forward computed them
+    if train:
+        mean, var = r.detach().mean((0, 2, 3)), r.detach().var((0, 2, 3), unbiased=False)
+    else:
+        mean, var = rm, rv
+    rstd = 1 / torch.sqrt(var + 1e-5)
+    scale, shift = gamma * rstd, (beta if train else beta - mean * gamma * rstd)
+    bng = kconv.BNGrad(r.detach(), mean, rstd, scale, shift, train, act, 0.01, train)
+    da = torch.empty_like(r).contiguous(memory_format=torch.channels_last)
+    _, partials = kconv.conv2d_dgrad(rt._rt, dgrad, dy, wq, da, grad_out=bng)
+    assert torch.allclose(da, a.grad, rtol=1e-9, atol=1e-9)
+    coef, dgamma, dbeta = torch.empty(18, dtype=torch.float64), torch.empty(6, dtype=torch.float64), torch.empty(6, dtype=torch.float64)
+    knorm.channel_grad(rt._rt, _kernels.channel_grad, da, mean=mean, rstd=rstd, weight=gamma, train=train,
+                       partials=partials, dweight=dgamma, dbias=dbeta, coef=coef)
+    assert torch.allclose(dgamma, g_.grad, rtol=1e-9, atol=1e-9) and torch.allclose(dbeta, b_.grad, rtol=1e-9, atol=1e-9)
+    # P's backward: r's gradient is never formed, its dgrad and wgrad apply BN's backward to a's gradient
+    bng = bng._replace(coef=coef)
+    dx, dw = torch.empty_like(x), torch.empty_like(wp)
+    kconv.conv2d_dgrad(rt._rt, dgrad, da, wp, dx, grad_in=bng)
+    kconv.conv2d_wgrad(rt._rt, wgrad, da, x, dw, grad_in=bng)
+    expect_x = torch.nn.grad.conv2d_input(x.shape, wp, r.grad, **conv)
+    expect_w = torch.nn.grad.conv2d_weight(x, wp.shape, r.grad, **conv)
+    assert torch.allclose(dx, expect_x, rtol=1e-8, atol=1e-8) and torch.allclose(dw, expect_w, rtol=1e-8, atol=1e-8)

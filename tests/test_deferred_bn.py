@@ -35,6 +35,14 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck():
     assert sum(bool(meta.get("STATS")) for _, _, meta in launches) == 53
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 32
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 32
+    # backward: each deferred BN's sums come from its consumer's dgrad epilogue (channel_grad merges them),
+    # and its apply rides in its producer's dgrad and wgrad; the other 21 BNs keep channel_grad + apply
+    flagged = {f: [k.fn.__name__ for k, _, meta in launches if meta.get(f)] for f in ("OUT_BNG", "IN_BNG", "G_BNG")}
+    assert len(flagged["OUT_BNG"]) == len(flagged["IN_BNG"]) == len(flagged["G_BNG"]) == 32, flagged
+    assert all(n.startswith("conv_dgrad") for n in flagged["OUT_BNG"] + flagged["IN_BNG"])
+    assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])
+    assert sum(bool(meta.get("PARTIALS")) for k, _, meta in launches if k.fn.__name__ == "channel_grad") == 32
+    assert names.count("channel_grad_apply") == 21 and len(launches) == 331
 
 
 def test_no_deferral_where_the_activation_has_other_consumers(tmp_path):
@@ -114,3 +122,22 @@ def test_deferred_outputs_are_freed_without_the_garbage_collector(tmp_path):
     finally:
         Deferred.__init__ = real_init
         gc.enable()
+
+
+def test_batch_norm_not_after_a_conv_keeps_its_backward_apply(tmp_path):
+    """DenseNet's norm→relu→conv on a tensor no conv produced (here a ReLU's
+    output): the forward still defers, but no conv's dgrad can take the BN
+    backward's apply, so it runs as its own kernel (and is still right)."""
+    p = tmp_path / "b.net"
+    p.write_text("net B input(4, 8, 8) { conv(6, 3, padding=1) -> relu -> bn -> relu -> conv(5, 3, padding=1) }\n")
+    tri, ref = twins(str(p), "B")
+    train_src, _ = _autograd_source(tri)
+    assert "rt.batchnorm(" in train_src and "defer=True" in train_src
+    tri.train()
+    with rt.plan_launches() as launches:
+        y = tri(torch.randn(2, 4, 8, 8))
+        y.backward(torch.empty_like(y))
+    applies = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad_apply"]
+    assert len(applies) == 1 and applies[0]["Y_FROM_X"]
+    assert not any(meta.get(f) for _, _, meta in launches for f in ("OUT_BNG", "IN_BNG", "G_BNG", "PARTIALS"))
+    grad_compare(tri, ref, torch.randn(3, 4, 8, 8))

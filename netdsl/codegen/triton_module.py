@@ -365,6 +365,10 @@ def generate(nets: list[ir.Net], source: str) -> str:
     out += ["", render(ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)")]
     out += ["", render(kconv.BN_ACT_PROLOGUE, "bn_act_prologue",
                        "a deferred batch norm + activation, applied as a conv loads its input")]
+    out += ["", render(kconv.BN_ACT_GRAD, "bn_act_grad",
+                       "backward of a deferred batch norm + activation: g = dy·act'(y) and x̂, y recomputed")]
+    out += ["", render(kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue",
+                       "and its input gradient A·g + B + C·x̂, applied as a conv's dgrad or wgrad loads dy")]
     for name, template in GENERIC.items():
         out += ["", render(template, name, _GENERIC_DOC[name])]
     for src in kernels.source():

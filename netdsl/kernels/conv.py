@@ -12,6 +12,8 @@ Epilogue (constexpr flags): y = act(acc · scale[c] + shift[c] + residual).
 also writes its per-channel sum and squared deviations for a training-mode
 BatchNorm's statistics, so they need no separate pass over y.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -112,6 +114,66 @@ def $NAME(v, mask, c, c_mask, center_ptr, scale_ptr, shift_ptr, HAS_CENTER: tl.c
     return tl.where(mask, v, 0.0)
 '''
 
+# The backward of such a deferred batch norm + activation, on a tile of dy
+# (the activation's gradient) and x (the conv output it was applied to):
+# g = dy·act'(y), with y recomputed exactly as the consumer's prologue made
+# it, and x̂ = (x − mean)·rstd.  Channels run along AXIS (1: columns, 0: rows).
+# Out-of-range elements give zeros.
+BN_ACT_GRAD = r'''
+@triton.jit
+def $NAME(dy, x, mask, c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, CENTER: tl.constexpr, ACT: tl.constexpr,
+          slope, ACC: tl.constexpr, AXIS: tl.constexpr):
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    if AXIS == 1:
+        mean = mean[None, :]
+        rstd = rstd[None, :]
+    else:
+        mean = mean[:, None]
+        rstd = rstd[:, None]
+    x = x.to(ACC)
+    g = dy.to(ACC)
+    if ACT != 0:
+        scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        if AXIS == 1:
+            scale = scale[None, :]
+            shift = shift[None, :]
+        else:
+            scale = scale[:, None]
+            shift = shift[:, None]
+        if CENTER:
+            y = (x - mean) * scale + shift
+        else:  # eval: folded to x·scale + shift
+            y = x * scale + shift
+        g = activation_grad(g, activation(y, ACT, slope), ACT, slope)
+    return tl.where(mask, g, 0.0), tl.where(mask, (x - mean) * rstd, 0.0)
+'''
+
+# ... and the batch norm's input gradient from it, dx = A·g + B + C·x̂ (coef
+# holds A, B, C per channel; B = C = 0 with fixed statistics), for a conv's
+# dgrad or wgrad to apply as it loads dy: dx never goes through memory.
+BN_GRAD_PROLOGUE = r'''
+@triton.jit
+def $NAME(dy, x, mask, c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, coef_ptr, C, CENTER: tl.constexpr,
+          ACT: tl.constexpr, slope, TRAIN: tl.constexpr, ACC: tl.constexpr, AXIS: tl.constexpr):
+    g, xh = bn_act_grad(dy, x, mask, c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, CENTER, ACT, slope, ACC, AXIS)
+    a = tl.load(coef_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    if AXIS == 1:
+        a = a[None, :]
+    else:
+        a = a[:, None]
+    dx = a * g
+    if TRAIN:
+        b = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0).to(ACC)
+        cc = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0).to(ACC)
+        if AXIS == 1:
+            dx = dx + b[None, :] + cc[None, :] * xh
+        else:
+            dx = dx + b[:, None] + cc[:, None] * xh
+    return tl.where(mask, dx, 0.0)
+'''
+
 # Transposed conv gathers: output pixel (oh, ow) takes input (ih, iw) where
 # oh = ih·S − P + kh·D, i.e. ih = (oh + P − kh·D) / S when that divides exactly.
 CONV_TRANSPOSE2D = r'''
@@ -119,14 +181,26 @@ CONV_TRANSPOSE2D = r'''
 def $NAME(
     # pointers
     x_ptr, w_ptr, shift_ptr, y_ptr,
+    ix_ptr, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr, in_coef_ptr,
+    ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr,
     # sizes
-    N, H, W, C_in, Ho, Wo, C_out,
+    N, H, W, C_in, Ho, Wo, C_out, in_slope, out_slope,
     # strides
-    sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw, sin, sic, sih, siw, son, soc, soh, sow,
     # meta-parameters
-    ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
+    OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr,
+    IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # As a conv's dgrad, two deferred batch norms' backward can ride along.
+    # IN_BNG: x is the gradient of a deferred BN + act's output, ix the conv
+    # output it normalised; the BN's backward dx = A·g + B + C·x̂ is applied
+    # as x is loaded (bn_grad_prologue), so that gradient is never stored.
+    # OUT_BNG: y is the gradient of the activation a deferred BN + act made of
+    # ox (this conv's input): each tile also writes per channel Σ g and Σ g·x̂,
+    # g = y·act', the sums that BN's backward needs (no pass over y for them).
     $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -157,8 +231,12 @@ def $NAME(
         offs_k = c0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < cin_g
         ci = g * cin_g + offs_k
-        a = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc,
-                    mask=pix_ok[:, None] & k_mask[None, :], other=0.0)
+        a_mask = pix_ok[:, None] & k_mask[None, :]
+        a = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc, mask=a_mask, other=0.0)
+        if IN_BNG:
+            ix = tl.load(ix_ptr + (n * sin + ih * sih + iw * siw)[:, None] + ci[None, :] * sic, mask=a_mask, other=0.0)
+            a = bn_grad_prologue(a, ix, a_mask, ci, k_mask, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr,
+                                 in_coef_ptr, C_in, IN_CENTER, IN_ACT, in_slope, IN_TRAIN, ACC, 1).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ci[:, None] * swi + offs_n[None, :] * swo + kh * swh + kw * sww,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
@@ -166,8 +244,15 @@ def $NAME(
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(ACC)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_off, y, mask=mask)
+    if OUT_BNG:  # from the stored values, as the BN backward's apply will read them
+        ox = tl.load(ox_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc, mask=mask, other=0.0)
+        g, xh = bn_act_grad(y, ox, mask, co, n_mask, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr,
+                            OUT_CENTER, OUT_ACT, out_slope, pg_ptr.dtype.element_ty, 1)
+        tl.store(pg_ptr + pid_m * C_out + co, tl.sum(g, axis=0), mask=n_mask)
+        tl.store(pgx_ptr + pid_m * C_out + co, tl.sum(g * xh, axis=0), mask=n_mask)
 '''
 
 
@@ -178,12 +263,14 @@ CONV2D_WGRAD = r'''
 def $NAME(
     # pointers
     dy_ptr, x_ptr, dw_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
+    gx_ptr, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr,
     # sizes
-    N, H, W, C_in, Ho, Wo, C_out, in_slope,
+    N, H, W, C_in, Ho, Wo, C_out, in_slope, g_slope,
     # strides
-    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
+    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww, sgn, sgc, sgh, sgw,
     # meta-parameters
     ACC: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
+    G_BNG: tl.constexpr, G_CENTER: tl.constexpr, G_ACT: tl.constexpr, G_TRAIN: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -212,8 +299,12 @@ def $NAME(
         ih = oh * SH - PH + kh * DH
         iw = ow * SW - PW + kw * DW
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(dy_ptr + co[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :],
-                    mask=co_mask[:, None] & m_mask[None, :], other=0.0)
+        a_mask = co_mask[:, None] & m_mask[None, :]
+        a = tl.load(dy_ptr + co[:, None] * sdc + (n * sdn + oh * sdh + ow * sdw)[None, :], mask=a_mask, other=0.0)
+        if G_BNG:  # dy is a deferred BN + act's output gradient: its backward applied here, as in the dgrad
+            gx = tl.load(gx_ptr + co[:, None] * sgc + (n * sgn + oh * sgh + ow * sgw)[None, :], mask=a_mask, other=0.0)
+            a = bn_grad_prologue(a, gx, a_mask, co, co_mask, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr,
+                                 g_coef_ptr, C_out, G_CENTER, G_ACT, g_slope, G_TRAIN, ACC, 0).to(dy_ptr.dtype.element_ty)
         b_mask = pix_ok[:, None] & ci_mask[None, :]
         b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc, mask=b_mask, other=0.0)
         if IN_BN:
@@ -294,9 +385,38 @@ def _prologue_args(prologue, dummy):
         dict(IN_BN=True, IN_CENTER=center is not None, IN_ACT=ACT_CODES[act])
 
 
-def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None):
+class BNGrad(NamedTuple):
+    """A deferred batch norm + activation, for the backward kernels that
+    handle it: x is the conv output it normalised, y = act((x − mean)·scale +
+    shift) (x·scale + shift when not center) is how the forward applied it,
+    rstd its x̂ = (x − mean)·rstd; coef (A, B, C per channel) gives its input
+    gradient A·g + B + C·x̂ (train: batch statistics, else B = C = 0)."""
+    x: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    center: bool
+    act: object
+    slope: float
+    train: bool
+    coef: object = None
+
+
+def _bng_args(bng, dummy):
+    """(x, mean, rstd, scale, shift, coef pointers), slope, x's strides, (BNG, CENTER, ACT, TRAIN) of a BNGrad."""
+    if bng is None:
+        return (dummy,) * 6, 0.0, (0, 0, 0, 0), (False, False, 0, False)
+    coef = bng.coef if bng.coef is not None else bng.mean
+    return ((bng.x, bng.mean, bng.rstd, bng.scale, bng.shift, coef), float(bng.slope), bng.x.stride(),
+            (True, bng.center, ACT_CODES[bng.act], bng.train))
+
+
+def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None):
     """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy
-    and its input x (with prologue: as conv2d's, x before its deferred BN + act)."""
+    and its input x (with prologue: as conv2d's, x before its deferred BN + act).
+    grad_in (a BNGrad with coef): dy is the gradient of a deferred BN + act
+    applied to this conv's output; its backward is applied as dy is loaded."""
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     KH, KW = dw.shape[2], dw.shape[3]
@@ -312,27 +432,47 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None):
     # differently under Triton 3.6 and 3.9; with the cap lifted (maxnreg 255),
     # none spills under either (sm_90 and sm_80).  Autotuning will pick per shape.
     pptrs, pslope, pmeta = _prologue_args(prologue, dw)
-    rt.launch(kernel, grid, dy, x, dw, *pptrs, N, H, W, C_in, Ho, Wo, C_out, pslope,
-              *dy.stride(), *x.stride(), *dw.stride(), **pmeta,
+    gptrs, gslope, gstrides, gflags = _bng_args(grad_in, dw)
+    rt.launch(kernel, grid, dy, x, dw, *pptrs, *gptrs, N, H, W, C_in, Ho, Wo, C_out, pslope, gslope,
+              *dy.stride(), *x.stride(), *dw.stride(), *gstrides, **pmeta,
+              **dict(zip(("G_BNG", "G_CENTER", "G_ACT", "G_TRAIN"), gflags)),
               IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
               **({"num_warps": 8, "num_stages": 2, "maxnreg": 255} if rt.gpu_tiles(x) else {}))
     return dw
 
 
-def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1):
+def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None):
     """dx = the input gradient of CONV2D: a transposed conv of dy with the same
-    weight and geometry (CONV_TRANSPOSE2D instantiated with the conv's consts)."""
-    return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups)
+    weight and geometry (CONV_TRANSPOSE2D instantiated with the conv's consts).
+    grad_in: as conv2d_wgrad's.  grad_out (a BNGrad): dx is the gradient of
+    the deferred BN + act applied to this conv's input; returns (dx,
+    (Σ g, Σ g·x̂ per tile and channel, tile)) for norm.channel_grad."""
+    return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups, grad_in=grad_in, grad_out=grad_out)
 
 
-def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1):
+def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None):
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
     BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, rt.gpu_tiles(x))
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
-    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, out,
-              N, H, W, C_in, Ho, Wo, C_out, *x.stride(), *weight.stride(), *out.stride(),
-              HAS_SHIFT=bias is not None, IDX64=rt.needs_int64(x, weight, out), PRECISION=rt.precision(x), ACC=rt.acc(x),
-              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
-    return out
+    iptrs, islope, istrides, iflags = _bng_args(grad_in, out)
+    optrs, oslope, ostrides, oflags = _bng_args(grad_out, out)
+    pg = pgx = out
+    if grad_out is not None:
+        from .norm import reduce_acc
+        import triton.language as tl
+
+        ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
+        pg, pgx = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
+    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, out, *iptrs, *optrs[:5], pg, pgx,
+              N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
+              *x.stride(), *weight.stride(), *out.stride(), *istrides, *ostrides,
+              HAS_SHIFT=bias is not None, **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
+              **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])),
+              IDX64=rt.needs_int64(x, weight, out, *(b.x for b in (grad_in, grad_out) if b is not None)),
+              PRECISION=rt.precision(x), ACC=rt.acc(x),
+              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
+              # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's
+              **({"maxnreg": 255} if rt.gpu_tiles(x) and (grad_in or grad_out) else {}))
+    return (out, (pg, pgx, BM)) if grad_out is not None else out

@@ -246,80 +246,88 @@ def $NAME(
 # (NORM false) and of a bias alone: one pass over the channels' pixels for the
 # per-channel sums, then CHANNEL_GRAD_APPLY for dx.  g = dy·act'(y) comes from
 # the saved output, x̂ = (x − mean)·rstd is recomputed from the saved input.
+# PARTIALS: the sums come per tile from a conv's dgrad epilogue instead.
 CHANNEL_GRAD = r'''
 @triton.jit
 def $NAME(
     # pointers
-    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, beta_ptr, g_ptr, dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr,
+    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, scale_ptr, shift_ptr, g_ptr, pg_ptr, pgx_ptr,
+    dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr,
     # sizes
-    N, C, H, W, slope,
+    N, C, H, W, T, slope,
     # strides
     sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
     # meta-parameters
     ACC: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, TRAIN: tl.constexpr, AFFINE: tl.constexpr,
-    Y_FROM_X: tl.constexpr, STORE_G: tl.constexpr, CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    Y_FROM_X: tl.constexpr, CENTER: tl.constexpr, STORE_G: tl.constexpr, PARTIALS: tl.constexpr,
+    CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Y_FROM_X: the output y = act(x̂·γ + β) was never stored (its BN and
-    # activation were deferred into the consumer's loads): recompute it
+    # Y_FROM_X: the output y was never stored (its BN and activation were
+    # deferred into the consumer's loads): recompute it as that prologue did,
+    # y = act((x − mean)·scale + shift) (x·scale + shift when not CENTER)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     M = N * H * W
     if NORM:
         mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
-    if Y_FROM_X:
-        gamma = tl.full((BLOCK_C,), 1.0, ACC)
-        beta = tl.zeros((BLOCK_C,), dtype=ACC)
-        if AFFINE:
-            gamma = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)
-            beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
     sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     sum_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     sum_x = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = (offs_m < M)[:, None] & c_mask[None, :]
-        n = offs_m // (H * W)
-        h = (offs_m // W) % H
-        w = offs_m % W
-        g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
-        if NORM:
-            x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-            xh = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-        if ACT != 0:
-            if Y_FROM_X:
-                y = activation(xh * gamma[None, :] + beta[None, :], ACT, slope)
-            else:
-                y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
-            g = activation_grad(g, y, ACT, slope)
-        if STORE_G:
-            tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc,
-                     g.to(g_ptr.dtype.element_ty), mask=mask)
-        sum_g += g
-        if NORM:
-            sum_gx += g * xh
-            sum_x += xh
+    if PARTIALS:
+        for t0 in range(0, T, BLOCK_M):
+            offs_t = t0 + tl.arange(0, BLOCK_M)
+            mask = (offs_t < T)[:, None] & c_mask[None, :]
+            sum_g += tl.load(pg_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+            sum_gx += tl.load(pgx_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = (offs_m < M)[:, None] & c_mask[None, :]
+            n = offs_m // (H * W)
+            h = (offs_m // W) % H
+            w = offs_m % W
+            g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0)
+            g = g.to(ACC)
+            if NORM:
+                x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
+                if Y_FROM_X:
+                    g, xh = bn_act_grad(g, x, mask, offs_c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, CENTER,
+                                        ACT, slope, ACC, 1)
+                else:
+                    xh = tl.where(mask, (x.to(ACC) - mean[None, :]) * rstd[None, :], 0.0)
+            if not Y_FROM_X:
+                if ACT != 0:
+                    y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask,
+                                other=0.0)
+                    g = activation_grad(g, y.to(ACC), ACT, slope)
+            if STORE_G:
+                tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc,
+                         g.to(g_ptr.dtype.element_ty), mask=mask)
+            sum_g += g
+            if NORM:
+                sum_gx += g * xh
+                sum_x += xh
     sg = tl.sum(sum_g, axis=0)
     if NORM:
         sgx = tl.sum(sum_gx, axis=0)
-        sx = tl.sum(sum_x, axis=0)
+        sx = tl.sum(sum_x, axis=0)  # (Σ x̂ = 0 with batch statistics: the partials leave it out)
         a = rstd
         if AFFINE:
             a = a * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)
             tl.store(dweight_ptr + offs_c, sgx.to(dweight_ptr.dtype.element_ty), mask=c_mask)
             tl.store(dbias_ptr + offs_c, sg.to(dbias_ptr.dtype.element_ty), mask=c_mask)
-        # dx = a·(g − b − x̂·c): b, c are zero in eval mode (fixed statistics)
+        # dx = a·(g − Σg/M − x̂·Σgx̂/M) = A·g + B + C·x̂; with fixed statistics dx = a·g
+        b = tl.zeros((BLOCK_C,), dtype=ACC)
+        cc = tl.zeros((BLOCK_C,), dtype=ACC)
         if TRAIN:
-            b = sg / M
-            cc = sgx / M
-        else:
-            b = tl.zeros((BLOCK_C,), dtype=ACC)
-            cc = tl.zeros((BLOCK_C,), dtype=ACC)
+            b = -a * sg / M
+            cc = -a * sgx / M
         tl.store(coef_ptr + offs_c, a.to(coef_ptr.dtype.element_ty), mask=c_mask)
         tl.store(coef_ptr + C + offs_c, b.to(coef_ptr.dtype.element_ty), mask=c_mask)
         tl.store(coef_ptr + 2 * C + offs_c, cc.to(coef_ptr.dtype.element_ty), mask=c_mask)
         if CONV_BIAS:  # Σ dx: a conv bias feeding the batch norm
-            tl.store(dcbias_ptr + offs_c, (a * (sg - M * b - sx * cc)).to(dcbias_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(dcbias_ptr + offs_c, (a * sg + M * b + cc * sx).to(dcbias_ptr.dtype.element_ty), mask=c_mask)
     elif CONV_BIAS:
         tl.store(dcbias_ptr + offs_c, sg.to(dcbias_ptr.dtype.element_ty), mask=c_mask)
 '''
@@ -328,13 +336,13 @@ CHANNEL_GRAD_APPLY = r'''
 @triton.jit
 def $NAME(
     # pointers
-    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, beta_ptr, coef_ptr, dx_ptr, g_ptr,
+    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, coef_ptr, dx_ptr, g_ptr,
     # sizes
     N, C, H, W, slope,
     # strides
     sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, son, soc, soh, sow, sgn, sgc, sgh, sgw,
     # meta-parameters
-    ACC: tl.constexpr, ACT: tl.constexpr, TRAIN: tl.constexpr, Y_FROM_X: tl.constexpr, AFFINE: tl.constexpr,
+    ACC: tl.constexpr, ACT: tl.constexpr, TRAIN: tl.constexpr, Y_FROM_X: tl.constexpr, CENTER: tl.constexpr,
     STORE_G: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -346,31 +354,26 @@ def $NAME(
     n = offs_m // (H * W)
     h = (offs_m // W) % H
     w = offs_m % W
-    g = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0).to(ACC)
-    if ACT != 0:
-        if Y_FROM_X:  # as in CHANNEL_GRAD: y = act(x̂·γ + β) recomputed
-            x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-            y = (x - tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]) \
+    dy = tl.load(dy_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask, other=0.0)
+    if Y_FROM_X:  # as in CHANNEL_GRAD; this is the prologue a conv's dgrad applies when it can
+        x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
+        dx = bn_grad_prologue(dy, x, mask, offs_c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, coef_ptr, C,
+                              CENTER, ACT, slope, TRAIN, ACC, 1)
+    else:
+        g = dy.to(ACC)
+        if ACT != 0:
+            y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0)
+            g = activation_grad(g, y.to(ACC), ACT, slope)
+        if STORE_G:  # the residual branch's gradient
+            tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc,
+                     g.to(g_ptr.dtype.element_ty), mask=mask)
+        dx = tl.load(coef_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :] * g
+        if TRAIN:
+            x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
+            xh = (x.to(ACC) - tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]) \
                 * tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
-            if AFFINE:
-                y = y * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)[None, :] \
-                    + tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
-            y = activation(y, ACT, slope)
-        else:
-            y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, mask=mask, other=0.0).to(ACC)
-        g = activation_grad(g, y, ACT, slope)
-    if STORE_G:  # the residual branch's gradient
-        tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc, g.to(g_ptr.dtype.element_ty), mask=mask)
-    a = tl.load(coef_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
-    dx = g
-    if TRAIN:
-        x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
-        rstd = tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
-        b = tl.load(coef_ptr + C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
-        cc = tl.load(coef_ptr + 2 * C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
-        dx = dx - b - (x - mean) * rstd * cc
-    dx = dx * a
+            dx = dx + tl.load(coef_ptr + C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :] \
+                + tl.load(coef_ptr + 2 * C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :] * xh
     tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 '''
 
@@ -491,34 +494,45 @@ def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None,
 
 
 def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None, weight=None,
-                 beta=None, y_from_x=False, train=False, g4=None, dweight=None, dbias=None, dcbias=None, coef=None):
+                 deferred=None, train=False, g4=None, partials=None, dweight=None, dbias=None, dcbias=None, coef=None):
     """Per-channel sums of g = dy·act'(y) (and of g·x̂, x̂ with BN): the BN
-    parameter gradients, a conv bias's gradient, and coef for CHANNEL_GRAD_APPLY.
-    With g4, g is also written out; with y_from_x, y = act(x̂·weight + beta)
-    is recomputed instead of read."""
+    parameter gradients, a conv bias's gradient, and coef (A, B, C: dx =
+    A·g + B + C·x̂) for CHANNEL_GRAD_APPLY or a conv's bn_grad_prologue.
+    With g4, g is also written out.  deferred = (scale, shift, centered): y
+    was never stored, it is recomputed as act((x − mean)·scale + shift)
+    (not centered: x·scale + shift).  partials = (Σg, Σg·x̂ per tile, tile), from a
+    dgrad's epilogue: dy4 is then not read (only its shape counts)."""
     N, C, H, W = dy4.shape
     bm, bc = _reduce_tiles(rt, dy4)
     norm = mean is not None
-    y4 = y4 if y4 is not None else dy4
-    x4 = x4 if x4 is not None else dy4
-    g = g4 if g4 is not None else dy4
-    anyc = coef if coef is not None else (dcbias if dcbias is not None else dy4)
+    anyc = coef if coef is not None else (dcbias if dcbias is not None else mean)
+    scale, shift, centered = deferred if deferred is not None else (anyc, anyc, False)
+    if partials is not None:  # nothing per pixel is read: the partials stand in for those operands
+        pg, pgx, _ = partials
+        bm = min(bm, triton.next_power_of_2(pg.shape[0]))
+        tensors, strides = (pg,) * 4, (0,) * 16
+    else:
+        pg = pgx = anyc
+        tensors = tuple(t if t is not None else dy4 for t in (dy4, y4, x4, g4))
+        strides = tuple(v for t in tensors for v in t.stride())
     import triton.language as tl
 
-    acc = rt.acc(dy4) if rt.gpu_tiles(dy4) else tl.float64  # as bn_stats: double sums on the CPU, as torch
-    rt.launch(kernel, (triton.cdiv(C, bc),), dy4, y4, x4,
+    acc = rt.acc(pg) if rt.gpu_tiles(pg) else tl.float64  # as bn_stats: double sums on the CPU, as torch
+    rt.launch(kernel, (triton.cdiv(C, bc),), *tensors[:3],
               mean if norm else anyc, rstd if norm else anyc, weight if weight is not None else anyc,
-              beta if beta is not None else anyc, g,
+              scale, shift, tensors[3], pg, pgx,
               dweight if dweight is not None else anyc, dbias if dbias is not None else anyc,
               dcbias if dcbias is not None else anyc, coef if coef is not None else anyc,
-              N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *g.stride(),
+              N, C, H, W, pg.shape[0] if partials is not None else 1, float(slope), *strides,
               ACC=acc, ACT=ACT_CODES[act], NORM=norm, TRAIN=train, AFFINE=weight is not None,
-              Y_FROM_X=y_from_x, STORE_G=g4 is not None, CONV_BIAS=dcbias is not None, BLOCK_M=bm, BLOCK_C=bc)
+              Y_FROM_X=deferred is not None, CENTER=centered, STORE_G=g4 is not None, PARTIALS=partials is not None,
+              CONV_BIAS=dcbias is not None, BLOCK_M=bm, BLOCK_C=bc)
 
 
 def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None,
-                       weight=None, beta=None, y_from_x=False, train=False, g4=None):
-    """dx = coef_a·(g − coef_b − x̂·coef_c), g = dy·act'(y); with g4 also g (a residual's gradient)."""
+                       deferred=None, train=False, g4=None):
+    """dx = A·g + B + C·x̂ (coef from channel_grad), g = dy·act'(y); with g4
+    also g (a residual's gradient); deferred as channel_grad's."""
     N, C, H, W = dy4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(dy4))
     if rt.gpu_tiles(dy4):
@@ -526,13 +540,12 @@ def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0
     y4 = y4 if y4 is not None else dy4
     x4 = x4 if x4 is not None else dy4
     g = g4 if g4 is not None else dx4
+    scale, shift, centered = deferred if deferred is not None else (coef, coef, False)
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), dy4, y4, x4,
-              mean if mean is not None else coef, rstd if rstd is not None else coef,
-              weight if weight is not None else coef, beta if beta is not None else coef, coef, dx4, g,
+              mean if mean is not None else coef, rstd if rstd is not None else coef, scale, shift, coef, dx4, g,
               N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *dx4.stride(), *g.stride(),
-              ACC=rt.acc(dy4), ACT=ACT_CODES[act], TRAIN=train, Y_FROM_X=y_from_x, AFFINE=weight is not None,
-              STORE_G=g4 is not None,
-              IDX64=rt.needs_int64(dy4, y4, x4, dx4, g), BLOCK_M=bm, BLOCK_C=bc)
+              ACC=rt.acc(dy4), ACT=ACT_CODES[act], TRAIN=train, Y_FROM_X=deferred is not None,
+              CENTER=centered, STORE_G=g4 is not None, IDX64=rt.needs_int64(dy4, y4, x4, dx4, g), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def lrn(rt, kernel, x4, out4, alpha, beta, k):
