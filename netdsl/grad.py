@@ -200,6 +200,7 @@ class ConvFn(torch.autograd.Function):
         # the Deferred holds this Function's output: keep a copy without it
         # (the output on ctx would be a reference cycle through the graph)
         ctx.spec, ctx.linear = (spec if defer is None else spec[:7] + (defer.stats_only(), inp)), linear
+        ctx.forks = (_fork_of(x), _fork_of(residual))
         return out
 
     @staticmethod
@@ -242,10 +243,15 @@ class ConvFn(torch.autograd.Function):
         dx = dw = din_w = din_b = None
         # x's deferred BN: its backward's sums in the dgrad's epilogue, its apply left to the producing conv
         pass_back = inp is not None and inp.back is not None
+        xfork, rfork = ctx.forks
         if need_dx:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.linear else _grad_like(x)
+            # a sibling consumer's gradient of x, summed into dx by the dgrad's epilogue
+            sibling = xfork.take() if xfork is not None and nx and not ctx.linear else None
             got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
-                                     grad_out=inp.bn_grad(rt.as4d(x)) if pass_back else None)
+                                     grad_out=inp.bn_grad(rt.as4d(x)) if pass_back else None, residual=sibling)
+            if xfork is not None and nx:
+                xfork.offer(dx)
             if pass_back:
                 din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got[1])
         if nw:
@@ -262,6 +268,8 @@ class ConvFn(torch.autograd.Function):
                 need_dx=nx, need_res=False, need_affine=nin_w or nin_b, deferred=inp.recompute())
         if dres is not None and ctx.linear:
             dres = dres.view(dy.shape)
+        if dres is not None and rfork is not None:
+            rfork.offer(dres)
         return dx, dw, dbias, dgamma, dbeta, dres, din_w, din_b, None
 
 
@@ -422,21 +430,75 @@ class FlattenFn(torch.autograd.Function):
         return dx, None
 
 
+class _ForkPass:
+    """What a fork's consumers have done in the current backward pass."""
+
+    __slots__ = ("task", "offered", "absorbed")
+
+    def __init__(self):
+        self.task, self.offered, self.absorbed = None, {}, set()
+
+    def current(self):
+        # gradients from an earlier pass (one that never reached the fork) must not be taken
+        task = torch._C._current_graph_task_id()
+        if self.task != task:
+            self.task, self.offered, self.absorbed = task, {}, set()
+        return self
+
+
+class _ForkGrads:
+    """One alias of a fork.  Its consumer offers the gradient it computed; a
+    consumer whose kernel can add a tensor in its epilogue (a conv's dgrad)
+    takes a sibling's offered gradient and returns the sum, so ForkFn need
+    not add them: one launch and one pass over the gradient fewer."""
+
+    __slots__ = ("index", "state")
+
+    def __init__(self, index, state):
+        self.index, self.state = index, state
+
+    def offer(self, g):
+        """This alias's gradient (only read from now on)."""
+        self.state.current().offered[self.index] = g
+
+    def take(self):
+        """A sibling's offered gradient to add into this alias's, or None; the
+        sibling's is then absorbed (ForkFn does not add it again)."""
+        st = self.state.current()
+        for i, g in st.offered.items():
+            if i != self.index and i not in st.absorbed:
+                st.absorbed.add(i)
+                return g
+        return None
+
+
+def _fork_of(t):
+    return getattr(t, "_netdsl_fork", None)
+
+
 class ForkFn(torch.autograd.Function):
     """One tensor for several consumers (a residual block's input, inception
     branches, dense-block features): backward sums their gradients with the
-    add kernel, so autograd's engine never sums gradients with torch ops."""
+    add kernel, so autograd's engine never sums gradients with torch ops.
+    Each alias carries a _ForkGrads: a consumer conv adds a sibling's
+    gradient in its dgrad epilogue, and that sibling's is not summed again."""
 
     @staticmethod
     def forward(ctx, x, K, n):
         ctx.set_materialize_grads(False)  # an unused alias gives None, not a zero-filled tensor
         ctx.K = K
-        return tuple(x.view_as(x) for _ in range(n))
+        ctx.state = _ForkPass()
+        outs = tuple(x.view_as(x) for _ in range(n))
+        for i, o in enumerate(outs):
+            o._netdsl_fork = _ForkGrads(i, ctx.state)
+        return outs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        live = [g for g in grads if g is not None]
+        absorbed = ctx.state.current().absorbed
+        ctx.state.__init__()  # drop the offered gradients; a second pass (retain_graph) starts afresh
+        live = [g for i, g in enumerate(grads) if g is not None and i not in absorbed]
         if not live:
             return None, None, None
         total = live[0]

@@ -42,7 +42,7 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck():
     assert all(n.startswith("conv_dgrad") for n in flagged["OUT_BNG"] + flagged["IN_BNG"])
     assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])
     assert sum(bool(meta.get("PARTIALS")) for k, _, meta in launches if k.fn.__name__ == "channel_grad") == 32
-    assert names.count("channel_grad_apply") == 21 and len(launches) == 331
+    assert names.count("channel_grad_apply") == 21
 
 
 def test_no_deferral_where_the_activation_has_other_consumers(tmp_path):

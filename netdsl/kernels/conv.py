@@ -180,15 +180,16 @@ CONV_TRANSPOSE2D = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, w_ptr, shift_ptr, y_ptr,
+    x_ptr, w_ptr, shift_ptr, res_ptr, y_ptr,
     ix_ptr, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr, in_coef_ptr,
     ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr,
     # sizes
     N, H, W, C_in, Ho, Wo, C_out, in_slope, out_slope,
     # strides
-    sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw, sin, sic, sih, siw, son, soc, soh, sow,
+    sxn, sxc, sxh, sxw, swi, swo, swh, sww, srn, src, srh, srw, syn, syc, syh, syw, sin, sic, sih, siw,
+    son, soc, soh, sow,
     # meta-parameters
-    ACC: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
     OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
@@ -201,6 +202,8 @@ def $NAME(
     # OUT_BNG: y is the gradient of the activation a deferred BN + act made of
     # ox (this conv's input): each tile also writes per channel Σ g and Σ g·x̂,
     # g = y·act', the sums that BN's backward needs (no pass over y for them).
+    # HAS_RES: res is another consumer's gradient of this dgrad's (forked)
+    # input, added here instead of by a separate sum.
     $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -244,6 +247,9 @@ def $NAME(
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(ACC)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
+        acc = acc + r.to(ACC)
     y = acc.to(y_ptr.dtype.element_ty)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(y_ptr + y_off, y, mask=mask)
@@ -441,16 +447,18 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None):
     return dw
 
 
-def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None):
+def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None, residual=None):
     """dx = the input gradient of CONV2D: a transposed conv of dy with the same
     weight and geometry (CONV_TRANSPOSE2D instantiated with the conv's consts).
     grad_in: as conv2d_wgrad's.  grad_out (a BNGrad): dx is the gradient of
     the deferred BN + act applied to this conv's input; returns (dx,
-    (Σ g, Σ g·x̂ per tile and channel, tile)) for norm.channel_grad."""
-    return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups, grad_in=grad_in, grad_out=grad_out)
+    (Σ g, Σ g·x̂ per tile and channel, tile)) for norm.channel_grad.  residual:
+    a gradient of the same input from another of its consumers, added in."""
+    return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups, grad_in=grad_in, grad_out=grad_out,
+                            residual=residual)
 
 
-def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None):
+def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None):
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
@@ -465,14 +473,15 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
 
         ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
         pg, pgx = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
-    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, out, *iptrs, *optrs[:5], pg, pgx,
+    r = residual if residual is not None else out
+    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx,
               N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
-              *x.stride(), *weight.stride(), *out.stride(), *istrides, *ostrides,
-              HAS_SHIFT=bias is not None, **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
+              *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides,
+              HAS_SHIFT=bias is not None, HAS_RES=residual is not None, **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
               **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])),
-              IDX64=rt.needs_int64(x, weight, out, *(b.x for b in (grad_in, grad_out) if b is not None)),
+              IDX64=rt.needs_int64(x, weight, out, r, *(b.x for b in (grad_in, grad_out) if b is not None)),
               PRECISION=rt.precision(x), ACC=rt.acc(x),
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
               # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's
-              **({"maxnreg": 255} if rt.gpu_tiles(x) and (grad_in or grad_out) else {}))
+              **({"maxnreg": 255} if rt.gpu_tiles(x) and (grad_in is not None or grad_out is not None) else {}))
     return (out, (pg, pgx, BM)) if grad_out is not None else out

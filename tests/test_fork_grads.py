@@ -1,0 +1,87 @@
+"""A forked tensor's gradient (a residual block's input, inception branches):
+a consumer conv adds a sibling consumer's gradient in its dgrad epilogue,
+so ForkFn launches no sum.  Structure (ResNet-50's planned step), a no-change
+case (a consumer that cannot add: max pooling), and numbers against torch,
+including a partial backward whose offered gradients must not leak into the
+next pass."""
+import torch
+
+import netdsl
+from netdsl import runtime as rt
+from twin import grad_compare, twins
+
+BLOCK = ("net R input(4, 8, 8) {{\n"
+         "  conv(8, 3, padding=1) -> bn -> relu\n"
+         "  residual {{ conv(8, 3, padding=1) -> bn -> relu -> conv(8, 3, padding=1) -> bn }} -> relu\n"
+         "  residual {{ conv(8, 3, padding=1) -> bn -> relu -> conv(8, 3, padding=1) -> bn }} -> relu\n"
+         "  {tail}\n"
+         "}}\n")
+
+
+def _planned_step(m, x):
+    m.train()
+    with rt.plan_launches() as launches:
+        y = m(x)
+        n = len(launches)
+        y.backward(torch.empty_like(y))
+    return launches[:n], launches[n:]
+
+
+def test_resnet50_step_sums_no_forked_gradients_apart():
+    m = netdsl.build("specs/resnet.net", "ResNet50")
+    _, backward = _planned_step(m, torch.randn(2, 3, 64, 64))
+    adds = [meta for k, _, meta in backward if k.fn.__name__ == "elementwise" and meta["OP"] == 1]
+    summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
+    # 16 bottlenecks: the block input's two gradients meet in the dgrad of conv1 or of the downsample conv
+    assert adds == [] and len(summed) == 16 and all(n.startswith("conv_dgrad") for n in summed), summed
+    assert len(backward) == 185
+
+
+def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
+    p = tmp_path / "g.net"
+    p.write_text("net G input(4, 8, 8) {\n"
+                 "  conv(6, 1) -> relu\n"
+                 "  concat { conv(4, 1) -> relu ; maxpool(3, stride=1, padding=1) }\n"
+                 "}\n")
+    tri, ref = twins(str(p), "G")
+    _, backward = _planned_step(tri, torch.randn(2, 4, 8, 8))
+    adds = [meta for k, _, meta in backward if k.fn.__name__ == "elementwise" and meta["OP"] == 1]
+    assert len(adds) == 1 and not any(meta.get("HAS_RES") for _, _, meta in backward)
+    grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
+
+
+def test_forked_gradients_match_torch(tmp_path):
+    p = tmp_path / "r.net"
+    p.write_text(BLOCK.format(tail="conv(3, 1)"))
+    tri, ref = twins(str(p), "R")
+    _, backward = _planned_step(tri, torch.randn(2, 4, 8, 8))
+    assert sum(bool(meta.get("HAS_RES")) for _, _, meta in backward) == 2
+    grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
+
+
+def test_a_partial_backward_does_not_leak_into_the_next(tmp_path):
+    """autograd.grad for the first conv's weight of a residual block runs the
+    residual add's backward (which offers its gradient to the fork) and that
+    conv's (which takes it), but never the fork's; the next full backward
+    must start afresh, not see the shortcut's gradient as taken already."""
+    p = tmp_path / "r.net"
+    p.write_text(BLOCK.format(tail="conv(3, 1)"))
+    tri, ref = twins(str(p), "R")
+    x = torch.randn(3, 4, 8, 8)
+    grads = {}
+    for name, m in (("tri", tri), ("ref", ref)):
+        m.train()
+        m.load_state_dict(ref.state_dict())
+        out = m(x)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        loss = (out * w).sum()
+        branch = dict(m.named_parameters())["3.weight"]  # the first block's first conv (layers are numbered)
+        partial, = torch.autograd.grad(loss, [branch], retain_graph=True)
+        m.zero_grad()
+        loss.backward()
+        grads[name] = (partial, {n: q.grad.clone() for n, q in m.named_parameters()})
+    assert torch.allclose(grads["tri"][0], grads["ref"][0], rtol=1e-3, atol=1e-4)
+    # (a conv bias before a train-mode BN has a gradient of zero in theory: noise, judged against the largest)
+    floor = 1e-5 * max(g.abs().max().item() for g in grads["ref"][1].values())
+    for n, g in grads["ref"][1].items():
+        assert torch.allclose(grads["tri"][1][n], g, rtol=1e-3, atol=floor), n
