@@ -1,7 +1,7 @@
 """Fusion figures: kernel launches and device-memory bytes per forward pass,
 netdsl's plan against eager PyTorch running the --target torch twin.
 
-    python bench/fusion.py [--batch B]
+    python bench/fusion.py [--batch B] [--breakdown NET]
 
 netdsl's launches are counted by planning one forward (no kernel runs; the
 tile sizes are a GPU's).  Eval figures are the steady state: batch-norm folds
@@ -97,6 +97,23 @@ def netdsl_step(model, x):
     return len(plan), engine.ops, total + engine.bytes
 
 
+def step_breakdown(model, x):
+    """A training step's launches and bytes by kernel (the name before "__"), forward and backward apart."""
+    seed = torch.ones(x.shape[0], 1000)
+    model.train()
+    with rt.plan_launches() as plan:
+        y = model(x)
+        n_forward = len(plan)
+        y.backward(seed)
+    model.zero_grad(set_to_none=True)
+    rows = {}
+    for i, (kernel, args, _) in enumerate(plan):
+        key = ("forward" if i < n_forward else "backward", kernel.fn.__name__.split("__")[0])
+        count, total = rows.get(key, (0, 0))
+        rows[key] = (count + 1, total + sum(nbytes(t) for t in distinct_tensors(args)))
+    return sorted(rows.items(), key=lambda kv: (kv[0][0] != "forward", -kv[1][1]))
+
+
 def eager_step(model, x):
     seed = torch.ones(x.shape[0], 1000)
     with Count() as c:
@@ -107,7 +124,16 @@ def eager_step(model, x):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--breakdown", metavar="NET", help="one network's training step by kernel (e.g. ResNet50)")
     args = ap.parse_args()
+    if args.breakdown:
+        file = next(f for f, n in NETS if n == args.breakdown)
+        rows = step_breakdown(netdsl.build(str(ROOT / "specs" / file), args.breakdown),
+                              torch.randn(args.batch, 3, 224, 224))
+        print(f"{args.breakdown} training step, batch {args.batch}, fp32: launches and MB by kernel")
+        for (phase, name), (count, total) in rows:
+            print(f"{phase:9} {name:28} {count:5d} {total / 1e6:10.1f}")
+        return
     print(f"batch {args.batch}, fp32, 3×224×224 inputs; forward passes, and training steps (forward + backward)")
     print(f"{'network':12} {'mode':5} {'netdsl launches':>15} {'eager ops':>9} {'ratio':>6} "
           f"{'netdsl MB':>10} {'eager MB':>10} {'ratio':>6}")

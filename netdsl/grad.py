@@ -64,8 +64,9 @@ class _BN:
 
     @staticmethod
     def backward(K, bn, dy4, out4, raw4, mean, rstd, batch_stats, act, slope, *, need_dx, need_res,
-                 need_affine, conv_bias=None, deferred=None):
+                 need_affine, conv_bias=None, deferred=None, sibling=None):
         """(draw, dresidual, dgamma, dbeta, dconv_bias), None where not needed.
+        sibling: raw's gradient from its other consumers, added into draw.
         deferred = (scale, shift, centered): the output was never stored
         (deferred BN), act' comes from y recomputed from raw4 as the
         consumer's prologue made it."""
@@ -85,7 +86,8 @@ class _BN:
             draw = _grad_like(raw4)
             g = _grad_like(raw4) if need_res else None
             _norm.channel_grad_apply(_rt, K.channel_grad_apply, dy4, coef, draw, y4=y4, act=act, slope=slope,
-                                     x4=raw4, mean=mean, rstd=rstd, deferred=deferred, train=batch_stats, g4=g)
+                                     x4=raw4, mean=mean, rstd=rstd, deferred=deferred, train=batch_stats, g4=g,
+                                     residual4=sibling if need_dx else None)
         if not need_affine:
             dgamma = dbeta = None
         return draw, g, dgamma, dbeta, dcb
@@ -201,6 +203,7 @@ class ConvFn(torch.autograd.Function):
         # (the output on ctx would be a reference cycle through the graph)
         ctx.spec, ctx.linear = (spec if defer is None else spec[:7] + (defer.stats_only(), inp)), linear
         ctx.forks = (_fork_of(x), _fork_of(residual))
+        ctx.concat = getattr(x, "_netdsl_concat", None)
         return out
 
     @staticmethod
@@ -246,12 +249,11 @@ class ConvFn(torch.autograd.Function):
         xfork, rfork = ctx.forks
         if need_dx:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.linear else _grad_like(x)
-            # a sibling consumer's gradient of x, summed into dx by the dgrad's epilogue
-            sibling = xfork.take() if xfork is not None and nx and not ctx.linear else None
+            # a sibling consumer's gradient of x, summed into dx by the dgrad's epilogue (with a deferred
+            # input, dx is the activation's gradient at first: the BN backward's apply adds it instead)
+            sibling = xfork.take() if xfork is not None and nx and not ctx.linear and inp is None else None
             got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
                                      grad_out=inp.bn_grad(rt.as4d(x)) if pass_back else None, residual=sibling)
-            if xfork is not None and nx:
-                xfork.offer(dx)
             if pass_back:
                 din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got[1])
         if nw:
@@ -265,7 +267,10 @@ class ConvFn(torch.autograd.Function):
         elif inp is not None and dx is not None:  # dx so far is the gradient of the deferred activation
             dx, _, din_w, din_b, _ = _BN.backward(
                 K, inp.bn, rt.as4d(dx), None, rt.as4d(x), inp.mean, inp.rstd, inp.batch_stats, inp.act, inp.slope,
-                need_dx=nx, need_res=False, need_affine=nin_w or nin_b, deferred=inp.recompute())
+                need_dx=nx, need_res=False, need_affine=nin_w or nin_b, deferred=inp.recompute(),
+                sibling=_sibling_grad(xfork, ctx.concat, x) if nx else None)
+        if xfork is not None and nx and dx is not None and not pass_back:
+            xfork.offer(dx)
         if dres is not None and ctx.linear:
             dres = dres.view(dy.shape)
         if dres is not None and rfork is not None:
@@ -301,6 +306,7 @@ class BatchNormFn(torch.autograd.Function):
                                               act, slope)
         ctx.save_for_backward(x, out if act is not None else None, mean, rstd)
         ctx.spec, ctx.stats = spec, batch_stats
+        ctx.fork, ctx.concat = _fork_of(x), getattr(x, "_netdsl_concat", None)
         return out
 
     @staticmethod
@@ -311,7 +317,10 @@ class BatchNormFn(torch.autograd.Function):
         nx, ngamma, nbeta, nres, _ = ctx.needs_input_grad
         dx, dres, dgamma, dbeta, _ = _BN.backward(
             K, bn, rt.as4d(dy), rt.as4d(out) if out is not None else None, rt.as4d(x), mean, rstd, ctx.stats,
-            act, slope, need_dx=nx, need_res=nres, need_affine=ngamma or nbeta)
+            act, slope, need_dx=nx, need_res=nres, need_affine=ngamma or nbeta,
+            sibling=_sibling_grad(ctx.fork, ctx.concat, x) if nx and x.dim() == 4 else None)
+        if ctx.fork is not None and dx is not None:
+            ctx.fork.offer(dx)
         view = (lambda t: t.view(x.shape) if t is not None else None)
         return view(dx), dgamma, dbeta, view(dres), None
 
@@ -411,7 +420,8 @@ class DropoutFn(torch.autograd.Function):
 
 
 class FlattenFn(torch.autograd.Function):
-    """torch.flatten(x, 1); a copy kernel where x is not NCHW-contiguous, and back."""
+    """torch.flatten(x, 1); a copy kernel where x is not NCHW-contiguous.
+    Backward: a view of the gradient, or a copy where it is not contiguous."""
 
     @staticmethod
     def forward(ctx, x, K):
@@ -425,6 +435,8 @@ class FlattenFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        if dy.is_contiguous():  # an NCHW view of it is the gradient (the layer before reads through strides)
+            return dy.view(ctx.shape), None
         dx = torch.empty(ctx.shape, device=dy.device, dtype=dy.dtype)
         rt.copy(ctx.K, rt.as4d(dy), rt.as4d(dx.view(dy.shape)))
         return dx, None
@@ -461,15 +473,54 @@ class _ForkGrads:
         """This alias's gradient (only read from now on)."""
         self.state.current().offered[self.index] = g
 
-    def take(self):
-        """A sibling's offered gradient to add into this alias's, or None; the
-        sibling's is then absorbed (ForkFn does not add it again)."""
+    def offers(self):
+        """The siblings' offered gradients not absorbed yet: [(alias, gradient)]."""
         st = self.state.current()
-        for i, g in st.offered.items():
-            if i != self.index and i not in st.absorbed:
-                st.absorbed.add(i)
-                return g
+        return [(i, g) for i, g in st.offered.items() if i != self.index and i not in st.absorbed]
+
+    def absorb(self, i):
+        """Alias i's gradient is now part of another's: ForkFn does not add it again."""
+        self.state.current().absorbed.add(i)
+
+    def take(self):
+        """A sibling's offered gradient to add into this alias's, or None."""
+        for i, g in self.offers():
+            self.absorb(i)
+            return g
         return None
+
+
+def _sibling_grad(fork, concat, x):
+    """x's gradient from its other consumers, for a kernel to add into x's own
+    (or None): a fork sibling's offer; or, where x is a concatenation of forked
+    tensors (a dense block's features), a later concatenation's gradient
+    whose first channels line up with every one of x's parts (each part was
+    offered a slice of it), taken as one tensor and absorbed part by part."""
+    if fork is not None:
+        return fork.take()
+    if concat is None:
+        return None
+    base, picks = None, []
+    for part, c0, c1 in concat:
+        if part is None:
+            return None
+        found = None
+        for i, g in part.offers():
+            b = g._base
+            if b is None or b.dim() != 4 or b.shape[1] < x.shape[1] or b.shape[0] != x.shape[0] \
+                    or b.shape[2:] != x.shape[2:] or g.stride() != b.stride() or g.shape[1] != c1 - c0 \
+                    or g.storage_offset() != b.storage_offset() + c0 * b.stride(1) \
+                    or (base is not None and b is not base):
+                continue
+            found = (i, b)
+            break
+        if found is None:
+            return None
+        base = found[1]
+        picks.append((part, found[0]))
+    for part, i in picks:
+        part.absorb(i)
+    return base[:, 0:x.shape[1]]
 
 
 def _fork_of(t):
@@ -545,14 +596,19 @@ class ConcatFn(torch.autograd.Function):
         for x in xs:
             c1 = c0 + x.shape[1]
             rt.copy(K, x, buf[:, c0:c1])
-            ctx.bounds.append((c0, c1))
+            ctx.bounds.append((_fork_of(x), c0, c1))
             c0 = c1
+        buf._netdsl_concat = ctx.bounds  # for its consumer's backward: see _sibling_grad
         return buf
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        return (None, *(dy[:, c0:c1] for c0, c1 in ctx.bounds))
+        grads = tuple(dy[:, c0:c1] for _, c0, c1 in ctx.bounds)
+        for (fork, _, _), g in zip(ctx.bounds, grads):
+            if fork is not None:  # an earlier dense layer's BN backward can add it, with its neighbours, in one go
+                fork.offer(g)
+        return (None, *grads)
 
 
 # ------------------------------------------------------------------ pooling, resampling, normalization
@@ -569,7 +625,7 @@ class PoolFn(torch.autograd.Function):
                               memory_format=torch.channels_last)
         _pool.pool2d(_rt, kernel, x, out, idx=idx)
         ctx.save_for_backward(idx)
-        ctx.spec, ctx.shape = spec, tuple(x.shape)
+        ctx.spec, ctx.shape, ctx.fork = spec, tuple(x.shape), _fork_of(x)
         return out
 
     @staticmethod
@@ -579,6 +635,8 @@ class PoolFn(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         dx = rt.empty(ctx.shape, dy)
         _pool.pool2d_backward(_rt, _backward_of(kernel).backward, dy, idx, dx)
+        if ctx.fork is not None:  # an inception branch: a sibling conv's dgrad can add it
+            ctx.fork.offer(dx)
         return dx, None
 
 

@@ -34,14 +34,17 @@ def test_resnet50_step_sums_no_forked_gradients_apart():
     summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
     # 16 bottlenecks: the block input's two gradients meet in the dgrad of conv1 or of the downsample conv
     assert adds == [] and len(summed) == 16 and all(n.startswith("conv_dgrad") for n in summed), summed
-    assert len(backward) == 185
+    assert len(backward) == 184
 
 
 def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
+    """(The other order is ResNet's and GoogLeNet's: the pool offers, the conv's dgrad adds.)"""
     p = tmp_path / "g.net"
     p.write_text("net G input(4, 8, 8) {\n"
                  "  conv(6, 1) -> relu\n"
-                 "  concat { conv(4, 1) -> relu ; maxpool(3, stride=1, padding=1) }\n"
+                 # the conv's backward runs first (autograd runs later nodes first) and offers its gradient;
+                 # the pool's cannot add it, so the fork does
+                 "  concat { maxpool(3, stride=1, padding=1) ; conv(4, 1) -> relu }\n"
                  "}\n")
     tri, ref = twins(str(p), "G")
     _, backward = _planned_step(tri, torch.randn(2, 4, 8, 8))
@@ -85,3 +88,34 @@ def test_a_partial_backward_does_not_leak_into_the_next(tmp_path):
     floor = 1e-5 * max(g.abs().max().item() for g in grads["ref"][1].values())
     for n, g in grads["ref"][1].items():
         assert torch.allclose(grads["tri"][1][n], g, rtol=1e-3, atol=floor), n
+
+
+DENSE = ("block DL(growth) {\n"
+         "    norm1: bn -> relu1: relu -> conv1: conv(8, 1, bias=false)\n"
+         "    norm2: bn -> relu2: relu -> conv2: conv(growth, 3, padding=1, bias=false)\n"
+         "}\n"
+         "net Dn input(3, 8, 8) {\n"
+         "    conv0: conv(6, 3, padding=1) -> norm0: bn -> relu0: relu\n"
+         "    block1: dense { for j in range(4) { layer{j + 1}: DL(3) } }\n"
+         "    norm5: bn -> relu: relu -> conv(4, 1)\n"
+         "}\n")
+
+
+def test_densenet_step_sums_no_features_apart():
+    """Each dense layer's input is the concatenation of the block's features;
+    its BN backward adds, in its apply kernel, the next layer's input gradient
+    over the same channels, which holds every later layer's share."""
+    m = netdsl.build("specs/densenet.net", "DenseNet121")
+    _, backward = _planned_step(m, torch.randn(2, 3, 64, 64))
+    adds = [meta for k, _, meta in backward if k.fn.__name__ == "elementwise" and meta["OP"] == 1]
+    summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
+    assert adds == [] and summed == ["channel_grad_apply"] * 58  # one per dense layer
+
+
+def test_dense_block_gradients_match_torch(tmp_path):
+    p = tmp_path / "d.net"
+    p.write_text(DENSE)
+    tri, ref = twins(str(p), "Dn")
+    _, backward = _planned_step(tri, torch.randn(2, 3, 8, 8))
+    assert sum(bool(meta.get("HAS_RES")) for _, _, meta in backward) == 4
+    grad_compare(tri, ref, torch.randn(3, 3, 8, 8))

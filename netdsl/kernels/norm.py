@@ -336,15 +336,17 @@ CHANNEL_GRAD_APPLY = r'''
 @triton.jit
 def $NAME(
     # pointers
-    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, coef_ptr, dx_ptr, g_ptr,
+    dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, coef_ptr, res_ptr, dx_ptr, g_ptr,
     # sizes
     N, C, H, W, slope,
     # strides
-    sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, son, soc, soh, sow, sgn, sgc, sgh, sgw,
+    sdn, sdc, sdh, sdw, syn, syc, syh, syw, sxn, sxc, sxh, sxw, srn, src, srh, srw, son, soc, soh, sow,
+    sgn, sgc, sgh, sgw,
     # meta-parameters
     ACC: tl.constexpr, ACT: tl.constexpr, TRAIN: tl.constexpr, Y_FROM_X: tl.constexpr, CENTER: tl.constexpr,
-    STORE_G: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    STORE_G: tl.constexpr, HAS_RES: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # HAS_RES: res is x's gradient from its other consumers, added in (a fork's sum, without a launch of its own)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if IDX64:
@@ -374,6 +376,9 @@ def $NAME(
                 * tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :]
             dx = dx + tl.load(coef_ptr + C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :] \
                 + tl.load(coef_ptr + 2 * C + offs_c, mask=c_mask, other=0.0).to(ACC)[None, :] * xh
+    if HAS_RES:
+        dx = dx + tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask,
+                          other=0.0).to(ACC)
     tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 '''
 
@@ -530,9 +535,9 @@ def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mea
 
 
 def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None,
-                       deferred=None, train=False, g4=None):
-    """dx = A·g + B + C·x̂ (coef from channel_grad), g = dy·act'(y); with g4
-    also g (a residual's gradient); deferred as channel_grad's."""
+                       deferred=None, train=False, g4=None, residual4=None):
+    """dx = A·g + B + C·x̂ (coef from channel_grad) [+ residual4], g = dy·act'(y);
+    with g4 also g (a residual's gradient); deferred as channel_grad's."""
     N, C, H, W = dy4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(dy4))
     if rt.gpu_tiles(dy4):
@@ -541,11 +546,13 @@ def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0
     x4 = x4 if x4 is not None else dy4
     g = g4 if g4 is not None else dx4
     scale, shift, centered = deferred if deferred is not None else (coef, coef, False)
+    r = residual4 if residual4 is not None else dx4
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), dy4, y4, x4,
-              mean if mean is not None else coef, rstd if rstd is not None else coef, scale, shift, coef, dx4, g,
-              N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *dx4.stride(), *g.stride(),
-              ACC=rt.acc(dy4), ACT=ACT_CODES[act], TRAIN=train, Y_FROM_X=deferred is not None,
-              CENTER=centered, STORE_G=g4 is not None, IDX64=rt.needs_int64(dy4, y4, x4, dx4, g), BLOCK_M=bm, BLOCK_C=bc)
+              mean if mean is not None else coef, rstd if rstd is not None else coef, scale, shift, coef, r, dx4, g,
+              N, C, H, W, float(slope), *dy4.stride(), *y4.stride(), *x4.stride(), *r.stride(), *dx4.stride(),
+              *g.stride(), ACC=rt.acc(dy4), ACT=ACT_CODES[act], TRAIN=train, Y_FROM_X=deferred is not None,
+              CENTER=centered, STORE_G=g4 is not None, HAS_RES=residual4 is not None,
+              IDX64=rt.needs_int64(dy4, y4, x4, dx4, g, r), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def lrn(rt, kernel, x4, out4, alpha, beta, k):
