@@ -119,3 +119,26 @@ def test_dense_block_gradients_match_torch(tmp_path):
     _, backward = _planned_step(tri, torch.randn(2, 3, 8, 8))
     assert sum(bool(meta.get("HAS_RES")) for _, _, meta in backward) == 4
     grad_compare(tri, ref, torch.randn(3, 3, 8, 8))
+
+
+def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
+    """The interpreter accepts what ptxas may not: the dgrad and apply
+    variants that add a sibling's gradient (and the deferred BN backward's
+    prologue and epilogue) compile for real GPUs, without spills."""
+    from netdsl import aot
+
+    p = tmp_path / "f.net"
+    p.write_text(BLOCK.format(tail="conv(3, 1)") + DENSE)
+    variants = []
+    for net, shape in (("R", (16, 4, 8, 8)), ("Dn", (16, 3, 8, 8))):
+        m = netdsl.build(str(p), net)
+        variants += [v for v in aot.signatures(m, torch.randn(*shape), train=True, backward=True)
+                     if any(v[2].get(f) for f in ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG"))]
+    flags = {f for _, _, meta in variants for f in ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG") if meta.get(f)}
+    assert flags == {"HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG"}
+    assert {k.fn.__name__.split("__")[0] for k, _, meta in variants if meta.get("HAS_RES")} >= \
+        {"conv_dgrad", "channel_grad_apply"}
+    for kernel, sig, meta in variants:
+        for arch in (90, 80):
+            info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
+            assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)
