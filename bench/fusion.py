@@ -29,7 +29,8 @@ NETS = [("resnet.net", "ResNet18"), ("resnet.net", "ResNet50"), ("vgg.net", "VGG
         ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121")]
 FREE = {"empty.memory_format", "empty_strided.default", "empty_like.default", "new_empty_strided.default", "view.default", "_unsafe_view.default", "t.default",
         "detach.default", "alias.default", "slice.Tensor", "as_strided.default", "expand.default",
-        "_reshape_alias.default", "reshape.default", "flatten.using_ints", "unsqueeze.default"}
+        "_reshape_alias.default", "reshape.default", "flatten.using_ints", "unsqueeze.default",
+        "set_.source_Storage_storage_offset"}  # netdsl's dense blocks: a tensor over a buffer's first channels
 
 
 def nbytes(t):

@@ -585,17 +585,31 @@ def _as4(t):
 
 
 class ConcatFn(torch.autograd.Function):
-    """torch.cat(xs, 1) by copy kernels; its backward is free: channel slices."""
+    """torch.cat(xs, 1) by copy kernels; its backward is free: channel slices.
+
+    Into a dense block's buffer (spec's into), the concatenations of a block
+    share one buffer: each is its first channels, and copies only the
+    features not there yet, so a block of L layers copies L features, not
+    L²/2, and keeps one buffer for backward, not L."""
 
     @staticmethod
-    def forward(ctx, K, *xs):
+    def forward(ctx, spec, *xs):
+        K, into = spec
         N, _, H, W = xs[0].shape
-        buf = rt.concat_buffer(xs[0], sum(x.shape[1] for x in xs), H, W)
+        total = sum(x.shape[1] for x in xs)
+        if into is None:
+            buf, filled = rt.concat_buffer(xs[0], total, H, W), {}
+        else:
+            buf = rt.leading_channels(into, total)
+            filled = into.__dict__.setdefault("_netdsl_filled", {})  # channels → the tensor copied there
         c0 = 0
         ctx.bounds = []
         for x in xs:
             c1 = c0 + x.shape[1]
-            rt.copy(K, x, buf[:, c0:c1])
+            key, src = (c0, c1), (x.data_ptr(), x._version, tuple(x.shape), x.stride())
+            if filled.get(key) != src:
+                rt.copy(K, x, buf[:, c0:c1])
+                filled[key] = src
             ctx.bounds.append((_fork_of(x), c0, c1))
             c0 = c1
         buf._netdsl_concat = ctx.bounds  # for its consumer's backward: see _sibling_grad

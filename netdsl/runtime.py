@@ -506,14 +506,24 @@ def concat_buffer(x, channels: int, H: int, W: int):
     return empty((x.shape[0], channels, H, W), x)
 
 
-def concat(K, xs, at=""):
+def leading_channels(buf, c: int):
+    """buf[:, 0:c] as a tensor of its own: the same memory, but not an autograd
+    view of buf (a dense block's concatenations share one buffer, and
+    autograd forbids a custom Function's output to be a view of a tensor that
+    later changes; the later writes go to other channels)."""
+    t = torch.empty(0, device=buf.device, dtype=buf.dtype)
+    return t.set_(buf.untyped_storage(), buf.storage_offset(), (buf.shape[0], c, *buf.shape[2:]), buf.stride())
+
+
+def concat(K, xs, into=None, at=""):
     """torch.cat(xs, 1) for the autograd forward (the inference forward writes
-    branches straight into slices of one buffer instead)."""
+    branches straight into slices of one buffer instead).  into: a dense
+    block's buffer, shared by its growing concatenations (see ConcatFn)."""
     for x in xs[1:]:
         if x.shape[0] != xs[0].shape[0] or x.shape[2:] != xs[0].shape[2:]:
             raise ShapeError(f"{at}: concat of unequal sizes {list(xs[0].shape)} and {list(x.shape)}")
     if _grad.wanted(*xs):
-        return _grad.ConcatFn.apply(K, *xs)
+        return _grad.ConcatFn.apply((K, into), *xs)
     buf = concat_buffer(xs[0], sum(x.shape[1] for x in xs), xs[0].shape[2], xs[0].shape[3])
     c0 = 0
     for x in xs:

@@ -150,7 +150,8 @@ class _NoTorchCompute(TorchDispatchMode):
     """Fails on any torch op outside a kernel launch except allocation and views."""
 
     ALLOWED = {"empty.memory_format", "empty_strided.default", "view.default", "slice.Tensor", "as_strided.default",
-               "detach.default", "alias.default", "_unsafe_view.default", "empty_like.default"}
+               "detach.default", "alias.default", "_unsafe_view.default", "empty_like.default",
+               "set_.source_Storage_storage_offset"}  # a dense block's concatenations share one buffer
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__ if hasattr(func, "__name__") else str(func)

@@ -316,6 +316,9 @@ class _Forward:
         if self.autograd:  # each layer reads the concat of all earlier features, as torchvision's
             L = len(d.steps)
             at = f"{d.name} ({where(d)})"
+            # ... held in one buffer: each concat copies only the features not in it yet
+            buf = self.var()
+            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
             # feature j feeds the steps j..L-1 (all of them for the input) and the final concat
             aliases = [self.fork(x, L + 1)]
             for k, step in enumerate(d.steps):
@@ -323,10 +326,10 @@ class _Forward:
                     inp = aliases[0].pop()
                 else:
                     inp = self.var()
-                    self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], at={at!r})")
+                    self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
                 aliases.append(self.fork(self.emit(step, inp), L - (k + 1) + 1))
             v = self.var()
-            self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], at={at!r})")
+            self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
             return v
         buf = out or self.var()
         if out is None:
