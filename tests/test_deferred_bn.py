@@ -10,7 +10,7 @@ import torch
 
 import netdsl
 from netdsl import runtime as rt
-from twin import grad_compare, twins
+from twin import grad_compare, saved_bytes, twins
 
 
 def _autograd_source(m):
@@ -67,18 +67,7 @@ def test_deferred_activation_is_not_kept_for_backward(tmp_path):
                  "-> conv(16, 3, padding=1) -> bn -> relu }\n")
     tri, ref = twins(str(p), "C")
     x = torch.randn(4, 8, 16, 16)
-    sizes = {}
-    for name, m in (("tri", tri), ("ref", ref)):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        m.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m(x.requires_grad_(False)).sum()
-        sizes[name] = sum(seen.values())
+    sizes = {name: saved_bytes(m.train(), x) for name, m in (("tri", tri), ("ref", ref))}
     act = 4 * 16 * 16 * 16 * 4  # one activation, fp32
     # torch keeps the three conv outputs, two BN outputs (ReLU's mask, and conv inputs) and the last ReLU's;
     # netdsl keeps three conv outputs and the last layer's output

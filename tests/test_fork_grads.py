@@ -8,7 +8,7 @@ import torch
 
 import netdsl
 from netdsl import runtime as rt
-from twin import grad_compare, twins
+from twin import grad_compare, saved_bytes, twins
 
 BLOCK = ("net R input(4, 8, 8) {{\n"
          "  conv(8, 3, padding=1) -> bn -> relu\n"
@@ -158,18 +158,7 @@ def test_a_dense_block_copies_each_feature_once_into_one_buffer(tmp_path):
                  "    block1: dense { for j in range(8) { layer{j + 1}: DL(4) } }\n    conv(4, 1)\n}\n")
     tri, ref = twins(str(p), "Dn")
     x = torch.randn(4, 8, 8, 8)
-    saved = {}
-    for name, m in (("tri", tri), ("ref", ref)):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        m.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m(x).sum()
-        saved[name] = sum(seen.values())
+    saved = {name: saved_bytes(m.train(), x) for name, m in (("tri", tri), ("ref", ref))}
     # torch keeps every layer's concatenation (8 of them, growing); netdsl one 40-channel buffer
     assert 3 * saved["tri"] < saved["ref"], saved
     grad_compare(tri, ref, x)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import netdsl
 from test_modules import FAST
 from test_modules import SLOW as ZOO_SLOW
-from twin import grad_compare, randomize, rel_err, twins
+from twin import grad_compare, randomize, rel_err, saved_bytes, twins
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -150,18 +150,6 @@ def test_checkpoint_of_the_torch_twin_loads_strictly(small_spec, tmp_path):
         assert rel_err(tri(x), ref(x)) < 1e-4
 
 
-def _saved_bytes(model, x):
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x.requires_grad_()).sum()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("file,net,shape,overrides", [
     ("resnet.net", "ResNet18", (4, 3, 64, 64), {"width": 8, "num_classes": 10}),
     ("course.net", "SequentialCNN", (4, 1, 28, 28), {}),
@@ -173,7 +161,7 @@ def test_backward_saves_no_more_than_eager(file, net, shape, overrides):
     tri, ref = twins(str(SPECS / file), net, **overrides)
     tri.train(), ref.train()
     x = torch.randn(*shape)
-    ours, eager = _saved_bytes(tri, x.clone()), _saved_bytes(ref, x.clone())
+    ours, eager = saved_bytes(tri, x.clone().requires_grad_()), saved_bytes(ref, x.clone().requires_grad_())
     assert ours <= eager, (ours, eager)
 
 

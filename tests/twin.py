@@ -126,3 +126,16 @@ def grad_compare(tri, ref, x, modes=("train", "eval"), tol=1e-3):
             for name, t in truth.items():
                 if t is not None:
                     assert rel_err(g64[name], t) < 1e-6, (mode, name, rel_err(g64[name], t), flips[:3])
+
+
+def saved_bytes(model, x):
+    """Bytes of the distinct storages one forward keeps for backward (saved-tensor hooks)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(seen.values())
