@@ -15,6 +15,14 @@ What each saves for backward (the rest is recomputed):
 A tensor with several consumers (a residual block's input, inception
 branches, dense-block features) goes through ForkFn, whose backward sums the
 consumers' gradients with the add kernel: autograd's engine never computes.
+
+Where a conv's own batch norm runs its backward: never as a pass that writes
+the conv output's gradient.  Its per-channel coefficients (dx = A·g + B +
+C·x̂) come from one reduction, and the conv's dgrad and wgrad apply them as
+they load g.  That reduction's sums come from a neighbour's epilogue where
+one can take them: the consumer conv's dgrad (a deferred BN, see Deferred),
+or the dgrad that completes a forked block output's gradient (_BlockOut);
+otherwise from a pass over dy (writing g = dy·act'(y) on the way).
 """
 from __future__ import annotations
 
@@ -54,12 +62,13 @@ class _BN:
     """Forward of y = act(BN(raw) + residual) with the statistics backward needs."""
 
     @staticmethod
-    def forward(K, bn, raw4, out4, residual4, act, slope, partials=None):
+    def forward(K, bn, raw4, out4, residual4, act, slope, partials=None, res_affine=None):
         batch_stats = bn.training or bn.running_mean is None
         # eval: the fixed statistics folded to x·scale + shift, centred on the running mean for backward
         scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
                                                         partials=partials if batch_stats else None)
-        _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center)
+        _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center,
+                             res_affine=res_affine)
         return (center if batch_stats else bn.running_mean), rstd, batch_stats
 
     @staticmethod
@@ -91,6 +100,29 @@ class _BN:
         if not need_affine:
             dgamma = dbeta = None
         return draw, g, dgamma, dbeta, dcb
+
+    @staticmethod
+    def backward_for_conv(K, bn, dy4, out4, raw4, mean, rstd, batch_stats, act, slope, *, need_g, need_affine,
+                          conv_bias=None):
+        """The backward of a conv's own BN (+ residual) + act, left for the
+        conv's dgrad and wgrad to apply as they load (no apply pass, raw's
+        gradient never stored): one reduction pass gives the coefficients,
+        writing g = dy·act'(y) on the way where the kernels or the residual
+        need it.  (g, BNGrad for grad_in, dgamma, dbeta, dconv_bias)."""
+        C = bn.num_features
+        coef = torch.empty(3 * C, device=dy4.device, dtype=mean.dtype)
+        dgamma = torch.empty_like(bn.weight) if bn.affine else None
+        dbeta = torch.empty_like(bn.bias) if bn.affine else None
+        dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
+        g = _grad_like(raw4) if act is not None and need_g else None
+        _norm.channel_grad(_rt, K.channel_grad, dy4, y4=out4 if act is not None else None, act=act, slope=slope,
+                           x4=raw4, mean=mean, rstd=rstd, weight=bn.weight if bn.affine else None, train=batch_stats,
+                           g4=g, dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef)
+        if not need_affine:
+            dgamma = dbeta = None
+        # g is what the residual gets, and what the prologue reads: act' is already in it
+        bng = _conv.BNGrad(raw4, mean, rstd, mean, mean, False, None, slope, batch_stats, coef)
+        return (g if act is not None else dy4), bng, dgamma, dbeta, dcb
 
 
 # ------------------------------------------------------------------ conv / linear
@@ -153,6 +185,33 @@ class _Back:
         self.coef, self.dcbias, self.conv_bias = None, None, conv_bias
 
 
+class _BlockOut:
+    """A stored y = act(BN(raw) + residual) of a conv (a residual block's
+    output), for its consumers' backward: the last of them to run (a conv
+    whose dgrad adds the others' gradients) also takes y's act' and this BN's
+    sums in its epilogue and hands back g = dy·act'(y).  The producing conv
+    then finds its BN backward done (coef, dgamma, dbeta on the record) and
+    applies it as its dgrad and wgrad load g: no reduction pass over dy."""
+
+    __slots__ = ("raw", "bn", "act", "slope", "batch_stats", "mean", "rstd", "back", "task", "g", "dgamma", "dbeta")
+
+    def __init__(self, raw4, bn, act, slope, batch_stats, mean, rstd, conv_bias):
+        self.raw, self.bn, self.act, self.slope, self.batch_stats = raw4, bn, act, slope, batch_stats
+        self.mean, self.rstd, self.back = mean, rstd, _Back(conv_bias)
+        self.task = self.g = self.dgamma = self.dbeta = None
+
+    def bn_grad(self, coef=None):
+        """The BN's backward on g (act' already in it)."""
+        return _conv.BNGrad(self.raw, self.mean, self.rstd, self.mean, self.mean, False, None, self.slope,
+                            self.batch_stats, coef)
+
+    def done_for(self, dy):
+        """Did this backward pass's taker produce dy (g, with the sums taken)?"""
+        g = self.g
+        return (g is not None and self.task == torch._C._current_graph_task_id() and dy.data_ptr() == g.data_ptr()
+                and dy.shape == g.shape and dy.stride() == g.stride() and dy.dtype == g.dtype)
+
+
 class ConvFn(torch.autograd.Function):
     """y = act(BN(conv(x, W) + b) + residual), BN / residual / act optional;
     also linear (a 1×1 conv on [N, F, 1, 1] views).
@@ -161,11 +220,14 @@ class ConvFn(torch.autograd.Function):
     consumer; its backward then receives the gradient of the conv output.
     spec.inp (a Deferred): x is such an output; this conv applies its BN + act
     while loading, and its backward runs that BN's backward (in_weight and
-    in_bias are the BN's parameters)."""
+    in_bias are the BN's parameters).  spec.rdef (a Deferred, no act): the
+    residual is such an output (a downsample's), normalised by this conv's BN
+    apply as it adds it; its backward leaves that BN's coefficients on
+    rdef.back (res_weight and res_bias are its parameters)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, in_weight, in_bias, spec):
-        K, kernel, layer, bn, act, slope, out_shape, defer, inp = spec
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, in_weight, in_bias, res_weight, res_bias, spec):
+        K, kernel, layer, bn, act, slope, out_shape, defer, inp, rdef = spec
         linear = isinstance(layer, torch.nn.Linear)
         x4 = rt.as4d(x)
         w4 = weight.view(*weight.shape, 1, 1) if linear else weight
@@ -178,7 +240,7 @@ class ConvFn(torch.autograd.Function):
         if inp is not None:
             kw["prologue"] = inp.prologue()
         out4, res4 = rt.as4d(out), rt.as4d(residual) if residual is not None else None
-        raw = mean = rstd = None
+        raw = mean = rstd = block = None
         if bn is None:
             _conv.conv2d(_rt, kernel, x4, w4, out4, shift=bias, residual=res4, act=act, slope=slope, **kw)
         else:
@@ -195,13 +257,22 @@ class ConvFn(torch.autograd.Function):
                                                                  partials=partials))
                 defer.back = _Back(layer.bias)
             else:
-                mean, rstd, batch_stats = _BN.forward(K, bn, raw4, out4, res4, act, slope, partials)
+                mean, rstd, batch_stats = _BN.forward(
+                    K, bn, raw4, out4, res4, act, slope, partials,
+                    res_affine=(rdef.center, rdef.scale, rdef.shift) if rdef is not None else None)
+                if not linear:  # for a forked output's last consumer: see _BlockOut
+                    block = _BlockOut(raw4, bn, act, slope, batch_stats, mean, rstd, layer.bias)
+                    out._netdsl_block = block
             ctx.stats = batch_stats
+        ctx.block = block
         keep_out = act is not None and defer is None
-        ctx.save_for_backward(x, weight, out if keep_out else None, raw, mean, rstd)
+        ctx.save_for_backward(x, weight, out if keep_out else None, raw, mean, rstd,
+                              residual if rdef is not None else None)
         # the Deferred holds this Function's output: keep a copy without it
         # (the output on ctx would be a reference cycle through the graph)
-        ctx.spec, ctx.linear = (spec if defer is None else spec[:7] + (defer.stats_only(), inp)), linear
+        ctx.spec = spec[:7] + (defer.stats_only() if defer is not None else None, inp,
+                               rdef.stats_only() if rdef is not None else None)
+        ctx.linear = linear
         ctx.forks = (_fork_of(x), _fork_of(residual))
         ctx.concat = getattr(x, "_netdsl_concat", None)
         return out
@@ -209,9 +280,9 @@ class ConvFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        K, kernel, layer, bn, act, slope, _, defer, inp = ctx.spec
-        x, weight, out, raw, mean, rstd = ctx.saved_tensors
-        nx, nw, nb, ngamma, nbeta, nres, nin_w, nin_b, _ = ctx.needs_input_grad
+        K, kernel, layer, bn, act, slope, _, defer, inp, rdef = ctx.spec
+        x, weight, out, raw, mean, rstd, rraw = ctx.saved_tensors
+        nx, nw, nb, ngamma, nbeta, nres, nin_w, nin_b, nres_w, nres_b, _ = ctx.needs_input_grad
         dy4 = rt.as4d(dy)
         out4 = rt.as4d(out) if out is not None else None
         dbias = dgamma = dbeta = dres = None
@@ -223,11 +294,23 @@ class ConvFn(torch.autograd.Function):
                 raise RuntimeError("a deferred batch norm's backward ran before its consumer's")
             grad_in = defer.bn_grad(rt.as4d(raw), defer.back.coef)
             dbias = defer.back.dcbias if nb else None
+            defer.back.dcbias = None  # (held here too, AccumulateGrad would copy it)
             draw = dy4
+        elif bn is not None and ctx.block is not None and ctx.block.done_for(dy):
+            # the last consumer's dgrad took act' and this BN's sums: dy is g
+            block, draw = ctx.block, dy4
+            grad_in = block.bn_grad(block.back.coef)
+            dgamma, dbeta = (block.dgamma, block.dbeta) if ngamma or nbeta else (None, None)
+            dbias = block.back.dcbias if nb else None
+            dres = dy if nres else None
+            # let go of the gradients: AccumulateGrad takes a gradient over (no copy) only if nothing else holds it
+            block.g = block.task = block.dgamma = block.dbeta = block.back.dcbias = None
         elif bn is not None:
-            draw, dres, dgamma, dbeta, dbias = _BN.backward(
-                K, bn, dy4, out4, raw, mean, rstd, ctx.stats, act, slope, need_dx=need_draw, need_res=nres,
+            draw, grad_in, dgamma, dbeta, dbias = _BN.backward_for_conv(
+                K, bn, dy4, out4, rt.as4d(raw), mean, rstd, ctx.stats, act, slope, need_g=need_draw or nres,
                 need_affine=ngamma or nbeta, conv_bias=layer.bias if nb else None)
+            if nres:  # the residual's gradient is g, before the BN backward
+                dres = draw
         elif nb:  # bias: Σ g over pixels, g = dy·act'(y) written on the way when act needs it
             dbias = torch.empty_like(layer.bias)
             g = _grad_like(dy4) if act is not None and (need_draw or nres) else None
@@ -252,10 +335,17 @@ class ConvFn(torch.autograd.Function):
             # a sibling consumer's gradient of x, summed into dx by the dgrad's epilogue (with a deferred
             # input, dx is the activation's gradient at first: the BN backward's apply adds it instead)
             sibling = xfork.take() if xfork is not None and nx and not ctx.linear and inp is None else None
+            # with every consumer's gradient of x in, the block that produced x gets its backward's sums here
+            block = xfork.block if sibling is not None and xfork.complete() else None
             got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
-                                     grad_out=inp.bn_grad(rt.as4d(x)) if pass_back else None, residual=sibling)
+                                     grad_out=inp.bn_grad(rt.as4d(x)) if pass_back else
+                                     block.bn_grad() if block is not None else None, residual=sibling,
+                                     out_mask=(rt.as4d(x), block.act, block.slope) if block is not None else None)
             if pass_back:
                 din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got[1])
+            elif block is not None:
+                block.dgamma, block.dbeta = _deferred_bn_sums(K, block, rt.as4d(x), got[1])
+                block.g, block.task = dx, torch._C._current_graph_task_id()
         if nw:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
             dw4 = dw.view(*dw.shape, 1, 1) if ctx.linear else dw
@@ -271,23 +361,29 @@ class ConvFn(torch.autograd.Function):
                 sibling=_sibling_grad(xfork, ctx.concat, x) if nx else None)
         if xfork is not None and nx and dx is not None and not pass_back:
             xfork.offer(dx)
+        dres_w = dres_b = None
+        if rdef is not None and dres is not None:  # dres is the deferred shortcut BN's output gradient
+            dres_w, dres_b = _deferred_bn_sums(K, rdef, rt.as4d(rraw), dy4=rt.as4d(dres))
+            dres_w, dres_b = (dres_w, dres_b) if nres_w or nres_b else (None, None)
         if dres is not None and ctx.linear:
             dres = dres.view(dy.shape)
         if dres is not None and rfork is not None:
             rfork.offer(dres)
-        return dx, dw, dbias, dgamma, dbeta, dres, din_w, din_b, None
+        return dx, dw, dbias, dgamma, dbeta, dres, din_w, din_b, dres_w, dres_b, None
 
 
-def _deferred_bn_sums(K, inp, x4, partials):
-    """The deferred BN's backward from its dgrad's per-tile sums: its
-    parameters' gradients, and (on inp.back) the coefficients of its input
-    gradient and the producing conv's bias gradient."""
+def _deferred_bn_sums(K, inp, x4, partials=None, dy4=None):
+    """The deferred BN's backward from its dgrad's per-tile sums (or, with
+    dy4, from one pass over its output gradient, act-free): its parameters'
+    gradients, and (on inp.back) the coefficients of its input gradient and
+    the producing conv's bias gradient."""
     bn, back = inp.bn, inp.back
     coef = torch.empty(3 * bn.num_features, device=x4.device, dtype=inp.mean.dtype)
     dgamma, dbeta = (torch.empty_like(bn.weight), torch.empty_like(bn.bias)) if bn.affine else (None, None)
     cb = back.conv_bias
     back.dcbias = torch.empty_like(cb) if cb is not None and cb.requires_grad else None
-    _norm.channel_grad(_rt, K.channel_grad, x4, mean=inp.mean, rstd=inp.rstd, weight=bn.weight if bn.affine else None,
+    _norm.channel_grad(_rt, K.channel_grad, dy4 if dy4 is not None else x4, x4=x4 if dy4 is not None else None,
+                       mean=inp.mean, rstd=inp.rstd, weight=bn.weight if bn.affine else None,
                        train=inp.batch_stats, partials=partials, dweight=dgamma, dbias=dbeta, dcbias=back.dcbias,
                        coef=coef)
     back.coef = coef
@@ -464,10 +560,14 @@ class _ForkGrads:
     takes a sibling's offered gradient and returns the sum, so ForkFn need
     not add them: one launch and one pass over the gradient fewer."""
 
-    __slots__ = ("index", "state")
+    __slots__ = ("index", "state", "n", "block")
 
-    def __init__(self, index, state):
-        self.index, self.state = index, state
+    def __init__(self, index, state, n, block):
+        self.index, self.state, self.n, self.block = index, state, n, block
+
+    def complete(self):
+        """Are all the siblings' gradients absorbed into this alias's (it runs last)?"""
+        return len(self.state.current().absorbed) == self.n - 1 and self.index not in self.state.current().absorbed
 
     def offer(self, g):
         """This alias's gradient (only read from now on)."""
@@ -540,8 +640,9 @@ class ForkFn(torch.autograd.Function):
         ctx.K = K
         ctx.state = _ForkPass()
         outs = tuple(x.view_as(x) for _ in range(n))
+        block = getattr(x, "_netdsl_block", None)
         for i, o in enumerate(outs):
-            o._netdsl_fork = _ForkGrads(i, ctx.state)
+            o._netdsl_fork = _ForkGrads(i, ctx.state, n, block)
         return outs
 
     @staticmethod

@@ -297,17 +297,25 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     inp = x if isinstance(x, _grad.Deferred) else None
     if inp is not None:
         x = inp.raw
+    # a downsample's conv output, its BN deferred into this conv's residual add
+    rdef = residual if isinstance(residual, _grad.Deferred) else None
+    if rdef is not None:
+        if bn is None or rdef.act is not None:
+            raise AssertionError("a deferred shortcut needs a BN apply to ride in, and no activation of its own")
+        residual = rdef.raw
     x, weight = _autocast(K, x, layer.weight)
-    if inp is not None or _grad.wanted(x, weight, layer.bias, residual,
-                                       *((bn.weight, bn.bias) if bn is not None else ())):
+    if inp is not None or rdef is not None or _grad.wanted(x, weight, layer.bias, residual,
+                                                           *((bn.weight, bn.bias) if bn is not None else ())):
         _no_out(out)
         # defer: this BN + act go into the (only) consumer conv's loads
         held = _grad.Deferred(bn, act, slope) if defer and bn is not None and residual is None else None
         own_bn = bn is not None and held is None
         in_bn = inp.bn if inp is not None and inp.bn.affine else None
+        res_bn = rdef.bn if rdef is not None and rdef.bn.affine else None
         y = _grad.ConvFn.apply(x, weight, layer.bias, bn.weight if own_bn else None, bn.bias if own_bn else None,
                                residual, in_bn.weight if in_bn else None, in_bn.bias if in_bn else None,
-                               (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo), held, inp))
+                               res_bn.weight if res_bn else None, res_bn.bias if res_bn else None,
+                               (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo), held, inp, rdef))
         if held is None:
             return y
         held.raw = y
@@ -356,8 +364,9 @@ def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
     x, weight = _autocast(K, x, layer.weight)
     if _grad.wanted(x, weight, layer.bias):
         _no_out(out)
-        return _grad.ConvFn.apply(x, weight, layer.bias, None, None, None, None, None,
-                                  (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features), None, None))
+        return _grad.ConvFn.apply(x, weight, layer.bias, None, None, None, None, None, None, None,
+                                  (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features), None, None,
+                                   None))
     if out is None:
         out = torch.empty((x.shape[0], layer.out_features), device=x.device, dtype=x.dtype)
     w4 = weight.view(layer.out_features, layer.in_features, 1, 1)

@@ -19,30 +19,43 @@ def _autograd_source(m):
     return inspect.getsource(type(m).forward_autograd), inspect.getsource(type(m).forward)
 
 
-def test_resnet50_defers_two_batch_norms_per_bottleneck():
+def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns():
     m = netdsl.build("specs/resnet.net", "ResNet50")
     train_src, infer_src = _autograd_source(m)
     deferred = re.findall(r"self\.layer\('([\w.]+)'\), t\d+, bn=self\.layer\('[\w.]+'\), defer=True", train_src)
-    assert len(deferred) == 32 and all(re.fullmatch(r"layer\d\.\d+\.conv[12]", d) for d in deferred), deferred
+    assert len(deferred) == 36, deferred
+    assert sum(bool(re.fullmatch(r"layer\d\.\d+\.conv[12]", d)) for d in deferred) == 32
+    # each downsample's BN rides in its block's last apply, which adds the shortcut
+    assert [d for d in deferred if "downsample" in d] == [f"layer{i}.0.downsample.0" for i in range(1, 5)]
     assert "defer" not in infer_src
     m.train()
     with rt.plan_launches() as launches:  # one training step, planned: no kernel runs
         y = m(torch.randn(2, 3, 64, 64))
         y.backward(torch.empty_like(y))
     names = [k.fn.__name__ for k, _, _ in launches]
-    # 53 conv+BN layers, 32 deferred: 21 apply kernels; every BN takes its statistics from its conv's epilogue
-    assert names.count("channel_affine") == 21 and names.count("bn_stats") == 53
+    # 53 conv+BN layers, 36 deferred: 17 apply kernels (4 normalise their residual as they load it); every BN
+    # takes its statistics from its conv's epilogue
+    assert names.count("channel_affine") == 17 and names.count("bn_stats") == 53
+    assert sum(bool(meta.get("RES_BN")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 4
     assert sum(bool(meta.get("STATS")) for _, _, meta in launches) == 53
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 32
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 32
     # backward: each deferred BN's sums come from its consumer's dgrad epilogue (channel_grad merges them),
-    # and its apply rides in its producer's dgrad and wgrad; the other 21 BNs keep channel_grad + apply
-    flagged = {f: [k.fn.__name__ for k, _, meta in launches if meta.get(f)] for f in ("OUT_BNG", "IN_BNG", "G_BNG")}
-    assert len(flagged["OUT_BNG"]) == len(flagged["IN_BNG"]) == len(flagged["G_BNG"]) == 32, flagged
+    # and its apply rides in its producer's dgrad and wgrad.  So do 15 bn3s' (the block's output feeds the next
+    # block; the next block's conv1 or downsample dgrad runs last, adds the shortcut's gradient and takes relu'
+    # from the stored output).  The last bn3 and the stem's BN (a pool follows: no dgrad to ride in) take their
+    # sums from a reduction pass that writes g = dy·relu'; a downsample BN's from one over its block's g.
+    # No BN applies at all (the stem conv's input needs no gradient: 52 dgrads, 53 wgrads)
+    flagged = {f: [k.fn.__name__ for k, _, meta in launches if meta.get(f)]
+               for f in ("OUT_BNG", "IN_BNG", "G_BNG", "OUT_MASK")}
+    assert len(flagged["OUT_BNG"]) == 47 and len(flagged["IN_BNG"]) == 52 and len(flagged["G_BNG"]) == 53, flagged
+    assert len(flagged["OUT_MASK"]) == 15 and set(flagged["OUT_MASK"]) <= set(flagged["OUT_BNG"])
     assert all(n.startswith("conv_dgrad") for n in flagged["OUT_BNG"] + flagged["IN_BNG"])
     assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])
-    assert sum(bool(meta.get("PARTIALS")) for k, _, meta in launches if k.fn.__name__ == "channel_grad") == 32
-    assert names.count("channel_grad_apply") == 21
+    grads = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad" and meta["NORM"]]  # (not fc's bias)
+    assert len(grads) == 53 and sum(bool(meta.get("PARTIALS")) for meta in grads) == 47
+    assert sum(bool(meta.get("STORE_G")) for meta in grads) == 2
+    assert names.count("channel_grad_apply") == 0
 
 
 def test_no_deferral_where_the_activation_has_other_consumers(tmp_path):
@@ -76,7 +89,7 @@ def test_deferred_activation_is_not_kept_for_backward(tmp_path):
 
 
 @pytest.mark.parametrize("file,net,count", [
-    ("resnet.net", "ResNet18", 8),         # conv1 of each basic block
+    ("resnet.net", "ResNet18", 11),        # conv1 of each basic block, the 3 downsamples' BN (into the add)
     ("vgg.net", "VGG16_BN", 8),            # each conv followed by a conv, not a pool
     ("googlenet.net", "GoogLeNet", 19),    # conv2→conv3, and the 3×3 and 5×5 branches' reductions
     ("densenet.net", "DenseNet121", 119),  # norm1 and norm2 of 58 dense layers, each transition's norm

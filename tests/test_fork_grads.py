@@ -4,6 +4,7 @@ so ForkFn launches no sum.  Structure (ResNet-50's planned step), a no-change
 case (a consumer that cannot add: max pooling), and numbers against torch,
 including a partial backward whose offered gradients must not leak into the
 next pass."""
+import pytest
 import torch
 
 import netdsl
@@ -34,7 +35,8 @@ def test_resnet50_step_sums_no_forked_gradients_apart():
     summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
     # 16 bottlenecks: the block input's two gradients meet in the dgrad of conv1 or of the downsample conv
     assert adds == [] and len(summed) == 16 and all(n.startswith("conv_dgrad") for n in summed), summed
-    assert len(backward) == 184
+    # 53 wgrads, 52 dgrads, 53 BN reductions (47 merging dgrad partials), 2 pools, fc's bias: no BN apply
+    assert len(backward) == 163 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
 
 
 def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
@@ -53,12 +55,20 @@ def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
     grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
 
 
-def test_forked_gradients_match_torch(tmp_path):
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_forked_gradients_match_torch(tmp_path, act):
     p = tmp_path / "r.net"
-    p.write_text(BLOCK.format(tail="conv(3, 1)"))
+    p.write_text(BLOCK.format(tail="conv(3, 1)").replace("} -> relu", f"}} -> {act}"))
     tri, ref = twins(str(p), "R")
     _, backward = _planned_step(tri, torch.randn(2, 4, 8, 8))
     assert sum(bool(meta.get("HAS_RES")) for _, _, meta in backward) == 2
+    # the stem's and the first block's outputs each feed a block, whose conv1 dgrad runs last: it takes act'
+    # (relu's, and the block's act) and the producer's BN's sums, so that BN needs no reduction pass; the
+    # second block's last BN, before a plain conv, does
+    masked = [meta["OUT_MASK"] for _, _, meta in backward if meta.get("OUT_MASK")]
+    assert masked == [1 if act == "relu" else 4, 1], masked
+    reductions = [meta for k, _, meta in backward if k.fn.__name__ == "channel_grad" and meta["NORM"]]
+    assert sum(not meta["PARTIALS"] for meta in reductions) == 1
     grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
 
 
@@ -124,18 +134,20 @@ def test_dense_block_gradients_match_torch(tmp_path):
 def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
     """The interpreter accepts what ptxas may not: the dgrad and apply
     variants that add a sibling's gradient (and the deferred BN backward's
-    prologue and epilogue) compile for real GPUs, without spills."""
+    prologue and epilogue, a block output's act' in the dgrad, a shortcut's BN
+    in the apply) compile for real GPUs, without spills."""
     from netdsl import aot
 
     p = tmp_path / "f.net"
-    p.write_text(BLOCK.format(tail="conv(3, 1)") + DENSE)
+    p.write_text(BLOCK.format(tail="residual { conv(6, 3, stride=2, padding=1) -> bn } "
+                                   "shortcut { conv(6, 1, stride=2) -> bn } -> relu") + DENSE)
+    names = ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG", "OUT_MASK", "RES_BN")
     variants = []
     for net, shape in (("R", (16, 4, 8, 8)), ("Dn", (16, 3, 8, 8))):
         m = netdsl.build(str(p), net)
         variants += [v for v in aot.signatures(m, torch.randn(*shape), train=True, backward=True)
-                     if any(v[2].get(f) for f in ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG"))]
-    flags = {f for _, _, meta in variants for f in ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG") if meta.get(f)}
-    assert flags == {"HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG"}
+                     if any(v[2].get(f) for f in names)]
+    assert {f for _, _, meta in variants for f in names if meta.get(f)} == set(names)
     assert {k.fn.__name__.split("__")[0] for k, _, meta in variants if meta.get("HAS_RES")} >= \
         {"conv_dgrad", "channel_grad_apply"}
     for kernel, sig, meta in variants:

@@ -174,6 +174,24 @@ class _Forward:
         return (self.autograd and isinstance(item, ir.Fused) and item.kind in ("conv", "bn") and item.bn is not None
                 and not item.residual and isinstance(nxt, ir.Fused) and nxt.kind == "conv")
 
+    def shortcut(self, short: ir.Seq, body: ir.Seq, x: str) -> str:
+        """A fused residual's shortcut.  Where it ends in conv→BN (no act) and
+        the body in a conv→BN whose epilogue adds it (a downsample), the
+        autograd forward defers the shortcut's BN apply into that add: the
+        body's apply kernel normalises the shortcut as it loads it."""
+        last, end = short.items[-1], body.items[-1] if body.items else None
+        if not (self.autograd and isinstance(last, ir.Fused) and last.kind == "conv" and last.bn is not None
+                and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
+                and end.bn is not None and end.residual):
+            return self.emit(short, x)
+        for item, nxt in zip(short.items, short.items[1:]):
+            self.defer = self._can_defer(item, nxt)
+            x = self.emit(item, x)
+        self.defer = True
+        v = self.emit(last, x)
+        self.defer = False
+        return v
+
     def fork(self, x: str, n: int) -> list[str]:
         """n names for x, one per consumer.  In the autograd forward they are
         aliases from rt.fork, whose backward sums the consumers' gradients
@@ -266,7 +284,7 @@ class _Forward:
         body, short = j.branches if j.kind == "residual" else (j.branches[0], None)
         xs = self.fork(x, len(j.branches))
         if j.fused:
-            s = self.emit(short, xs[1]) if short.items else xs[1]
+            s = self.shortcut(short, j.branches[0], xs[1]) if short.items else xs[1]
             self.residual.append(s)
             v = self.emit(body, xs[0], out)
             self.residual.pop()

@@ -182,16 +182,16 @@ def $NAME(
     # pointers
     x_ptr, w_ptr, shift_ptr, res_ptr, y_ptr,
     ix_ptr, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr, in_coef_ptr,
-    ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr,
+    ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr, oy_ptr,
     # sizes
     N, H, W, C_in, Ho, Wo, C_out, in_slope, out_slope,
     # strides
     sxn, sxc, sxh, sxw, swi, swo, swh, sww, srn, src, srh, srw, syn, syc, syh, syw, sin, sic, sih, siw,
-    son, soc, soh, sow,
+    son, soc, soh, sow, sfn, sfc, sfh, sfw,
     # meta-parameters
     ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
-    OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr,
+    OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr, OUT_MASK: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -204,6 +204,10 @@ def $NAME(
     # g = y·act', the sums that BN's backward needs (no pass over y for them).
     # HAS_RES: res is another consumer's gradient of this dgrad's (forked)
     # input, added here instead of by a separate sum.
+    # OUT_MASK (an activation): this conv's input is oy = act(BN(ox) + res),
+    # stored (a residual block's output); with every consumer's gradient
+    # summed, the result is taken through act' (from oy) before it is stored,
+    # and OUT_BNG's sums are those of that BN: its reduction pass is gone.
     $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -250,6 +254,9 @@ def $NAME(
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
         acc = acc + r.to(ACC)
+    if OUT_MASK != 0:
+        fy = tl.load(oy_ptr + (n * sfn + oh * sfh + ow * sfw)[:, None] + co[None, :] * sfc, mask=mask, other=0.0)
+        acc = activation_grad(acc, fy.to(ACC), OUT_MASK, out_slope)
     y = acc.to(y_ptr.dtype.element_ty)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(y_ptr + y_off, y, mask=mask)
@@ -447,18 +454,22 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None):
     return dw
 
 
-def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None, residual=None):
+def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None, residual=None,
+                 out_mask=None):
     """dx = the input gradient of CONV2D: a transposed conv of dy with the same
     weight and geometry (CONV_TRANSPOSE2D instantiated with the conv's consts).
     grad_in: as conv2d_wgrad's.  grad_out (a BNGrad): dx is the gradient of
     the deferred BN + act applied to this conv's input; returns (dx,
     (Σ g, Σ g·x̂ per tile and channel, tile)) for norm.channel_grad.  residual:
-    a gradient of the same input from another of its consumers, added in."""
+    a gradient of the same input from another of its consumers, added in.
+    out_mask = (y, act, slope): the input is y = act(BN(grad_out.x) + r), as
+    stored; dx leaves as dx·act'(y) (grad_out's act must be None)."""
     return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups, grad_in=grad_in, grad_out=grad_out,
-                            residual=residual)
+                            residual=residual, out_mask=out_mask)
 
 
-def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None):
+def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
+                     out_mask=None):
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
@@ -474,12 +485,16 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
         ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
         pg, pgx = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
     r = residual if residual is not None else out
-    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx,
+    fy, mact, mslope = out_mask if out_mask is not None else (out, None, 0.0)
+    if out_mask is not None:
+        assert grad_out is None or grad_out.act is None, "act' is the mask's, not the BN's"
+        oslope = float(mslope)
+    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx, fy,
               N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
-              *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides,
+              *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides, *fy.stride(),
               HAS_SHIFT=bias is not None, HAS_RES=residual is not None, **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
-              **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])),
-              IDX64=rt.needs_int64(x, weight, out, r, *(b.x for b in (grad_in, grad_out) if b is not None)),
+              **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact],
+              IDX64=rt.needs_int64(x, weight, out, r, fy, *(b.x for b in (grad_in, grad_out) if b is not None)),
               PRECISION=rt.precision(x), ACC=rt.acc(x),
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
               # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's

@@ -126,15 +126,17 @@ CHANNEL_AFFINE = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, center_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr,
+    x_ptr, center_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, res_center_ptr, res_scale_ptr, res_shift_ptr,
     # sizes
     N, C, H, W, slope,
     # strides
     sxn, sxc, sxh, sxw, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
-    ACC: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_RES: tl.constexpr, RES_BN: tl.constexpr,
+    RES_CENTER: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # RES_BN: the residual is a conv output whose own BN (a downsample's) was
+    # deferred to here: normalised as it is loaded, never stored normalised.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if IDX64:
@@ -152,7 +154,13 @@ def $NAME(
     y = y + tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask, other=0.0)
-        y = y + r.to(ACC)
+        r = r.to(ACC)
+        if RES_BN:
+            if RES_CENTER:
+                r = r - tl.load(res_center_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            r = r * tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            r = r + tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+        y = y + r
     y = activation(y, ACT, slope)
     tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
 '''
@@ -487,14 +495,21 @@ def bn_fold(rt, kernel, bn, rstd, scale, shift, conv_bias=None):
               C, float(bn.eps), ACC=rt.acc(scale), AFFINE=bn.affine, CONV_BIAS=conv_bias is not None, BLOCK_C=bc)
 
 
-def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01, center=None):
+def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01, center=None,
+                   res_affine=None):
+    """out = act((x − center)·scale + shift [+ residual]); res_affine = (center
+    or None, scale, shift): the residual normalised the same way as it is loaded."""
     N, C, H, W = x4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
+    if rt.gpu_tiles(x4) and res_affine is not None:
+        bm = 32  # 64×64 spilled 76-92 bytes at 255 registers (sm_90 and sm_80, Triton 3.6)
     r = residual4 if residual4 is not None else out4
+    rc, rs, rh = res_affine if res_affine is not None else (None, scale, shift)
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)),
-              x4, center if center is not None else scale, scale, shift, r, out4, N, C, H, W, float(slope),
-              *x4.stride(), *r.stride(), *out4.stride(), ACC=rt.acc(x4), HAS_CENTER=center is not None,
-              HAS_RES=residual4 is not None, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, r),
+              x4, center if center is not None else scale, scale, shift, r, out4, rc if rc is not None else rs, rs, rh,
+              N, C, H, W, float(slope), *x4.stride(), *r.stride(), *out4.stride(), ACC=rt.acc(x4),
+              HAS_CENTER=center is not None, HAS_RES=residual4 is not None, RES_BN=res_affine is not None,
+              RES_CENTER=rc is not None, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, r),
               BLOCK_M=bm, BLOCK_C=bc)
 
 
