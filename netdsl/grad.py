@@ -22,7 +22,9 @@ C·x̂) come from one reduction, and the conv's dgrad and wgrad apply them as
 they load g.  That reduction's sums come from a neighbour's epilogue where
 one can take them: the consumer conv's dgrad (a deferred BN, see Deferred),
 or the dgrad that completes a forked block output's gradient (_BlockOut);
-otherwise from a pass over dy (writing g = dy·act'(y) on the way).
+otherwise from a pass over dy (writing g = dy·act'(y) on the way).  A conv
+without BN applies act' as its dgrad and wgrad load dy, and its wgrad sums
+the bias's gradient: its backward has no pass of its own.
 """
 from __future__ import annotations
 
@@ -62,23 +64,25 @@ class _BN:
     """Forward of y = act(BN(raw) + residual) with the statistics backward needs."""
 
     @staticmethod
-    def forward(K, bn, raw4, out4, residual4, act, slope, partials=None, res_affine=None):
+    def forward(K, bn, raw4, out4, residual4, act, slope, partials=None, res_affine=None, channel_stats=None):
         batch_stats = bn.training or bn.running_mean is None
         # eval: the fixed statistics folded to x·scale + shift, centred on the running mean for backward
         scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
-                                                        partials=partials if batch_stats else None)
+                                                        partials=partials if batch_stats else None,
+                                                        channel_stats=channel_stats)
         _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center,
                              res_affine=res_affine)
         return (center if batch_stats else bn.running_mean), rstd, batch_stats
 
     @staticmethod
     def backward(K, bn, dy4, out4, raw4, mean, rstd, batch_stats, act, slope, *, need_dx, need_res,
-                 need_affine, conv_bias=None, deferred=None, sibling=None):
+                 need_affine, conv_bias=None, deferred=None, sibling=None, partials=None):
         """(draw, dresidual, dgamma, dbeta, dconv_bias), None where not needed.
         sibling: raw's gradient from its other consumers, added into draw.
         deferred = (scale, shift, centered): the output was never stored
         (deferred BN), act' comes from y recomputed from raw4 as the
-        consumer's prologue made it."""
+        consumer's prologue made it.  partials: the sums, from a dgrad's
+        epilogue (see channel_grad)."""
         C = bn.num_features
         coef = torch.empty(3 * C, device=dy4.device, dtype=mean.dtype)
         # parameter gradients are stored in the parameters' dtype, sums stay fp32
@@ -88,7 +92,7 @@ class _BN:
         y4 = out4 if act is not None and deferred is None else None
         gamma = bn.weight if bn.affine else None
         _norm.channel_grad(_rt, K.channel_grad, dy4, y4=y4, act=act, slope=slope, x4=raw4, mean=mean, rstd=rstd,
-                           weight=gamma, deferred=deferred, train=batch_stats,
+                           weight=gamma, deferred=deferred, train=batch_stats, partials=partials,
                            dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef)
         draw = g = None
         if need_dx or need_res:
@@ -185,6 +189,17 @@ class _Back:
         self.coef, self.dcbias, self.conv_bias = None, None, conv_bias
 
 
+def _in_place(into, shape, x):
+    """The channels of a concatenation's buffer a part is stored in (into =
+    (buffer, c0)), or None where the buffer does not fit (autocast's dtype)."""
+    buf, c0 = into
+    N, C, H, W = shape
+    if buf.dtype != x.dtype or buf.device != x.device or buf.shape[0] != N or tuple(buf.shape[2:]) != (H, W) \
+            or c0 + C > buf.shape[1]:
+        return None
+    return rt.channel_range(buf, c0, c0 + C)
+
+
 class _BlockOut:
     """A stored y = act(BN(raw) + residual) of a conv (a residual block's
     output), for its consumers' backward: the last of them to run (a conv
@@ -227,7 +242,7 @@ class ConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, in_weight, in_bias, res_weight, res_bias, spec):
-        K, kernel, layer, bn, act, slope, out_shape, defer, inp, rdef = spec
+        K, kernel, layer, bn, act, slope, out_shape, defer, inp, rdef, into = spec
         linear = isinstance(layer, torch.nn.Linear)
         x4 = rt.as4d(x)
         w4 = weight.view(*weight.shape, 1, 1) if linear else weight
@@ -235,7 +250,8 @@ class ConvFn(torch.autograd.Function):
             out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
             kw = {}
         else:
-            out = rt.empty(out_shape, x)
+            out = _in_place(into, out_shape, x) if into is not None and defer is None else None
+            out = out if out is not None else rt.empty(out_shape, x)
             kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         if inp is not None:
             kw["prologue"] = inp.prologue()
@@ -289,6 +305,7 @@ class ConvFn(torch.autograd.Function):
         need_dx = nx or nin_w or nin_b  # a deferred input's BN parameters need dx too
         need_draw = need_dx or nw
         grad_in = None  # a deferred BN's backward, applied as dgrad and wgrad load dy
+        wgrad_db = None  # the bias's gradient, summed by the wgrad
         if defer is not None:  # dy is the gradient of the deferred activation, not of this conv's output
             if defer.back.coef is None:
                 raise RuntimeError("a deferred batch norm's backward ran before its consumer's")
@@ -311,16 +328,22 @@ class ConvFn(torch.autograd.Function):
                 need_affine=ngamma or nbeta, conv_bias=layer.bias if nb else None)
             if nres:  # the residual's gradient is g, before the BN backward
                 dres = draw
-        elif nb:  # bias: Σ g over pixels, g = dy·act'(y) written on the way when act needs it
-            dbias = torch.empty_like(layer.bias)
-            g = _grad_like(dy4) if act is not None and (need_draw or nres) else None
-            _norm.channel_grad(_rt, K.channel_grad, dy4, y4=out4, act=act, slope=slope, g4=g, dcbias=dbias)
-            draw = g if act is not None else dy4
-        elif act is not None and (need_draw or nres):
+        elif nres and act is not None:  # the residual's gradient is g = dy·act'(y) itself: one pass writes it
             draw = _grad_like(dy4)
-            _ew.elementwise(_rt, K.elementwise, 4, dy4, draw, other4=out4, act=act, slope=slope)
-        else:
+            if nb:  # (and sums it for the bias)
+                dbias = torch.empty_like(layer.bias)
+                _norm.channel_grad(_rt, K.channel_grad, dy4, y4=out4, act=act, slope=slope, g4=draw, dcbias=dbias)
+            else:
+                _ew.elementwise(_rt, K.elementwise, 4, dy4, draw, other4=out4, act=act, slope=slope)
+        else:  # act' applied as dgrad and wgrad load dy; the bias's sum taken by the wgrad
             draw = dy4
+            grad_in = _conv.ActGrad(out4, act, slope) if act is not None else None
+            if nb:
+                dbias = torch.empty_like(layer.bias)
+                if nw:
+                    wgrad_db = dbias
+                else:  # no wgrad to take it
+                    _norm.channel_grad(_rt, K.channel_grad, dy4, y4=out4, act=act, slope=slope, dcbias=dbias)
         if bn is None and nres:
             dres = draw
         bw = _backward_of(kernel)
@@ -337,8 +360,9 @@ class ConvFn(torch.autograd.Function):
             sibling = xfork.take() if xfork is not None and nx and not ctx.linear and inp is None else None
             # with every consumer's gradient of x in, the block that produced x gets its backward's sums here
             block = xfork.block if sibling is not None and xfork.complete() else None
+            # (a deferred BN's sums come from the epilogue whoever produced its input: no pass over dx for them)
             got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
-                                     grad_out=inp.bn_grad(rt.as4d(x)) if pass_back else
+                                     grad_out=inp.bn_grad(rt.as4d(x)) if inp is not None else
                                      block.bn_grad() if block is not None else None, residual=sibling,
                                      out_mask=(rt.as4d(x), block.act, block.slope) if block is not None else None)
             if pass_back:
@@ -350,7 +374,8 @@ class ConvFn(torch.autograd.Function):
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
             dw4 = dw.view(*dw.shape, 1, 1) if ctx.linear else dw
             _conv.conv2d_wgrad(_rt, bw.wgrad, draw, rt.as4d(x), dw4, groups=groups,
-                               prologue=inp.prologue() if inp is not None else None, grad_in=grad_in)
+                               prologue=inp.prologue() if inp is not None else None, grad_in=grad_in,
+                               dbias=wgrad_db)
         if pass_back:  # dx stays the deferred activation's gradient: what the producer expects
             dx = dx if nx else None
             din_w, din_b = (din_w, din_b) if nin_w or nin_b else (None, None)
@@ -358,7 +383,7 @@ class ConvFn(torch.autograd.Function):
             dx, _, din_w, din_b, _ = _BN.backward(
                 K, inp.bn, rt.as4d(dx), None, rt.as4d(x), inp.mean, inp.rstd, inp.batch_stats, inp.act, inp.slope,
                 need_dx=nx, need_res=False, need_affine=nin_w or nin_b, deferred=inp.recompute(),
-                sibling=_sibling_grad(xfork, ctx.concat, x) if nx else None)
+                sibling=_sibling_grad(xfork, ctx.concat, x) if nx else None, partials=got[1])
         if xfork is not None and nx and dx is not None and not pass_back:
             xfork.offer(dx)
         dres_w = dres_b = None
@@ -399,7 +424,7 @@ class BatchNormFn(torch.autograd.Function):
         out = rt.empty(tuple(x.shape), x)
         x4, out4 = rt.as4d(x), rt.as4d(out)
         mean, rstd, batch_stats = _BN.forward(K, bn, x4, out4, rt.as4d(residual) if residual is not None else None,
-                                              act, slope)
+                                              act, slope, channel_stats=getattr(x, "_netdsl_stats", None))
         ctx.save_for_backward(x, out if act is not None else None, mean, rstd)
         ctx.spec, ctx.stats = spec, batch_stats
         ctx.fork, ctx.concat = _fork_of(x), getattr(x, "_netdsl_concat", None)
@@ -691,29 +716,39 @@ class ConcatFn(torch.autograd.Function):
     Into a dense block's buffer (spec's into), the concatenations of a block
     share one buffer: each is its first channels, and copies only the
     features not there yet, so a block of L layers copies L features, not
-    L²/2, and keeps one buffer for backward, not L."""
+    L²/2, and keeps one buffer for backward, not L.  Into an inception's
+    buffer, each branch whose last kernel is a conv stored its output there
+    already (see _in_place): only the others are copied."""
 
     @staticmethod
     def forward(ctx, spec, *xs):
         K, into = spec
         N, _, H, W = xs[0].shape
         total = sum(x.shape[1] for x in xs)
+        if into is not None and (into.dtype != xs[0].dtype or into.device != xs[0].device):
+            into = None  # (autocast: the parts are in the convs' dtype, the buffer in the input's)
         if into is None:
             buf, filled = rt.concat_buffer(xs[0], total, H, W), {}
         else:
-            buf = rt.leading_channels(into, total)
+            buf = rt.channel_range(into, 0, total)
             filled = into.__dict__.setdefault("_netdsl_filled", {})  # channels → the tensor copied there
         c0 = 0
         ctx.bounds = []
         for x in xs:
             c1 = c0 + x.shape[1]
             key, src = (c0, c1), (x.data_ptr(), x._version, tuple(x.shape), x.stride())
-            if filled.get(key) != src:
-                rt.copy(K, x, buf[:, c0:c1])
+            dst = buf[:, c0:c1]
+            in_place = x.data_ptr() == dst.data_ptr() and x.stride() == dst.stride() and x.dtype == dst.dtype
+            if filled.get(key) != src and not in_place:  # (a branch's last conv stored it there: see _in_place)
+                rt.copy(K, x, dst)
                 filled[key] = src
             ctx.bounds.append((_fork_of(x), c0, c1))
             c0 = c1
         buf._netdsl_concat = ctx.bounds  # for its consumer's backward: see _sibling_grad
+        if into is not None:  # its BNs share the per-channel batch statistics: see rt.ChannelStats
+            if getattr(into, "_netdsl_stats", None) is None:
+                into._netdsl_stats = rt.ChannelStats(into)
+            buf._netdsl_stats = into._netdsl_stats
         return buf
 
     @staticmethod

@@ -249,18 +249,43 @@ class Kernels:
 _FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=None):
+class ChannelStats:
+    """Batch mean and variance per channel of a dense block's buffer, for its
+    first `known` channels: every later layer's BN normalises the same data
+    there, so each channel is reduced over once (see norm.bn_stats)."""
+
+    __slots__ = ("mean", "var", "known")
+
+    def __init__(self, buf):
+        dt = torch.float64 if _norm.reduce_acc(_rt, buf) == _tl().float64 else torch.float32
+        self.mean, self.var = (torch.empty(buf.shape[1], device=buf.device, dtype=dt) for _ in range(2))
+        self.known = 0
+
+
+def _tl():
+    import triton.language as tl
+
+    return tl
+
+
+def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=None, channel_stats=None):
     """(scale, shift, center, rstd): y = (x − center)·scale + shift; center is the
     batch mean in training (precision), None when folded to x·scale + shift
     (eval); rstd = 1/sqrt(var + eps) is what backward needs.  partials: the
-    producing conv's per-tile sums (training), so y4 need not be read again."""
+    producing conv's per-tile sums (training), so y4 need not be read again.
+    channel_stats (a ChannelStats): y4 is its buffer's first channels."""
     C = bn.num_features
     if training or bn.running_mean is None:
         count = y4.shape[0] * y4.shape[2] * y4.shape[3]
         if count <= 1 and bn.training:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
         mean, rstd, scale, shift = (stat_empty(C, y4) for _ in range(4))
-        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, rstd, scale, shift, partials=partials)
+        st = channel_stats if channel_stats is not None and partials is None and C <= channel_stats.mean.shape[0] \
+            else None
+        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, rstd, scale, shift, partials=partials,
+                       cache=(st.mean, st.var, min(st.known, C)) if st is not None else None)
+        if st is not None:
+            st.known = max(st.known, C)
         return scale, shift, mean, rstd
     # Eval: the fold only changes when a parameter or buffer does; torch bumps a
     # tensor's _version on every in-place write (optimizer steps, load_state_dict).
@@ -282,13 +307,16 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=No
     return scale, shift, None, rstd
 
 
-def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, defer=False, at=""):
+def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, defer=False, into=None,
+         at=""):
     """conv [+ BN] [+ residual] [+ act].  Eval: one kernel, BN folded into the
     epilogue.  Training: the conv (whose epilogue leaves per-tile sums), BN
     statistics merged from those sums, then one apply kernel.  defer (the
     autograd forward, when the only consumer is a conv): no apply kernel, a
     Deferred whose BN + act the consumer conv applies as it loads.  x may be
-    such a Deferred."""
+    such a Deferred.  into = (buffer, c0) (the autograd forward, a
+    concatenation's part): the output is stored in the buffer's channels from
+    c0 on, where the concatenation finds it in place."""
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     N = x.shape[0]
@@ -315,7 +343,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
         y = _grad.ConvFn.apply(x, weight, layer.bias, bn.weight if own_bn else None, bn.bias if own_bn else None,
                                residual, in_bn.weight if in_bn else None, in_bn.bias if in_bn else None,
                                res_bn.weight if res_bn else None, res_bn.bias if res_bn else None,
-                               (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo), held, inp, rdef))
+                               (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo), held, inp, rdef,
+                                into))
         if held is None:
             return y
         held.raw = y
@@ -366,7 +395,7 @@ def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
         _no_out(out)
         return _grad.ConvFn.apply(x, weight, layer.bias, None, None, None, None, None, None, None,
                                   (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features), None, None,
-                                   None))
+                                   None, None))
     if out is None:
         out = torch.empty((x.shape[0], layer.out_features), device=x.device, dtype=x.dtype)
     w4 = weight.view(layer.out_features, layer.in_features, 1, 1)
@@ -385,7 +414,8 @@ def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, defer=
         if defer and residual is None and x.dim() == 4:
             held = _grad.Deferred(bn, act, slope)
             batch_stats = bn.training or bn.running_mean is None
-            held.set_stats(batch_stats, *_bn_scale_shift(K, bn, x, batch_stats, cache=False))
+            held.set_stats(batch_stats, *_bn_scale_shift(K, bn, x, batch_stats, cache=False,
+                                                         channel_stats=getattr(x, "_netdsl_stats", None)))
             held.raw = x
             return held
         return _grad.BatchNormFn.apply(x, bn.weight, bn.bias, residual, (K, bn, act, slope))
@@ -515,13 +545,16 @@ def concat_buffer(x, channels: int, H: int, W: int):
     return empty((x.shape[0], channels, H, W), x)
 
 
-def leading_channels(buf, c: int):
-    """buf[:, 0:c] as a tensor of its own: the same memory, but not an autograd
-    view of buf (a dense block's concatenations share one buffer, and
-    autograd forbids a custom Function's output to be a view of a tensor that
-    later changes; the later writes go to other channels)."""
+def channel_range(buf, c0: int, c1: int):
+    """buf[:, c0:c1] as a tensor of its own: the same memory, but not an
+    autograd view of buf.  A concatenation's parts are written in place (a
+    branch's last conv stores into its channels; a dense block's growing
+    concatenations share one buffer), and autograd forbids a custom
+    Function's output to be a view of a tensor that later changes; the later
+    writes go to other channels."""
     t = torch.empty(0, device=buf.device, dtype=buf.dtype)
-    return t.set_(buf.untyped_storage(), buf.storage_offset(), (buf.shape[0], c, *buf.shape[2:]), buf.stride())
+    return t.set_(buf.untyped_storage(), buf.storage_offset() + c0 * buf.stride(1),
+                  (buf.shape[0], c1 - c0, *buf.shape[2:]), buf.stride())
 
 
 def concat(K, xs, into=None, at=""):

@@ -115,3 +115,43 @@ def test_deferred_batch_norm_backward_rides_in_dgrad_and_wgrad(tmp_path, act, tr
     expect_x = torch.nn.grad.conv2d_input(x.shape, wp, r.grad, **conv)
     expect_w = torch.nn.grad.conv2d_weight(x, wp.shape, r.grad, **conv)
     assert torch.allclose(dx, expect_x, rtol=1e-8, atol=1e-8) and torch.allclose(dw, expect_w, rtol=1e-8, atol=1e-8)
+
+
+def test_conv_act_backward_rides_in_dgrad_and_wgrad(tmp_path):
+    """A conv or linear + bias + act without BN: act' is applied as the dgrad
+    and wgrad load dy, and the wgrad sums the bias's gradient, so g is never
+    stored and there is no reduction pass.  No change where a residual needs g
+    itself (one pass writes it and sums the bias).  Numbers against torch."""
+    import netdsl
+    from twin import grad_compare, twins
+
+    p = tmp_path / "a.net"
+    p.write_text("net A input(3, 8, 8) {\n"
+                 "  conv(6, 3, padding=1) -> relu\n"
+                 "  conv(6, 3, padding=1) -> tanh\n"
+                 "  residual { conv(6, 3, padding=1) } -> leaky_relu(0.1)\n"
+                 "  flatten\n"
+                 "  linear(5) -> sigmoid\n"
+                 "  linear(3)\n"
+                 "}\n")
+    tri, ref = twins(str(p), "A")
+    tri.train()
+    with rt.plan_launches() as launches:
+        y = tri(torch.randn(2, 3, 8, 8))
+        n = len(launches)
+        y.backward(torch.empty_like(y))
+    backward = [(k.fn.__name__.split("__")[0], meta) for k, _, meta in launches[n:]]
+    assert [m["G_ACTG"] for k, m in backward if k == "conv_wgrad"] == [0, 3, 0, 4, 1]
+    assert [m["DBIAS"] for k, m in backward if k == "conv_wgrad"] == [True, True, False, True, True]
+    assert [m["IN_ACTG"] for k, m in backward if k == "conv_dgrad"] == [0, 3, 0, 4]  # (the input needs none)
+    # the residual conv: its output's gradient is also the shortcut's
+    assert [m["STORE_G"] for k, m in backward if k == "channel_grad"] == [True]
+    assert not any(k == "elementwise" and m["OP"] == 4 for k, m in backward)  # (no act' pass)
+    grad_compare(tri, ref, torch.randn(3, 3, 8, 8))
+    from netdsl import aot
+
+    for kernel, sig, meta in aot.signatures(tri, torch.randn(16, 3, 8, 8), train=True, backward=True):
+        if meta.get("G_ACTG") or meta.get("IN_ACTG") or meta.get("DBIAS"):
+            for arch in (90, 80):
+                info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
+                assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)

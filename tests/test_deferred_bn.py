@@ -128,8 +128,9 @@ def test_deferred_outputs_are_freed_without_the_garbage_collector(tmp_path):
 
 def test_batch_norm_not_after_a_conv_keeps_its_backward_apply(tmp_path):
     """DenseNet's norm→relu→conv on a tensor no conv produced (here a ReLU's
-    output): the forward still defers, but no conv's dgrad can take the BN
-    backward's apply, so it runs as its own kernel (and is still right)."""
+    output): the forward still defers, and the consumer's dgrad still takes
+    the BN backward's sums, but no conv's dgrad can take its apply, so that
+    runs as its own kernel (and is still right)."""
     p = tmp_path / "b.net"
     p.write_text("net B input(4, 8, 8) { conv(6, 3, padding=1) -> relu -> bn -> relu -> conv(5, 3, padding=1) }\n")
     tri, ref = twins(str(p), "B")
@@ -141,5 +142,7 @@ def test_batch_norm_not_after_a_conv_keeps_its_backward_apply(tmp_path):
         y.backward(torch.empty_like(y))
     applies = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad_apply"]
     assert len(applies) == 1 and applies[0]["Y_FROM_X"]
-    assert not any(meta.get(f) for _, _, meta in launches for f in ("OUT_BNG", "IN_BNG", "G_BNG", "PARTIALS"))
+    assert [k.fn.__name__.split("__")[0] for k, _, meta in launches if meta.get("OUT_BNG")] == ["conv_dgrad"]
+    assert sum(bool(meta.get("PARTIALS")) for _, _, meta in launches) == 1
+    assert not any(meta.get(f) for _, _, meta in launches for f in ("IN_BNG", "G_BNG"))
     grad_compare(tri, ref, torch.randn(3, 4, 8, 8))

@@ -35,8 +35,9 @@ def test_resnet50_step_sums_no_forked_gradients_apart():
     summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
     # 16 bottlenecks: the block input's two gradients meet in the dgrad of conv1 or of the downsample conv
     assert adds == [] and len(summed) == 16 and all(n.startswith("conv_dgrad") for n in summed), summed
-    # 53 wgrads, 52 dgrads, 53 BN reductions (47 merging dgrad partials), 2 pools, fc's bias: no BN apply
-    assert len(backward) == 163 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
+    # 53 wgrads (and fc's: it sums the bias too), 52 dgrads, 53 BN reductions (47 merging dgrad partials),
+    # 2 pools: no BN apply
+    assert len(backward) == 162 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
 
 
 def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
@@ -135,13 +136,14 @@ def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
     """The interpreter accepts what ptxas may not: the dgrad and apply
     variants that add a sibling's gradient (and the deferred BN backward's
     prologue and epilogue, a block output's act' in the dgrad, a shortcut's BN
-    in the apply) compile for real GPUs, without spills."""
+    in the apply, a dense block's cached statistics) compile for real GPUs,
+    without spills."""
     from netdsl import aot
 
     p = tmp_path / "f.net"
     p.write_text(BLOCK.format(tail="residual { conv(6, 3, stride=2, padding=1) -> bn } "
                                    "shortcut { conv(6, 1, stride=2) -> bn } -> relu") + DENSE)
-    names = ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG", "OUT_MASK", "RES_BN")
+    names = ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG", "OUT_MASK", "RES_BN", "CACHED")
     variants = []
     for net, shape in (("R", (16, 4, 8, 8)), ("Dn", (16, 3, 8, 8))):
         m = netdsl.build(str(p), net)
@@ -158,13 +160,17 @@ def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
 
 def test_a_dense_block_copies_each_feature_once_into_one_buffer(tmp_path):
     """The autograd forward's concatenations share one buffer per block: each
-    copies only the newest feature (DenseNet-121: 58 features and 4 block
-    inputs, not ~600 copies), and backward keeps that one buffer, not one
-    concatenation per layer."""
+    layer's last conv stores its feature in the buffer's channels, so only
+    the 4 block inputs are copied (not the ~600 copies of concatenating
+    afresh), and backward keeps that one buffer, not one concatenation per
+    layer.  An inception's branches store into their concatenation alike."""
     m = netdsl.build("specs/densenet.net", "DenseNet121")
     forward, _ = _planned_step(m, torch.randn(2, 3, 64, 64))
     copies = [meta for k, _, meta in forward if k.fn.__name__ == "elementwise" and meta["OP"] == 3]
-    assert len(copies) == 62
+    assert len(copies) == 4
+    g = netdsl.build("specs/googlenet.net", "GoogLeNet")
+    forward, _ = _planned_step(g, torch.randn(2, 3, 64, 64))
+    assert not any(k.fn.__name__ == "elementwise" and meta["OP"] == 3 for k, _, meta in forward)
     p = tmp_path / "d8.net"
     p.write_text(DENSE.split("net Dn")[0] + "net Dn input(8, 8, 8) {\n"
                  "    block1: dense { for j in range(8) { layer{j + 1}: DL(4) } }\n    conv(4, 1)\n}\n")
@@ -174,3 +180,44 @@ def test_a_dense_block_copies_each_feature_once_into_one_buffer(tmp_path):
     # torch keeps every layer's concatenation (8 of them, growing); netdsl one 40-channel buffer
     assert 3 * saved["tri"] < saved["ref"], saved
     grad_compare(tri, ref, x)
+
+
+def test_concat_branches_store_in_place_except_where_a_pool_ends_one(tmp_path):
+    """Structure: the conv-ended branches store into the concatenation's
+    channels, the pool-ended one is copied (no change there); numbers against
+    torch, train and eval."""
+    p = tmp_path / "c.net"
+    p.write_text("net C input(4, 8, 8) {\n"
+                 "  conv(6, 1) -> bn -> relu\n"
+                 "  concat { conv(4, 1) -> bn -> relu ; maxpool(3, stride=1, padding=1) ; conv(3, 3, padding=1) }\n"
+                 "  conv(5, 1) -> bn\n"
+                 "}\n")
+    tri, ref = twins(str(p), "C")
+    forward, _ = _planned_step(tri, torch.randn(2, 4, 8, 8))
+    copies = [args for k, args, meta in forward if k.fn.__name__ == "elementwise" and meta["OP"] == 3]
+    assert len(copies) == 1 and copies[0][0][1][1] == 6  # the pool's 6 channels
+    grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
+
+
+def test_dense_layers_share_their_inputs_batch_statistics(tmp_path):
+    """Every dense layer's first BN normalises the block buffer's leading
+    channels, whose batch statistics do not change from layer to layer: each
+    BN reduces only the channels no earlier one did (one feature), and takes
+    the rest from the block's cache.  Outputs and running statistics against
+    torch after a training forward."""
+    from twin import rel_err
+
+    p = tmp_path / "d.net"
+    p.write_text(DENSE)
+    tri, ref = twins(str(p), "Dn")
+    forward, _ = _planned_step(tri, torch.randn(2, 3, 8, 8))
+    stats = [(args[0][1][1], meta["CACHED"]) for k, args, meta in forward if k.fn.__name__ == "bn_stats"
+             and not meta["PARTIALS"]]
+    # the block input's 6 channels, then each layer's 3-channel feature; norm5 reads only the last feature
+    assert stats == [(6, True), (3, True), (3, True), (3, True), (3, True)], stats
+    x = torch.randn(4, 3, 8, 8)
+    tri.train(), ref.train()
+    ya, yb = tri(x), ref(x)
+    assert rel_err(ya, yb) < 1e-4
+    for (name, a), (_, b) in zip(tri.state_dict().items(), ref.state_dict().items()):
+        assert rel_err(a.double(), b.double()) < 1e-5, name

@@ -112,6 +112,13 @@ def _chain_text(f: ir.Fused) -> str:
     return f"{' -> '.join(names)}  ({where(f.main)})"
 
 
+def _last_conv(node):
+    """The fused conv whose kernel stores node's output, if one does."""
+    while isinstance(node, ir.Seq) and node.items:
+        node = node.items[-1]
+    return node if isinstance(node, ir.Fused) and node.kind == "conv" else None
+
+
 def _preserves_size(node) -> bool:
     """True when node's output has its input's spatial size for every input size."""
     if isinstance(node, ir.Layer):
@@ -139,6 +146,7 @@ class _Forward:
         self.count = 0
         self.residual: list[str] = []  # shortcut tensors awaiting a fused epilogue
         self.defer = False  # the next fused conv leaves its BN + act to its consumer conv
+        self.into: tuple | None = None  # (a Fused conv, "buffer, c0"): it stores its output in a concat's buffer
 
     def var(self) -> str:
         self.count += 1
@@ -225,6 +233,8 @@ class _Forward:
             bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
             if self.defer:
                 bn += ", defer=True"
+            if self.into is not None and self.into[0] is f:
+                bn += f", into=({self.into[1]})"
             self.put(f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{self._out(out)}, at={at!r})")
         elif f.kind == "linear":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
@@ -302,9 +312,21 @@ class _Forward:
     def concat(self, j: ir.Join, x: str, out: str | None) -> str:
         C = j.out_shape[0]
         if self.autograd:
-            outs = [self.emit(b, xi) for b, xi in zip(j.branches, self.fork(x, len(j.branches)))]
+            xs = self.fork(x, len(j.branches))
+            buf = None
+            if all(_preserves_size(b) for b in j.branches):
+                # each branch whose last kernel is a conv stores its output in its channels of the buffer
+                buf = self.var()
+                self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # concat {j.name} ({where(j)})")
+            outs, c0 = [], 0
+            for b, xi in zip(j.branches, xs):
+                self.into = (_last_conv(b), f"{buf}, {c0}") if buf is not None else None
+                outs.append(self.emit(b, xi))
+                self.into = None
+                c0 += b.out_shape[0]
             v = self.var()
-            self.put(f"{v} = rt.concat(K, [{', '.join(outs)}], at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
+            into = f", into={buf}" if buf is not None else ""
+            self.put(f"{v} = rt.concat(K, [{', '.join(outs)}]{into}, at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
             return v
         buf = out or self.var()
         if all(_preserves_size(b) for b in j.branches):
@@ -339,13 +361,15 @@ class _Forward:
             self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
             # feature j feeds the steps j..L-1 (all of them for the input) and the final concat
             aliases = [self.fork(x, L + 1)]
+            c = d.in_shape[0]
             for k, step in enumerate(d.steps):
-                if k == 0:
-                    inp = aliases[0].pop()
-                else:
-                    inp = self.var()
-                    self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
+                # (the first layer's input too goes through the buffer: its BN's statistics are kept there)
+                inp = self.var()
+                self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
+                self.into = (_last_conv(step), f"{buf}, {c}")  # the feature is stored in its channels straight away
                 aliases.append(self.fork(self.emit(step, inp), L - (k + 1) + 1))
+                self.into = None
+                c += step.out_shape[0]
             v = self.var()
             self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
             return v

@@ -192,6 +192,7 @@ def $NAME(
     ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
     OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr, OUT_MASK: tl.constexpr,
+    IN_ACTG: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -204,6 +205,8 @@ def $NAME(
     # g = y·act', the sums that BN's backward needs (no pass over y for them).
     # HAS_RES: res is another consumer's gradient of this dgrad's (forked)
     # input, added here instead of by a separate sum.
+    # IN_ACTG (an activation): x is the gradient of act's output, ix that
+    # output (a conv + act without BN): act' is applied as x is loaded.
     # OUT_MASK (an activation): this conv's input is oy = act(BN(ox) + res),
     # stored (a residual block's output); with every consumer's gradient
     # summed, the result is taken through act' (from oy) before it is stored,
@@ -244,6 +247,9 @@ def $NAME(
             ix = tl.load(ix_ptr + (n * sin + ih * sih + iw * siw)[:, None] + ci[None, :] * sic, mask=a_mask, other=0.0)
             a = bn_grad_prologue(a, ix, a_mask, ci, k_mask, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr,
                                  in_coef_ptr, C_in, IN_CENTER, IN_ACT, in_slope, IN_TRAIN, ACC, 1).to(x_ptr.dtype.element_ty)
+        if IN_ACTG != 0:
+            iy = tl.load(ix_ptr + (n * sin + ih * sih + iw * siw)[:, None] + ci[None, :] * sic, mask=a_mask, other=0.0)
+            a = activation_grad(a.to(ACC), iy.to(ACC), IN_ACTG, in_slope).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ci[:, None] * swi + offs_n[None, :] * swo + kh * swh + kw * sww,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
@@ -276,7 +282,7 @@ CONV2D_WGRAD = r'''
 def $NAME(
     # pointers
     dy_ptr, x_ptr, dw_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
-    gx_ptr, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr,
+    gx_ptr, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr, db_ptr,
     # sizes
     N, H, W, C_in, Ho, Wo, C_out, in_slope, g_slope,
     # strides
@@ -284,9 +290,14 @@ def $NAME(
     # meta-parameters
     ACC: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
     G_BNG: tl.constexpr, G_CENTER: tl.constexpr, G_ACT: tl.constexpr, G_TRAIN: tl.constexpr,
-    IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    G_ACTG: tl.constexpr, DBIAS: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # G_ACTG (an activation): dy is the gradient of act's output, gx that
+    # output; act' is applied as dy is loaded (as the dgrad's IN_ACTG).
+    # DBIAS: the programs of the first input-channel block and tap, which
+    # between them read all of dy once, also sum it per output channel: the
+    # conv bias's gradient, without a pass of its own.
     $GEOMETRY
     cin_g = C_in // G
     cout_g = C_out // G
@@ -301,6 +312,7 @@ def $NAME(
     co = g * cout_g + offs_co
     ci = g * cin_g + offs_ci
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    db = tl.zeros((BLOCK_M,), dtype=ACC)
     for m0 in range(0, N * Ho * Wo, BLOCK_K):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         if IDX64:
@@ -318,6 +330,11 @@ def $NAME(
             gx = tl.load(gx_ptr + co[:, None] * sgc + (n * sgn + oh * sgh + ow * sgw)[None, :], mask=a_mask, other=0.0)
             a = bn_grad_prologue(a, gx, a_mask, co, co_mask, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr,
                                  g_coef_ptr, C_out, G_CENTER, G_ACT, g_slope, G_TRAIN, ACC, 0).to(dy_ptr.dtype.element_ty)
+        if G_ACTG != 0:
+            gy = tl.load(gx_ptr + co[:, None] * sgc + (n * sgn + oh * sgh + ow * sgw)[None, :], mask=a_mask, other=0.0)
+            a = activation_grad(a.to(ACC), gy.to(ACC), G_ACTG, g_slope).to(dy_ptr.dtype.element_ty)
+        if DBIAS:
+            db += tl.sum(a.to(ACC), axis=1)
         b_mask = pix_ok[:, None] & ci_mask[None, :]
         b = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc, mask=b_mask, other=0.0)
         if IN_BN:
@@ -326,6 +343,8 @@ def $NAME(
         acc += tl.dot(a, b, input_precision=PRECISION)
     dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask[:, None] & ci_mask[None, :])
+    if DBIAS:
+        tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask & (tl.program_id(1) == 0) & (tap == 0))
 '''
 
 
@@ -416,20 +435,37 @@ class BNGrad(NamedTuple):
     coef: object = None
 
 
+class ActGrad(NamedTuple):
+    """dy is the gradient of act's output y (a conv + act, no BN): the backward
+    kernels apply act' as they load it, so g = dy·act'(y) is never stored."""
+    y: torch.Tensor
+    act: object
+    slope: float
+
+
 def _bng_args(bng, dummy):
-    """(x, mean, rstd, scale, shift, coef pointers), slope, x's strides, (BNG, CENTER, ACT, TRAIN) of a BNGrad."""
+    """(x, mean, rstd, scale, shift, coef pointers), slope, x's strides, (BNG, CENTER, ACT, TRAIN) of a BNGrad;
+    an ActGrad passes its y where a BNGrad's x goes (the kernels' *_ACTG)."""
     if bng is None:
         return (dummy,) * 6, 0.0, (0, 0, 0, 0), (False, False, 0, False)
+    if isinstance(bng, ActGrad):
+        return (bng.y,) + (dummy,) * 5, float(bng.slope), bng.y.stride(), (False, False, 0, False)
     coef = bng.coef if bng.coef is not None else bng.mean
     return ((bng.x, bng.mean, bng.rstd, bng.scale, bng.shift, coef), float(bng.slope), bng.x.stride(),
             (True, bng.center, ACT_CODES[bng.act], bng.train))
 
 
-def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None):
+def _actg(grad_in):
+    return ACT_CODES[grad_in.act] if isinstance(grad_in, ActGrad) else 0
+
+
+def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None):
     """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy
     and its input x (with prologue: as conv2d's, x before its deferred BN + act).
     grad_in (a BNGrad with coef): dy is the gradient of a deferred BN + act
-    applied to this conv's output; its backward is applied as dy is loaded."""
+    applied to this conv's output; its backward is applied as dy is loaded
+    (an ActGrad: act' is).  dbias: also the bias's gradient, Σ of that
+    gradient per output channel."""
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     KH, KW = dw.shape[2], dw.shape[3]
@@ -446,9 +482,11 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None):
     # none spills under either (sm_90 and sm_80).  Autotuning will pick per shape.
     pptrs, pslope, pmeta = _prologue_args(prologue, dw)
     gptrs, gslope, gstrides, gflags = _bng_args(grad_in, dw)
-    rt.launch(kernel, grid, dy, x, dw, *pptrs, *gptrs, N, H, W, C_in, Ho, Wo, C_out, pslope, gslope,
+    rt.launch(kernel, grid, dy, x, dw, *pptrs, *gptrs, dbias if dbias is not None else dw,
+              N, H, W, C_in, Ho, Wo, C_out, pslope, gslope,
               *dy.stride(), *x.stride(), *dw.stride(), *gstrides, **pmeta,
-              **dict(zip(("G_BNG", "G_CENTER", "G_ACT", "G_TRAIN"), gflags)),
+              **dict(zip(("G_BNG", "G_CENTER", "G_ACT", "G_TRAIN"), gflags)), G_ACTG=_actg(grad_in),
+              DBIAS=dbias is not None,
               IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
               **({"num_warps": 8, "num_stages": 2, "maxnreg": 255} if rt.gpu_tiles(x) else {}))
     return dw
@@ -494,7 +532,8 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides, *fy.stride(),
               HAS_SHIFT=bias is not None, HAS_RES=residual is not None, **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
               **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact],
-              IDX64=rt.needs_int64(x, weight, out, r, fy, *(b.x for b in (grad_in, grad_out) if b is not None)),
+              IN_ACTG=_actg(grad_in),
+              IDX64=rt.needs_int64(x, weight, out, r, fy, *(b[0] for b in (grad_in, grad_out) if b is not None)),
               PRECISION=rt.precision(x), ACC=rt.acc(x),
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
               # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's

@@ -20,18 +20,27 @@ BN_STATS = r'''
 def $NAME(
     # pointers
     x_ptr, psum_ptr, pm2_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
+    cmean_ptr, cvar_ptr,
     # sizes
-    N, C, H, W, T, TILE, eps, momentum,
+    N, C, H, W, T, TILE, KNOWN, eps, momentum,
     # strides
     sxn, sxc, sxh, sxw,
     # meta-parameters
-    PARTIALS: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr,
+    PARTIALS: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, CACHED: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # ACC: the accumulation type; fp64 where torch's own kernels use double (CPU)
+    # CACHED: the channels below KNOWN have their batch mean and variance in
+    # cmean / cvar already (a dense block's buffer holds the same data under
+    # every later layer's BN); x starts at channel KNOWN, and only the newer
+    # channels are read, then cached.
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     M = N * H * W
+    fresh = offs_c >= KNOWN
+    m_end = M
+    if CACHED:  # a program whose channels are all cached reads no pixels
+        m_end = tl.where(tl.program_id(0) * BLOCK_C + BLOCK_C > KNOWN, M, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     if PARTIALS:
         # the producing conv's epilogue left, per tile t of TILE pixels, the
@@ -41,12 +50,14 @@ def $NAME(
             mask = (offs_t < T)[:, None] & c_mask[None, :]
             acc += tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
     else:
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(0, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask = (offs_m < M)[:, None] & c_mask[None, :]
+            mask = (offs_m < M)[:, None] & (c_mask & fresh)[None, :]
             row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-            acc += tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+            acc += tl.load(x_ptr + row[:, None] + (offs_c - KNOWN)[None, :] * sxc, mask=mask, other=0.0).to(ACC)
     mean = tl.sum(acc, axis=0) / M
+    if CACHED:
+        mean = tl.where(fresh, mean, tl.load(cmean_ptr + offs_c, mask=c_mask & ~fresh, other=0.0).to(ACC))
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     if PARTIALS:
         # Chan et al.: M2 = Σ_t (M2_t + n_t·(mean_t − mean)²), no cancellation
@@ -60,15 +71,20 @@ def $NAME(
             d = s / cnt - mean[None, :]
             acc += tl.where(mask, q + cnt * d * d, 0.0)
     else:
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(0, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask = (offs_m < M)[:, None] & c_mask[None, :]
+            mask = (offs_m < M)[:, None] & (c_mask & fresh)[None, :]
             row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
-            v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
+            v = tl.load(x_ptr + row[:, None] + (offs_c - KNOWN)[None, :] * sxc, mask=mask, other=0.0).to(ACC)
             d = tl.where(mask, v - mean[None, :], 0.0)
             acc += d * d
     STAT = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
-    var = (tl.sum(acc, axis=0) / M).to(STAT)
+    var = tl.sum(acc, axis=0) / M
+    if CACHED:
+        var = tl.where(fresh, var, tl.load(cvar_ptr + offs_c, mask=c_mask & ~fresh, other=0.0).to(ACC))
+        tl.store(cmean_ptr + offs_c, mean.to(cmean_ptr.dtype.element_ty), mask=c_mask & fresh)
+        tl.store(cvar_ptr + offs_c, var.to(cvar_ptr.dtype.element_ty), mask=c_mask & fresh)
+    var = var.to(STAT)
     mean = mean.to(STAT)
     # the apply kernel computes (x − mean)·scale + shift; backward needs rstd
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -458,24 +474,29 @@ def _reduce_tiles(rt, x4):
     return bm, 16 if rt.gpu_tiles(x4) else bc
 
 
-def bn_stats(rt, kernel, bn, x4, mean, rstd, scale, shift, partials=None):
+def bn_stats(rt, kernel, bn, x4, mean, rstd, scale, shift, partials=None, cache=None):
     """Training: batch mean, rstd, scale and shift of `bn` over x4, and its
     running-stat update; from the producing conv's per-tile partials when given
-    (x4 is then not read)."""
+    (x4 is then not read).  cache = (cmean, cvar, known): per-channel batch
+    mean and variance of x4's data, valid for its first `known` channels;
+    only the others are read, and their statistics are added to the cache."""
     N, C, H, W = x4.shape
     bm, bc = _reduce_tiles(rt, x4)
     track = bn.running_mean is not None
     psum, pm2, tile = partials if partials is not None else (mean, mean, 1)
     if partials is not None:
         bm = min(bm, triton.next_power_of_2(psum.shape[0]))
-    # with partials x4 is not read: pass a partials buffer in its place (what a launch touches stays exact)
-    rt.launch(kernel, (triton.cdiv(C, bc),), x4 if partials is None else psum, psum, pm2,
+    cmean, cvar, known = cache if cache is not None else (mean, mean, 0)
+    # with partials x4 is not read: pass a partials buffer in its place (what a launch touches stays exact);
+    # with a cache, only the channels from `known` on
+    x = psum if partials is not None else x4[:, known:] if known else x4
+    rt.launch(kernel, (triton.cdiv(C, bc),), x, psum, pm2,
               bn.weight if bn.affine else mean, bn.bias if bn.affine else mean,
               bn.running_mean if track else mean, bn.running_var if track else mean,
-              bn.num_batches_tracked if track else mean, mean, rstd, scale, shift,
-              N, C, H, W, psum.shape[0] if partials is not None else 1, tile,
+              bn.num_batches_tracked if track else mean, mean, rstd, scale, shift, cmean, cvar,
+              N, C, H, W, psum.shape[0] if partials is not None else 1, tile, known,
               float(bn.eps), float(bn.momentum if bn.momentum is not None else 0.0), *x4.stride(),
-              PARTIALS=partials is not None, AFFINE=bn.affine, TRACK=track and bn.training,
+              PARTIALS=partials is not None, AFFINE=bn.affine, TRACK=track and bn.training, CACHED=cache is not None,
               ACC=reduce_acc(rt, x4), BLOCK_M=bm, BLOCK_C=bc)
 
 
