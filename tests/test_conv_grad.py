@@ -11,7 +11,8 @@ from netdsl.kernels import conv as kconv
 from netdsl.kernels import ACTIVATION, ACTIVATION_GRAD, render
 from netdsl.kernels import norm as knorm
 
-HELPERS = ((ACTIVATION, "activation"), (ACTIVATION_GRAD, "activation_grad"), (kconv.BN_ACT_PROLOGUE, "bn_act_prologue"),
+HELPERS = ((ACTIVATION, "activation"), (ACTIVATION_GRAD, "activation_grad"), (kconv.CHANNEL_VECTOR, "channel_vector"),
+           (kconv.BN_ACT_PROLOGUE, "bn_act_prologue"),
            (kconv.BN_ACT_GRAD, "bn_act_grad"), (kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue"),
            (knorm.CHANNEL_GRAD, "channel_grad"))
 

@@ -408,6 +408,8 @@ def generate(nets: list[ir.Net], source: str) -> str:
            ""]
     out += ["", render(ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh")]
     out += ["", render(ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)")]
+    out += ["", render(kconv.CHANNEL_VECTOR, "channel_vector",
+                       "a per-channel vector for a tile's channels, broadcast along its rows or columns")]
     out += ["", render(kconv.BN_ACT_PROLOGUE, "bn_act_prologue",
                        "a deferred batch norm + activation, applied as a conv loads its input")]
     out += ["", render(kconv.BN_ACT_GRAD, "bn_act_grad",

@@ -97,6 +97,19 @@ def $NAME(
         tl.store(pm2_ptr + pid_m * C_out + co, tl.sum(d * d, axis=0), mask=n_mask)
 '''
 
+# A per-channel vector (a BN statistic or coefficient) for the channels c of
+# a tile, broadcast along the tile: channels run along AXIS (1: columns, 0: rows).
+CHANNEL_VECTOR = r'''
+@triton.jit
+def $NAME(ptr, c, c_mask, ACC: tl.constexpr, AXIS: tl.constexpr):
+    v = tl.load(ptr + c, mask=c_mask, other=0.0).to(ACC)
+    if AXIS == 1:
+        v = v[None, :]
+    else:
+        v = v[:, None]
+    return v
+'''
+
 # A deferred batch norm + activation applied as a conv's input is loaded:
 # the producing layer stored only its conv output (and its statistics), so
 # the normalised activation never makes a round trip through memory.
@@ -107,9 +120,8 @@ def $NAME(v, mask, c, c_mask, center_ptr, scale_ptr, shift_ptr, HAS_CENTER: tl.c
           ACC: tl.constexpr):
     v = v.to(ACC)
     if HAS_CENTER:
-        v = v - tl.load(center_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
-    v = v * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
-    v = v + tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(ACC)[None, :]
+        v = v - channel_vector(center_ptr, c, c_mask, ACC, 1)
+    v = v * channel_vector(scale_ptr, c, c_mask, ACC, 1) + channel_vector(shift_ptr, c, c_mask, ACC, 1)
     v = activation(v, ACT, slope)
     return tl.where(mask, v, 0.0)
 '''
@@ -123,31 +135,19 @@ BN_ACT_GRAD = r'''
 @triton.jit
 def $NAME(dy, x, mask, c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, CENTER: tl.constexpr, ACT: tl.constexpr,
           slope, ACC: tl.constexpr, AXIS: tl.constexpr):
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    if AXIS == 1:
-        mean = mean[None, :]
-        rstd = rstd[None, :]
-    else:
-        mean = mean[:, None]
-        rstd = rstd[:, None]
+    mean = channel_vector(mean_ptr, c, c_mask, ACC, AXIS)
     x = x.to(ACC)
     g = dy.to(ACC)
     if ACT != 0:
-        scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        if AXIS == 1:
-            scale = scale[None, :]
-            shift = shift[None, :]
-        else:
-            scale = scale[:, None]
-            shift = shift[:, None]
+        scale = channel_vector(scale_ptr, c, c_mask, ACC, AXIS)
+        shift = channel_vector(shift_ptr, c, c_mask, ACC, AXIS)
         if CENTER:
             y = (x - mean) * scale + shift
         else:  # eval: folded to x·scale + shift
             y = x * scale + shift
         g = activation_grad(g, activation(y, ACT, slope), ACT, slope)
-    return tl.where(mask, g, 0.0), tl.where(mask, (x - mean) * rstd, 0.0)
+    xh = (x - mean) * channel_vector(rstd_ptr, c, c_mask, ACC, AXIS)
+    return tl.where(mask, g, 0.0), tl.where(mask, xh, 0.0)
 '''
 
 # ... and the batch norm's input gradient from it, dx = A·g + B + C·x̂ (coef
@@ -158,19 +158,10 @@ BN_GRAD_PROLOGUE = r'''
 def $NAME(dy, x, mask, c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, coef_ptr, C, CENTER: tl.constexpr,
           ACT: tl.constexpr, slope, TRAIN: tl.constexpr, ACC: tl.constexpr, AXIS: tl.constexpr):
     g, xh = bn_act_grad(dy, x, mask, c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, CENTER, ACT, slope, ACC, AXIS)
-    a = tl.load(coef_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    if AXIS == 1:
-        a = a[None, :]
-    else:
-        a = a[:, None]
-    dx = a * g
+    dx = channel_vector(coef_ptr, c, c_mask, ACC, AXIS) * g
     if TRAIN:
-        b = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0).to(ACC)
-        cc = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0).to(ACC)
-        if AXIS == 1:
-            dx = dx + b[None, :] + cc[None, :] * xh
-        else:
-            dx = dx + b[:, None] + cc[:, None] * xh
+        dx = dx + channel_vector(coef_ptr + C, c, c_mask, ACC, AXIS) \
+            + channel_vector(coef_ptr + 2 * C, c, c_mask, ACC, AXIS) * xh
     return tl.where(mask, dx, 0.0)
 '''
 
