@@ -335,7 +335,8 @@ def $NAME(
     dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask[:, None] & ci_mask[None, :])
     if DBIAS:
-        tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask & (tl.program_id(1) == 0) & (tap == 0))
+        if (tl.program_id(1) == 0) & (tap == 0):
+            tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask)
 '''
 
 
