@@ -83,17 +83,9 @@ class _BN:
         (deferred BN), act' comes from y recomputed from raw4 as the
         consumer's prologue made it.  partials: the sums, from a dgrad's
         epilogue (see channel_grad)."""
-        C = bn.num_features
-        coef = torch.empty(3 * C, device=dy4.device, dtype=mean.dtype)
-        # parameter gradients are stored in the parameters' dtype, sums stay fp32
-        dgamma = torch.empty_like(bn.weight) if bn.affine else None
-        dbeta = torch.empty_like(bn.bias) if bn.affine else None
-        dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
         y4 = out4 if act is not None and deferred is None else None
-        gamma = bn.weight if bn.affine else None
-        _norm.channel_grad(_rt, K.channel_grad, dy4, y4=y4, act=act, slope=slope, x4=raw4, mean=mean, rstd=rstd,
-                           weight=gamma, deferred=deferred, train=batch_stats, partials=partials,
-                           dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef)
+        coef, dgamma, dbeta, dcb = _bn_sums(K, bn, dy4, raw4, mean, rstd, batch_stats, conv_bias, y4=y4, act=act,
+                                            slope=slope, deferred=deferred, partials=partials)
         draw = g = None
         if need_dx or need_res:
             draw = _grad_like(raw4)
@@ -113,20 +105,31 @@ class _BN:
         gradient never stored): one reduction pass gives the coefficients,
         writing g = dy·act'(y) on the way where the kernels or the residual
         need it.  (g, BNGrad for grad_in, dgamma, dbeta, dconv_bias)."""
-        C = bn.num_features
-        coef = torch.empty(3 * C, device=dy4.device, dtype=mean.dtype)
-        dgamma = torch.empty_like(bn.weight) if bn.affine else None
-        dbeta = torch.empty_like(bn.bias) if bn.affine else None
-        dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
         g = _grad_like(raw4) if act is not None and need_g else None
-        _norm.channel_grad(_rt, K.channel_grad, dy4, y4=out4 if act is not None else None, act=act, slope=slope,
-                           x4=raw4, mean=mean, rstd=rstd, weight=bn.weight if bn.affine else None, train=batch_stats,
-                           g4=g, dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef)
+        coef, dgamma, dbeta, dcb = _bn_sums(K, bn, dy4, raw4, mean, rstd, batch_stats, conv_bias,
+                                            y4=out4 if act is not None else None, act=act, slope=slope, g4=g)
         if not need_affine:
             dgamma = dbeta = None
         # g is what the residual gets, and what the prologue reads: act' is already in it
-        bng = _conv.BNGrad(raw4, mean, rstd, mean, mean, False, None, slope, batch_stats, coef)
-        return (g if act is not None else dy4), bng, dgamma, dbeta, dcb
+        return (g if act is not None else dy4), _act_free_bn_grad(raw4, mean, rstd, batch_stats, coef), \
+            dgamma, dbeta, dcb
+
+
+def _bn_sums(K, bn, dy4, x4, mean, rstd, train, conv_bias=None, **kw):
+    """A BN backward's reduction (channel_grad; kw: how g is formed, or the
+    partials that stand in for the pass): (coef, dgamma, dbeta, dconv_bias).
+    Parameter gradients are stored in the parameters' dtype, sums stay fp32."""
+    coef = torch.empty(3 * bn.num_features, device=x4.device, dtype=mean.dtype)
+    dgamma, dbeta = (torch.empty_like(bn.weight), torch.empty_like(bn.bias)) if bn.affine else (None, None)
+    dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
+    _norm.channel_grad(_rt, K.channel_grad, dy4, x4=x4, mean=mean, rstd=rstd, weight=bn.weight if bn.affine else None,
+                       train=train, dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef, **kw)
+    return coef, dgamma, dbeta, dcb
+
+
+def _act_free_bn_grad(raw4, mean, rstd, train, coef=None):
+    """A BN's backward for the kernels' prologue, on g with act' already in it."""
+    return _conv.BNGrad(raw4, mean, rstd, mean, mean, False, None, 0.0, train, coef)
 
 
 # ------------------------------------------------------------------ conv / linear
@@ -217,8 +220,7 @@ class _BlockOut:
 
     def bn_grad(self, coef=None):
         """The BN's backward on g (act' already in it)."""
-        return _conv.BNGrad(self.raw, self.mean, self.rstd, self.mean, self.mean, False, None, self.slope,
-                            self.batch_stats, coef)
+        return _act_free_bn_grad(self.raw, self.mean, self.rstd, self.batch_stats, coef)
 
     def done_for(self, dy):
         """Did this backward pass's taker produce dy (g, with the sums taken)?"""
@@ -402,16 +404,11 @@ def _deferred_bn_sums(K, inp, x4, partials=None, dy4=None):
     dy4, from one pass over its output gradient, act-free): its parameters'
     gradients, and (on inp.back) the coefficients of its input gradient and
     the producing conv's bias gradient."""
-    bn, back = inp.bn, inp.back
-    coef = torch.empty(3 * bn.num_features, device=x4.device, dtype=inp.mean.dtype)
-    dgamma, dbeta = (torch.empty_like(bn.weight), torch.empty_like(bn.bias)) if bn.affine else (None, None)
-    cb = back.conv_bias
-    back.dcbias = torch.empty_like(cb) if cb is not None and cb.requires_grad else None
-    _norm.channel_grad(_rt, K.channel_grad, dy4 if dy4 is not None else x4, x4=x4 if dy4 is not None else None,
-                       mean=inp.mean, rstd=inp.rstd, weight=bn.weight if bn.affine else None,
-                       train=inp.batch_stats, partials=partials, dweight=dgamma, dbias=dbeta, dcbias=back.dcbias,
-                       coef=coef)
-    back.coef = coef
+    back, cb = inp.back, inp.back.conv_bias
+    # (with partials nothing per pixel is read: x4 stands in for dy4's shape)
+    back.coef, dgamma, dbeta, back.dcbias = _bn_sums(
+        K, inp.bn, dy4 if dy4 is not None else x4, x4, inp.mean, inp.rstd, inp.batch_stats,
+        cb if cb is not None and cb.requires_grad else None, partials=partials)
     return dgamma, dbeta
 
 
@@ -592,7 +589,8 @@ class _ForkGrads:
 
     def complete(self):
         """Are all the siblings' gradients absorbed into this alias's (it runs last)?"""
-        return len(self.state.current().absorbed) == self.n - 1 and self.index not in self.state.current().absorbed
+        absorbed = self.state.current().absorbed
+        return len(absorbed) == self.n - 1 and self.index not in absorbed
 
     def offer(self, g):
         """This alias's gradient (only read from now on)."""
