@@ -257,15 +257,9 @@ class ChannelStats:
     __slots__ = ("mean", "var", "known")
 
     def __init__(self, buf):
-        dt = torch.float64 if _norm.reduce_acc(_rt, buf) == _tl().float64 else torch.float32
+        dt = _norm.reduce_dtype(_rt, buf)
         self.mean, self.var = (torch.empty(buf.shape[1], device=buf.device, dtype=dt) for _ in range(2))
         self.known = 0
-
-
-def _tl():
-    import triton.language as tl
-
-    return tl
 
 
 def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=None, channel_stats=None):

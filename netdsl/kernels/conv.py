@@ -18,6 +18,7 @@ import torch
 import triton
 
 from . import ACT_CODES
+from .norm import reduce_dtype
 
 CONV2D = r'''
 @triton.jit
@@ -383,10 +384,7 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
     psum = pm2 = dummy
     if stats:
-        from .norm import reduce_acc
-        import triton.language as tl
-
-        ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
+        ps = reduce_dtype(rt, x)
         psum, pm2 = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
     pptrs, pslope, pmeta = _prologue_args(prologue, dummy)
     rt.launch(kernel, grid,
@@ -509,10 +507,7 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
     optrs, oslope, ostrides, oflags = _bng_args(grad_out, out)
     pg = pgx = out
     if grad_out is not None:
-        from .norm import reduce_acc
-        import triton.language as tl
-
-        ps = torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
+        ps = reduce_dtype(rt, x)
         pg, pgx = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
     r = residual if residual is not None else out
     fy, mact, mslope = out_mask if out_mask is not None else (out, None, 0.0)

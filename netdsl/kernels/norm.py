@@ -9,6 +9,7 @@ y = act((x − mean)·scale + shift + residual).  In eval mode `bn_fold` turns t
 running statistics into scale/shift once (cached until a parameter or buffer
 changes), and they go into the producing conv's epilogue when there is one.
 """
+import torch
 import triton
 
 from . import ACT_CODES
@@ -163,20 +164,14 @@ def $NAME(
     h = (offs_m // W) % H
     w = offs_m % W
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
-    y = x.to(ACC)
-    if HAS_CENTER:
-        y = y - tl.load(center_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    y = y * tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    y = y + tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    # (x − center)·scale + shift: the affine a conv's prologue applies to a deferred BN, without its act
+    y = bn_act_prologue(x, mask, offs_c, c_mask, center_ptr, scale_ptr, shift_ptr, HAS_CENTER, 0, slope, ACC)
     if HAS_RES:
         r = tl.load(res_ptr + (n * srn + h * srh + w * srw)[:, None] + offs_c[None, :] * src, mask=mask, other=0.0)
-        r = r.to(ACC)
         if RES_BN:
-            if RES_CENTER:
-                r = r - tl.load(res_center_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-            r = r * tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-            r = r + tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-        y = y + r
+            r = bn_act_prologue(r, mask, offs_c, c_mask, res_center_ptr, res_scale_ptr, res_shift_ptr, RES_CENTER,
+                                0, slope, ACC)
+        y = y + r.to(ACC)
     y = activation(y, ACT, slope)
     tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
 '''
@@ -505,6 +500,13 @@ def reduce_acc(rt, x):
     import triton.language as tl
 
     return rt.acc(x) if rt.gpu_tiles(x) else tl.float64
+
+
+def reduce_dtype(rt, x):
+    """reduce_acc as a torch dtype: for the buffers of per-tile sums and per-channel statistics."""
+    import triton.language as tl
+
+    return torch.float64 if reduce_acc(rt, x) == tl.float64 else torch.float32
 
 
 def bn_fold(rt, kernel, bn, rstd, scale, shift, conv_bias=None):
