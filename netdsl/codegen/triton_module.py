@@ -158,13 +158,7 @@ class _Forward:
     def emit(self, node, x: str, out: str | None = None) -> str:
         """Emit code computing node(x); with `out`, the result lands in that tensor."""
         if isinstance(node, ir.Seq):
-            if not node.items:
-                return self._into(x, out)
-            for item, nxt in zip(node.items, node.items[1:]):
-                self.defer = self._can_defer(item, nxt)
-                x = self.emit(item, x)
-                self.defer = False
-            return self.emit(node.items[-1], x, out)
+            return self.seq(node, x, out)
         if isinstance(node, ir.Fused):
             return self.fused(node, x, out)
         if isinstance(node, ir.Layer):
@@ -174,6 +168,20 @@ class _Forward:
         if isinstance(node, ir.Dense):
             return self.dense(node, x, out)
         raise AssertionError(type(node).__name__)
+
+    def seq(self, node: ir.Seq, x: str, out: str | None = None, defer_last: bool = False) -> str:
+        """The items in order, each deferring its BN + act into the next where it can;
+        defer_last: the last one defers too (into whatever consumes the sequence)."""
+        if not node.items:
+            return self._into(x, out)
+        for item, nxt in zip(node.items, node.items[1:]):
+            self.defer = self._can_defer(item, nxt)
+            x = self.emit(item, x)
+            self.defer = False
+        self.defer = defer_last
+        v = self.emit(node.items[-1], x, out)
+        self.defer = False
+        return v
 
     def _can_defer(self, item, nxt) -> bool:
         """A train-mode conv→BN(→act) or BN(→act) whose only consumer is a
@@ -188,17 +196,10 @@ class _Forward:
         autograd forward defers the shortcut's BN apply into that add: the
         body's apply kernel normalises the shortcut as it loads it."""
         last, end = short.items[-1], body.items[-1] if body.items else None
-        if not (self.autograd and isinstance(last, ir.Fused) and last.kind == "conv" and last.bn is not None
-                and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
-                and end.bn is not None and end.residual):
-            return self.emit(short, x)
-        for item, nxt in zip(short.items, short.items[1:]):
-            self.defer = self._can_defer(item, nxt)
-            x = self.emit(item, x)
-        self.defer = True
-        v = self.emit(last, x)
-        self.defer = False
-        return v
+        return self.seq(short, x, defer_last=(
+            self.autograd and isinstance(last, ir.Fused) and last.kind == "conv" and last.bn is not None
+            and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
+            and end.bn is not None and end.residual))
 
     def fork(self, x: str, n: int) -> list[str]:
         """n names for x, one per consumer.  In the autograd forward they are
