@@ -19,6 +19,14 @@ BLOCK = ("net R input(4, 8, 8) {{\n"
          "}}\n")
 
 
+ADD, COPY = 1, 3  # the elementwise kernel's OP codes
+
+
+def _elementwise(launches, op):
+    """The (args, meta) of the planned elementwise launches with that OP."""
+    return [(args, meta) for k, args, meta in launches if k.fn.__name__ == "elementwise" and meta["OP"] == op]
+
+
 def _planned_step(m, x):
     m.train()
     with rt.plan_launches() as launches:
@@ -31,7 +39,7 @@ def _planned_step(m, x):
 def test_resnet50_step_sums_no_forked_gradients_apart():
     m = netdsl.build("specs/resnet.net", "ResNet50")
     _, backward = _planned_step(m, torch.randn(2, 3, 64, 64))
-    adds = [meta for k, _, meta in backward if k.fn.__name__ == "elementwise" and meta["OP"] == 1]
+    adds = _elementwise(backward, ADD)
     summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
     # 16 bottlenecks: the block input's two gradients meet in the dgrad of conv1 or of the downsample conv
     assert adds == [] and len(summed) == 16 and all(n.startswith("conv_dgrad") for n in summed), summed
@@ -51,7 +59,7 @@ def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
                  "}\n")
     tri, ref = twins(str(p), "G")
     _, backward = _planned_step(tri, torch.randn(2, 4, 8, 8))
-    adds = [meta for k, _, meta in backward if k.fn.__name__ == "elementwise" and meta["OP"] == 1]
+    adds = _elementwise(backward, ADD)
     assert len(adds) == 1 and not any(meta.get("HAS_RES") for _, _, meta in backward)
     grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
 
@@ -118,7 +126,7 @@ def test_densenet_step_sums_no_features_apart():
     over the same channels, which holds every later layer's share."""
     m = netdsl.build("specs/densenet.net", "DenseNet121")
     _, backward = _planned_step(m, torch.randn(2, 3, 64, 64))
-    adds = [meta for k, _, meta in backward if k.fn.__name__ == "elementwise" and meta["OP"] == 1]
+    adds = _elementwise(backward, ADD)
     summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
     assert adds == [] and summed == ["channel_grad_apply"] * 58  # one per dense layer
 
@@ -166,11 +174,11 @@ def test_a_dense_block_copies_each_feature_once_into_one_buffer(tmp_path):
     layer.  An inception's branches store into their concatenation alike."""
     m = netdsl.build("specs/densenet.net", "DenseNet121")
     forward, _ = _planned_step(m, torch.randn(2, 3, 64, 64))
-    copies = [meta for k, _, meta in forward if k.fn.__name__ == "elementwise" and meta["OP"] == 3]
+    copies = _elementwise(forward, COPY)
     assert len(copies) == 4
     g = netdsl.build("specs/googlenet.net", "GoogLeNet")
     forward, _ = _planned_step(g, torch.randn(2, 3, 64, 64))
-    assert not any(k.fn.__name__ == "elementwise" and meta["OP"] == 3 for k, _, meta in forward)
+    assert _elementwise(forward, COPY) == []
     p = tmp_path / "d8.net"
     p.write_text(DENSE.split("net Dn")[0] + "net Dn input(8, 8, 8) {\n"
                  "    block1: dense { for j in range(8) { layer{j + 1}: DL(4) } }\n    conv(4, 1)\n}\n")
@@ -194,8 +202,8 @@ def test_concat_branches_store_in_place_except_where_a_pool_ends_one(tmp_path):
                  "}\n")
     tri, ref = twins(str(p), "C")
     forward, _ = _planned_step(tri, torch.randn(2, 4, 8, 8))
-    copies = [args for k, args, meta in forward if k.fn.__name__ == "elementwise" and meta["OP"] == 3]
-    assert len(copies) == 1 and copies[0][0][1][1] == 6  # the pool's 6 channels
+    copies = _elementwise(forward, COPY)
+    assert len(copies) == 1 and copies[0][0][0][1][1] == 6  # the pool's 6 channels (the source's shape)
     grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
 
 
