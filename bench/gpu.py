@@ -18,6 +18,7 @@ inference, so Inductor folds BN too).
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -70,11 +71,27 @@ def correctness(rows):
         with torch.no_grad():
             rows.append(("check", f"ResNet50 {mode} output rel err", rel(tri(x), ref(x))))
     tri.train(), ref.train()
-    for m in (tri, ref):
+
+    def grads(m):
         m.zero_grad(set_to_none=True)
         m(x).square().mean().backward()
-    worst = max(rel(a.grad, b.grad) for a, b in zip(tri.parameters(), ref.parameters()))
-    rows.append(("check", "ResNet50 train grads worst rel err", worst))
+        return [p.grad.clone() for p in m.parameters()]
+
+    theirs = grads(ref)
+    # the BN statistics and BN-backward sums, merged by each conv's (dgrad's) last
+    # programs (an atomic count per channel block), and by separate launches
+    for merge in ("1", "0"):
+        os.environ["NETDSL_GRID_MERGE"] = merge
+        ours = grads(tri)
+        rows.append(("check", f"ResNet50 train grads worst rel err (merge={merge})",
+                     max(rel(a, b) for a, b in zip(ours, theirs))))
+        again = grads(tri)  # same inputs, same order of every sum: bit for bit
+        rows.append(("check", f"ResNet50 train grads repeat max abs diff (merge={merge})",
+                     max((a - b).abs().max().item() for a, b in zip(again, ours))))
+    os.environ.pop("NETDSL_GRID_MERGE")
+    from netdsl import runtime as rt
+
+    rows.append(("check", "grid-merge counters left nonzero", sum(int(c.ne(0).sum()) for c in rt._COUNTERS.values())))
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
 

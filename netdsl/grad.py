@@ -21,8 +21,9 @@ the conv output's gradient.  Its per-channel coefficients (dx = A·g + B +
 C·x̂) come from one reduction, and the conv's dgrad and wgrad apply them as
 they load g.  That reduction's sums come from a neighbour's epilogue where
 one can take them: the consumer conv's dgrad (a deferred BN, see Deferred),
-or the dgrad that completes a forked block output's gradient (_BlockOut);
-otherwise from a pass over dy (writing g = dy·act'(y) on the way).  A conv
+or the dgrad that completes a forked block output's gradient (_BlockOut),
+whose last programs also finish the reduction (norm.BNSums); otherwise from
+a pass over dy (writing g = dy·act'(y) on the way).  A conv
 without BN applies act' as its dgrad and wgrad load dy, and its wgrad sums
 the bias's gradient: its backward has no pass of its own.
 """
@@ -115,16 +116,25 @@ class _BN:
             dgamma, dbeta, dcb
 
 
+def _bn_sums_empty(bn, like, mean, train, conv_bias=None):
+    """The buffers of a BN backward's reduction, as a norm.BNSums.  Parameter
+    gradients are stored in the parameters' dtype, sums stay fp32."""
+    coef = torch.empty(3 * bn.num_features, device=like.device, dtype=mean.dtype)
+    dgamma, dbeta = (torch.empty_like(bn.weight), torch.empty_like(bn.bias)) if bn.affine else (None, None)
+    dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
+    return _norm.BNSums(coef, dgamma, dbeta, dcb, bn.weight if bn.affine else None, train)
+
+
 def _bn_sums(K, bn, dy4, x4, mean, rstd, train, conv_bias=None, **kw):
     """A BN backward's reduction (channel_grad; kw: how g is formed, or the
     partials that stand in for the pass): (coef, dgamma, dbeta, dconv_bias).
-    Parameter gradients are stored in the parameters' dtype, sums stay fp32."""
-    coef = torch.empty(3 * bn.num_features, device=x4.device, dtype=mean.dtype)
-    dgamma, dbeta = (torch.empty_like(bn.weight), torch.empty_like(bn.bias)) if bn.affine else (None, None)
-    dcb = torch.empty_like(conv_bias) if conv_bias is not None else None
-    _norm.channel_grad(_rt, K.channel_grad, dy4, x4=x4, mean=mean, rstd=rstd, weight=bn.weight if bn.affine else None,
-                       train=train, dweight=dgamma, dbias=dbeta, dcbias=dcb, coef=coef, **kw)
-    return coef, dgamma, dbeta, dcb
+    partials may also be the BNSums a dgrad's last programs filled: the result."""
+    if isinstance(kw.get("partials"), _norm.BNSums):
+        return kw["partials"][:4]
+    s = _bn_sums_empty(bn, x4, mean, train, conv_bias)
+    _norm.channel_grad(_rt, K.channel_grad, dy4, x4=x4, mean=mean, rstd=rstd, weight=s.weight, train=train,
+                       dweight=s.dgamma, dbias=s.dbeta, dcbias=s.dcbias, coef=s.coef, **kw)
+    return s[:4]
 
 
 def _act_free_bn_grad(raw4, mean, rstd, train, coef=None):
@@ -267,7 +277,8 @@ class ConvFn(torch.autograd.Function):
             batch_stats = bn.training or bn.running_mean is None
             partials = None
             if batch_stats:
-                _, partials = _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, stats=True, **kw)
+                _, partials = _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, stats=True,
+                                           merge=rt.grid_merge(bn), **kw)
             else:
                 _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, **kw)
             if defer is not None:
@@ -362,11 +373,19 @@ class ConvFn(torch.autograd.Function):
             sibling = xfork.take() if xfork is not None and nx and not ctx.linear and inp is None else None
             # with every consumer's gradient of x in, the block that produced x gets its backward's sums here
             block = xfork.block if sibling is not None and xfork.complete() else None
-            # (a deferred BN's sums come from the epilogue whoever produced its input: no pass over dx for them)
+            # (a deferred BN's sums come from the epilogue whoever produced its input: no pass over dx for them;
+            # the dgrad's last programs also finish that BN's backward)
+            rec = inp if inp is not None else block
+            merge = None
+            if rec is not None and rt.grid_merge(rec.bn) is not None:
+                cb = rec.back.conv_bias if rec.back is not None else None
+                merge = _bn_sums_empty(rec.bn, x, rec.mean, rec.batch_stats,
+                                       cb if cb is not None and cb.requires_grad else None)
             got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
                                      grad_out=inp.bn_grad(rt.as4d(x)) if inp is not None else
                                      block.bn_grad() if block is not None else None, residual=sibling,
-                                     out_mask=(rt.as4d(x), block.act, block.slope) if block is not None else None)
+                                     out_mask=(rt.as4d(x), block.act, block.slope) if block is not None else None,
+                                     merge=merge)
             if pass_back:
                 din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got[1])
             elif block is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import threading
 import warnings
 import weakref
@@ -178,6 +179,32 @@ def stat_empty(C, like):
     return torch.empty(C, device=like.device, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
+def grid_merge(bn):
+    """bn, where a conv's last programs merge its batch statistics (the
+    default); None with NETDSL_GRID_MERGE=0, which leaves them to a bn_stats
+    launch over the same partials (to rule the merge out when hunting a bug)."""
+    return bn if os.environ.get("NETDSL_GRID_MERGE", "1") != "0" else None
+
+
+def batch_stats_empty(C, like):
+    return _norm.BatchStats(*(stat_empty(C, like) for _ in range(4)))
+
+
+# Arrival counters for grid-wide merges (a conv's last program per channel
+# block merges the BN partials), per device and stream: each launch leaves its
+# counters at zero, and launches on one stream never overlap.
+_COUNTERS: dict = {}
+
+
+def counters(device, n):
+    """n int32 counters, zero, for one launch on the current stream."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[key] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return c
+
+
 def precision(x) -> str:
     # fp32 tl.dot uses TF32 on GPUs unless told otherwise; follow torch's own
     # setting for convolutions (torch.backends.cudnn.allow_tf32).
@@ -267,20 +294,22 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=No
     batch mean in training (precision), None when folded to x·scale + shift
     (eval); rstd = 1/sqrt(var + eps) is what backward needs.  partials: the
     producing conv's per-tile sums (training), so y4 need not be read again.
-    channel_stats (a ChannelStats): y4 is its buffer's first channels."""
+    channel_stats (a ChannelStats): y4 is its buffer's first channels.
+    partials may also be the BatchStats a conv's last programs merged (see
+    conv2d's merge): then they are the result."""
     C = bn.num_features
     if training or bn.running_mean is None:
-        count = y4.shape[0] * y4.shape[2] * y4.shape[3]
-        if count <= 1 and bn.training:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y4.shape)}")
-        mean, rstd, scale, shift = (stat_empty(C, y4) for _ in range(4))
+        if isinstance(partials, _norm.BatchStats):  # the producing conv merged them already
+            return partials
+        _norm.check_batch(bn, y4.shape)
+        out = batch_stats_empty(C, y4)
         st = channel_stats if channel_stats is not None and partials is None and C <= channel_stats.mean.shape[0] \
             else None
-        _norm.bn_stats(_rt, K.bn_stats, bn, y4, mean, rstd, scale, shift, partials=partials,
+        _norm.bn_stats(_rt, K.bn_stats, bn, y4, out, partials=partials,
                        cache=(st.mean, st.var, min(st.known, C)) if st is not None else None)
         if st is not None:
             st.known = max(st.known, C)
-        return scale, shift, mean, rstd
+        return out
     # Eval: the fold only changes when a parameter or buffer does; torch bumps a
     # tensor's _version on every in-place write (optimizer steps, load_state_dict).
     # The tensors themselves are held by weak reference: a new tensor (say, from
@@ -351,7 +380,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
                             act=act, slope=slope, **kw)
     if bn.training or bn.running_mean is None:
         raw = empty((N, layer.out_channels, Ho, Wo), x)
-        _, partials = _conv.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, stats=True, **kw)
+        _, partials = _conv.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, stats=True, merge=grid_merge(bn),
+                                   **kw)
         scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True, partials=partials)
         _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
         return out
@@ -661,6 +691,8 @@ class _RT:
     needs_int64 = staticmethod(needs_int64)
     precision = staticmethod(precision)
     gpu_tiles = staticmethod(gpu_tiles)
+    batch_stats_empty = staticmethod(batch_stats_empty)
+    counters = staticmethod(counters)
 
 
 _rt = _RT()

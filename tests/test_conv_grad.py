@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from netdsl import runtime as rt
+from netdsl.codegen import triton_module
 from netdsl.kernels import conv as kconv
-from netdsl.kernels import ACTIVATION, ACTIVATION_GRAD, render
+from netdsl.kernels import render
 from netdsl.kernels import norm as knorm
 
-HELPERS = ((ACTIVATION, "activation"), (ACTIVATION_GRAD, "activation_grad"), (kconv.CHANNEL_VECTOR, "channel_vector"),
-           (kconv.BN_ACT_PROLOGUE, "bn_act_prologue"),
-           (kconv.BN_ACT_GRAD, "bn_act_grad"), (kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue"),
-           (knorm.CHANNEL_GRAD, "channel_grad"))
+HELPERS = tuple((t, n) for t, n, _ in triton_module.HELPERS) + ((knorm.CHANNEL_GRAD, "channel_grad"),)
 
 
 def _kernels(tmp_path, consts):

@@ -34,10 +34,11 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
         y.backward(torch.empty_like(y))
     names = [k.fn.__name__ for k, _, _ in launches]
     # 53 conv+BN layers, 36 deferred: 17 apply kernels (4 normalise their residual as they load it); every BN
-    # takes its statistics from its conv's epilogue
-    assert names.count("channel_affine") == 17 and names.count("bn_stats") == 53
+    # takes its statistics from its conv's epilogue, merged by the conv's last programs: no bn_stats launch
+    assert names.count("channel_affine") == 17 and names.count("bn_stats") == 0
     assert sum(bool(meta.get("RES_BN")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 4
     assert sum(bool(meta.get("STATS")) for _, _, meta in launches) == 53
+    assert sum(bool(meta.get("MERGE")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 53
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 32
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 32
     # backward: each deferred BN's sums come from its consumer's dgrad epilogue (channel_grad merges them),
@@ -52,8 +53,12 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     assert len(flagged["OUT_MASK"]) == 15 and set(flagged["OUT_MASK"]) <= set(flagged["OUT_BNG"])
     assert all(n.startswith("conv_dgrad") for n in flagged["OUT_BNG"] + flagged["IN_BNG"])
     assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])
+    # every dgrad that takes a BN's sums also finishes that BN's backward in its last programs (MERGE): the
+    # 6 BNs whose sums need a pass of their own are the only channel_grad launches left
+    merged = [k.fn.__name__ for k, _, meta in launches if meta.get("MERGE") and k.fn.__name__.startswith("conv_dgrad")]
+    assert merged == flagged["OUT_BNG"]
     grads = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad" and meta["NORM"]]  # (not fc's bias)
-    assert len(grads) == 53 and sum(bool(meta.get("PARTIALS")) for meta in grads) == 47
+    assert len(grads) == 6 and not any(meta.get("PARTIALS") for meta in grads)
     assert sum(bool(meta.get("STORE_G")) for meta in grads) == 2
     assert names.count("channel_grad_apply") == 0
 
@@ -129,8 +134,8 @@ def test_deferred_outputs_are_freed_without_the_garbage_collector(tmp_path):
 def test_batch_norm_not_after_a_conv_keeps_its_backward_apply(tmp_path):
     """DenseNet's norm→relu→conv on a tensor no conv produced (here a ReLU's
     output): the forward still defers, and the consumer's dgrad still takes
-    the BN backward's sums, but no conv's dgrad can take its apply, so that
-    runs as its own kernel (and is still right)."""
+    the BN backward's sums (and finishes them), but no conv's dgrad can take
+    its apply, so that runs as its own kernel (and is still right)."""
     p = tmp_path / "b.net"
     p.write_text("net B input(4, 8, 8) { conv(6, 3, padding=1) -> relu -> bn -> relu -> conv(5, 3, padding=1) }\n")
     tri, ref = twins(str(p), "B")
@@ -143,6 +148,8 @@ def test_batch_norm_not_after_a_conv_keeps_its_backward_apply(tmp_path):
     applies = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad_apply"]
     assert len(applies) == 1 and applies[0]["Y_FROM_X"]
     assert [k.fn.__name__.split("__")[0] for k, _, meta in launches if meta.get("OUT_BNG")] == ["conv_dgrad"]
-    assert sum(bool(meta.get("PARTIALS")) for _, _, meta in launches) == 1
+    # the dgrad's last programs finish that BN's sums (MERGE): no channel_grad merges partials
+    assert [k.fn.__name__.split("__")[0] for k, _, meta in launches if meta.get("MERGE")] == ["conv_dgrad"]
+    assert sum(bool(meta.get("PARTIALS")) for _, _, meta in launches) == 0
     assert not any(meta.get(f) for _, _, meta in launches for f in ("IN_BNG", "G_BNG"))
     grad_compare(tri, ref, torch.randn(3, 4, 8, 8))

@@ -43,9 +43,9 @@ def test_resnet50_step_sums_no_forked_gradients_apart():
     summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
     # 16 bottlenecks: the block input's two gradients meet in the dgrad of conv1 or of the downsample conv
     assert adds == [] and len(summed) == 16 and all(n.startswith("conv_dgrad") for n in summed), summed
-    # 53 wgrads (and fc's: it sums the bias too), 52 dgrads, 53 BN reductions (47 merging dgrad partials),
-    # 2 pools: no BN apply
-    assert len(backward) == 162 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
+    # 53 wgrads (and fc's: it sums the bias too), 52 dgrads, 6 BN reductions (47 more finished by dgrads'
+    # last programs), 2 pools: no BN apply
+    assert len(backward) == 115 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
 
 
 def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
@@ -140,24 +140,33 @@ def test_dense_block_gradients_match_torch(tmp_path):
     grad_compare(tri, ref, torch.randn(3, 3, 8, 8))
 
 
-def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path):
+def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path, monkeypatch):
     """The interpreter accepts what ptxas may not: the dgrad and apply
     variants that add a sibling's gradient (and the deferred BN backward's
     prologue and epilogue, a block output's act' in the dgrad, a shortcut's BN
-    in the apply, a dense block's cached statistics) compile for real GPUs,
-    without spills."""
+    in the apply, a dense block's cached statistics, the convs' and dgrads'
+    grid-wide merges and the launches that stand in for them with
+    NETDSL_GRID_MERGE=0) compile for real GPUs, without spills."""
     from netdsl import aot
 
     p = tmp_path / "f.net"
     p.write_text(BLOCK.format(tail="residual { conv(6, 3, stride=2, padding=1) -> bn } "
                                    "shortcut { conv(6, 1, stride=2) -> bn } -> relu") + DENSE)
-    names = ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG", "OUT_MASK", "RES_BN", "CACHED")
-    variants = []
-    for net, shape in (("R", (16, 4, 8, 8)), ("Dn", (16, 3, 8, 8))):
-        m = netdsl.build(str(p), net)
-        variants += [v for v in aot.signatures(m, torch.randn(*shape), train=True, backward=True)
-                     if any(v[2].get(f) for f in names)]
+    names = ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG", "OUT_MASK", "RES_BN", "CACHED", "MERGE", "PARTIALS")
+    variants = {}
+    for merge in ("1", "0"):
+        monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
+        for net, shape in (("R", (16, 4, 8, 8)), ("Dn", (16, 3, 8, 8))):
+            m = netdsl.build(str(p), net)
+            for kernel, sig, meta in aot.signatures(m, torch.randn(*shape), train=True, backward=True):
+                if any(meta.get(f) for f in names):
+                    key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(meta.items())))
+                    variants[key] = (kernel, sig, meta)
+    variants = list(variants.values())
     assert {f for _, _, meta in variants for f in names if meta.get(f)} == set(names)
+    assert {k.fn.__name__.split("__")[0] for k, _, meta in variants if meta.get("MERGE")} == \
+        {"conv_bn_relu", "conv_bn", "conv_bn_add_relu", "conv_dgrad"}
+    assert {k.fn.__name__ for k, _, meta in variants if meta.get("PARTIALS")} == {"bn_stats", "channel_grad"}
     assert {k.fn.__name__.split("__")[0] for k, _, meta in variants if meta.get("HAS_RES")} >= \
         {"conv_dgrad", "channel_grad_apply"}
     for kernel, sig, meta in variants:
@@ -229,3 +238,30 @@ def test_dense_layers_share_their_inputs_batch_statistics(tmp_path):
     assert rel_err(ya, yb) < 1e-4
     for (name, a), (_, b) in zip(tri.state_dict().items(), ref.state_dict().items()):
         assert rel_err(a.double(), b.double()) < 1e-5, name
+
+
+@pytest.mark.parametrize("merge", ["1", pytest.param("0", marks=pytest.mark.slow)])
+def test_grid_merges_with_gpu_sized_tiles(tmp_path, monkeypatch, merge):
+    """The BN sums a conv's forward and a dgrad's epilogue leave per tile are
+    finished by the kernel's last program of each channel block
+    (NETDSL_GRID_MERGE=1, the default) or by bn_stats / channel_grad launches
+    (0): the same gradients as torch either way.  GPU-sized 16×16 tiles: 23
+    tiles of 16 pixels, the last one partial, merged 16 at a time (the last
+    block partial)."""
+    from netdsl.kernels import conv as kconv
+
+    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
+    monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
+    p = tmp_path / "r.net"
+    p.write_text(BLOCK.format(tail="conv(3, 1)").replace("input(4, 8, 8)", "input(4, 11, 11)"))
+    tri, ref = twins(str(p), "R")
+    x = torch.randn(3, 4, 11, 11)
+    forward, backward = _planned_step(tri, x)
+    merged = [k.fn.__name__.split("__")[0] for k, _, meta in forward + backward if meta.get("MERGE")]
+    # 5 conv+BN forwards; 4 dgrads take a BN's sums (2 deferred, 2 block outputs)
+    on = merge == "1"
+    assert merged == (["conv_bn_relu"] * 5 + ["conv_dgrad"] * 4 if on else [])
+    assert sum(k.fn.__name__ == "bn_stats" for k, _, _ in forward) == (0 if on else 5)
+    assert sum(bool(meta.get("PARTIALS")) for k, _, meta in backward if k.fn.__name__ == "channel_grad") \
+        == (0 if on else 4)
+    grad_compare(tri, ref, x, modes=("train",))  # (eval mode, whose dgrads merge too: the tests above)

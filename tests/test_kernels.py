@@ -116,26 +116,65 @@ def test_dropout_in_kernel(tmp_path):
         assert not torch.equal(m(x), y)  # a fresh mask per call
 
 
-def test_bn_statistics_from_many_conv_tiles(tmp_path):
+@pytest.mark.parametrize("merge", ["1", "0"])
+def test_bn_statistics_from_many_conv_tiles(tmp_path, monkeypatch, merge):
     """Train-mode BN takes its statistics from the conv epilogue's per-tile
-    sums (Chan's merge): 4 tiles of 1024 pixels here, the last one partial,
-    and a mean of ~50 against a spread of ~1, where sums of squares would cancel."""
+    sums (Chan's merge), merged by the conv's last program of each channel
+    block (NETDSL_GRID_MERGE=1, the default) or by a bn_stats launch (0).
+    GPU-sized 16×16 tiles: 191 tiles of 16 pixels, the last one partial,
+    merged 16 tiles at a time (the last block partial), for 2 channel blocks;
+    a mean of ~50 against a spread of ~1, where sums of squares would cancel."""
     import netdsl
+    from netdsl import runtime as rt
+    from netdsl.kernels import conv as kconv
 
+    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
+    monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
     p = tmp_path / "tiles.net"
-    p.write_text("net Tiles input(256, 40, 40) { conv(256, 1) -> bn -> relu }\n")
-    tri, ref = twins(str(p), "Tiles", seed=7)
-    with torch.no_grad():
-        ref.state_dict()["0.bias"].add_(50.0)
-        tri.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 256, 40, 40)
+    p.write_text("net Tiles input(8, 39, 39) { conv(32, 1) -> bn -> relu }\n")
+
+    def pair():
+        tri, ref = twins(str(p), "Tiles", seed=7)
+        with torch.no_grad():
+            ref.state_dict()["0.bias"].add_(50.0)
+            tri.load_state_dict(ref.state_dict())
+        return tri, ref
+
+    x = torch.randn(2, 8, 39, 39)
+    tri, _ = pair()
     tri.train()
     with torch.no_grad(), netdsl.kernel_log() as log:
         tri(x)
     names = [n for n, _ in log]
-    assert names[0].startswith("conv_bn_relu__") and log[0][1][0] == 4 and names[1:] == ["bn_stats", "channel_affine"]
-    tri, ref = twins(str(p), "Tiles", seed=7)
-    with torch.no_grad():
-        ref.state_dict()["0.bias"].add_(50.0)
-        tri.load_state_dict(ref.state_dict())
+    assert names[0].startswith("conv_bn_relu__") and log[0][1] == (191, 2, 1)
+    assert names[1:] == (["channel_affine"] if merge == "1" else ["bn_stats", "channel_affine"])
+    assert all(int(c.abs().sum()) == 0 for c in rt._COUNTERS.values())  # left at zero for the next launch
+    tri, ref = pair()
     compare(tri, ref, x, modes=("train",), tol=1e-5)
+    assert int(tri.state_dict()["1.num_batches_tracked"]) == 3 + 1  # (twins start it at 3)
+
+
+@pytest.mark.parametrize("merge", ["1", "0"])
+def test_bn_momentum_none_is_a_cumulative_average(tmp_path, monkeypatch, merge):
+    """momentum=None set on the module: torch's running statistics are then the
+    plain average over the batches seen, 1 / num_batches_tracked a step; so are
+    ours, whether the conv's last programs or bn_stats update them."""
+    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
+    p = tmp_path / "m.net"
+    p.write_text("net M input(3, 9, 9) { conv(6, 3, padding=1) -> bn -> relu -> maxpool(2) -> bn }\n")
+    tri, ref = twins(str(p), "M", seed=3)
+    for m in (tri, ref):
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.momentum = None
+    with torch.no_grad():
+        for step in range(3):
+            x = torch.randn(4, 3, 9, 9) * (step + 1) + step
+            assert torch.allclose(tri(x), ref(x), rtol=1e-4, atol=1e-4)
+    ours, theirs = tri.state_dict(), ref.state_dict()
+    for k in theirs:
+        if "running" in k:
+            assert torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6), k
+        if k.endswith("num_batches_tracked"):
+            assert int(ours[k]) == int(theirs[k]) == 3 + 3, k  # (twins start it at 3)

@@ -36,6 +36,26 @@ BACKWARD = {
     knorm.LRN: (("backward", "lrn_backward", knorm.LRN_BACKWARD),),
 }
 
+# The @triton.jit helpers the kernels call, by these names: (template, name, doc).
+HELPERS = (
+    (ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh"),
+    (ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)"),
+    (kconv.CHANNEL_VECTOR, "channel_vector",
+     "a per-channel vector for a tile's channels, broadcast along its rows or columns"),
+    (kconv.BN_ACT_PROLOGUE, "bn_act_prologue", "a deferred batch norm + activation, applied as a conv loads its input"),
+    (kconv.BN_ACT_GRAD, "bn_act_grad",
+     "backward of a deferred batch norm + activation: g = dy·act'(y) and x̂, y recomputed"),
+    (kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue",
+     "and its input gradient A·g + B + C·x̂, applied as a conv's dgrad or wgrad loads dy"),
+    (knorm.BN_MERGE, "bn_merge",
+     "batch-norm statistics from per-tile partial sums (bn_stats, or a conv's last program)"),
+    (knorm.BN_FINISH, "bn_finish",
+     "batch-norm mean, rstd, scale/shift from the batch statistics, and the running-stat update"),
+    (knorm.CHANNEL_SUMS, "channel_sums", "per-channel sums of two buffers of per-tile partials"),
+    (knorm.BN_GRAD_FINISH, "bn_grad_finish",
+     "batch-norm backward: parameter gradients and the input gradient's coefficients, from the batch sums"),
+)
+
 _GENERIC_DOC = {
     "bn_stats": "batch-norm training statistics: per-channel mean, scale/shift and the running-stat update",
     "bn_fold": "batch-norm eval scale/shift from the running statistics, ready to fold into a conv",
@@ -407,16 +427,8 @@ def generate(nets: list[ir.Net], source: str) -> str:
            "",
            "from netdsl import runtime as rt",
            ""]
-    out += ["", render(ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh")]
-    out += ["", render(ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)")]
-    out += ["", render(kconv.CHANNEL_VECTOR, "channel_vector",
-                       "a per-channel vector for a tile's channels, broadcast along its rows or columns")]
-    out += ["", render(kconv.BN_ACT_PROLOGUE, "bn_act_prologue",
-                       "a deferred batch norm + activation, applied as a conv loads its input")]
-    out += ["", render(kconv.BN_ACT_GRAD, "bn_act_grad",
-                       "backward of a deferred batch norm + activation: g = dy·act'(y) and x̂, y recomputed")]
-    out += ["", render(kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue",
-                       "and its input gradient A·g + B + C·x̂, applied as a conv's dgrad or wgrad loads dy")]
+    for template, name, doc in HELPERS:
+        out += ["", render(template, name, doc)]
     for name, template in GENERIC.items():
         out += ["", render(template, name, _GENERIC_DOC[name])]
     for src in kernels.source():

@@ -10,7 +10,9 @@ channels_last inputs and channel slices of a concat buffer all work.
 Epilogue (constexpr flags): y = act(acc · scale[c] + shift[c] + residual).
 `scale`/`shift` carry a bias or a folded BatchNorm.  With STATS, each tile
 also writes its per-channel sum and squared deviations for a training-mode
-BatchNorm's statistics, so they need no separate pass over y.
+BatchNorm's statistics, so they need no separate pass over y; with MERGE, the
+last program of each column of tiles merges them into the statistics, so
+they need no launch either (and a dgrad does the same for a BN's backward).
 """
 from typing import NamedTuple
 
@@ -18,6 +20,7 @@ import torch
 import triton
 
 from . import ACT_CODES
+from . import norm
 from .norm import reduce_dtype
 
 CONV2D = r'''
@@ -25,13 +28,15 @@ CONV2D = r'''
 def $NAME(
     # pointers
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, psum_ptr, pm2_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
+    count_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, bn_scale_ptr, bn_shift_ptr,
     # sizes
-    N, H, W, C_in, Ho, Wo, C_out, slope, in_slope,
+    N, H, W, C_in, Ho, Wo, C_out, slope, in_slope, eps, momentum,
     # strides
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
     ACC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    STATS: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
+    STATS: tl.constexpr, MERGE: tl.constexpr, BN_AFFINE: tl.constexpr, BN_TRACK: tl.constexpr,
+    IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -96,6 +101,46 @@ def $NAME(
         d = tl.where(mask, v - (s / cnt)[None, :], 0.0)
         tl.store(psum_ptr + pid_m * C_out + co, s, mask=n_mask)
         tl.store(pm2_ptr + pid_m * C_out + co, tl.sum(d * d, axis=0), mask=n_mask)
+        if MERGE:
+            # The programs of each column of tiles merge its partials into the
+            # batch statistics themselves (no launch of their own), as a
+            # two-level tree: the last to finish of each group of BLOCK_M tiles
+            # merges the group's rows into the group's first row, and the last
+            # group's merger merges those; no merge walks more than BLOCK_M
+            # rows.  The last is found by count: every thread's stores, a CTA
+            # barrier, then one thread's acq_rel atomic (the order CUTLASS's
+            # split-K semaphore and Inductor's grid barrier rely on).  Nobody
+            # waits, so it holds however the programs are scheduled.
+            T = tl.num_programs(0)
+            M = N * Ho * Wo
+            n_grp = tl.cdiv(T, BLOCK_M)
+            grp = pid_m // BLOCK_M
+            col = tl.program_id(2) * tl.num_programs(1) + pid_n
+            grp_slot = count_ptr + col * n_grp + grp
+            col_slot = count_ptr + tl.num_programs(1) * tl.num_programs(2) * n_grp + col
+            tl.debug_barrier()
+            if tl.atomic_add(grp_slot, 1, sem="acq_rel") == tl.minimum(T - grp * BLOCK_M, BLOCK_M) - 1:
+                tl.atomic_xchg(grp_slot, 0)  # zero again for the next launch on this stream
+                tl.debug_barrier()
+                mean, m2 = bn_merge(psum_ptr, pm2_ptr, co, n_mask, C_out, grp * BLOCK_M,
+                                    tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, BLOCK_M, M, PS, BLOCK_M, BLOCK_N)
+                last = n_grp == 1
+                if n_grp > 1:
+                    row = grp * BLOCK_M * C_out + co
+                    n_g = tl.minimum(M - grp * BLOCK_M * BLOCK_M, BLOCK_M * BLOCK_M).to(PS)
+                    tl.store(psum_ptr + row, mean * n_g, mask=n_mask)
+                    tl.store(pm2_ptr + row, m2, mask=n_mask)
+                    tl.debug_barrier()
+                    last = tl.atomic_add(col_slot, 1, sem="acq_rel") == n_grp - 1
+                    if last:
+                        tl.atomic_xchg(col_slot, 0)
+                        tl.debug_barrier()
+                        mean, m2 = bn_merge(psum_ptr, pm2_ptr, co, n_mask, C_out, 0, T, BLOCK_M, BLOCK_M, M, PS,
+                                            BLOCK_M, BLOCK_N)
+                if last:
+                    bn_finish(mean, m2 / M, co, n_mask, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
+                              rstd_ptr, bn_scale_ptr, bn_shift_ptr, M, eps, momentum, (pid_n == 0) & (g == 0),
+                              BN_AFFINE, BN_TRACK)
 '''
 
 # A per-channel vector (a BN statistic or coefficient) for the channels c of
@@ -175,6 +220,7 @@ def $NAME(
     x_ptr, w_ptr, shift_ptr, res_ptr, y_ptr,
     ix_ptr, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr, in_coef_ptr,
     ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr, oy_ptr,
+    count_ptr, out_w_ptr, out_dw_ptr, out_db_ptr, out_dcb_ptr, out_coef_ptr,
     # sizes
     N, H, W, C_in, Ho, Wo, C_out, in_slope, out_slope,
     # strides
@@ -184,6 +230,7 @@ def $NAME(
     ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
     OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr, OUT_MASK: tl.constexpr,
+    MERGE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_TRAIN: tl.constexpr, OUT_CBIAS: tl.constexpr,
     IN_ACTG: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -203,6 +250,9 @@ def $NAME(
     # stored (a residual block's output); with every consumer's gradient
     # summed, the result is taken through act' (from oy) before it is stored,
     # and OUT_BNG's sums are those of that BN: its reduction pass is gone.
+    # MERGE (with OUT_BNG): the last program of each column of tiles also
+    # finishes that BN's backward from the column's sums (bn_grad_finish): its
+    # parameter gradients, and the coefficients of its input gradient.
     $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -264,6 +314,34 @@ def $NAME(
                             OUT_CENTER, OUT_ACT, out_slope, pg_ptr.dtype.element_ty, 1)
         tl.store(pg_ptr + pid_m * C_out + co, tl.sum(g, axis=0), mask=n_mask)
         tl.store(pgx_ptr + pid_m * C_out + co, tl.sum(g * xh, axis=0), mask=n_mask)
+        if MERGE:  # as CONV2D's: a two-level tree of merges, each merger found by count
+            T = tl.num_programs(0)
+            n_grp = tl.cdiv(T, BLOCK_M)
+            grp = pid_m // BLOCK_M
+            col = tl.program_id(2) * tl.num_programs(1) + pid_n
+            grp_slot = count_ptr + col * n_grp + grp
+            col_slot = count_ptr + tl.num_programs(1) * tl.num_programs(2) * n_grp + col
+            PS = pg_ptr.dtype.element_ty
+            tl.debug_barrier()
+            if tl.atomic_add(grp_slot, 1, sem="acq_rel") == tl.minimum(T - grp * BLOCK_M, BLOCK_M) - 1:
+                tl.atomic_xchg(grp_slot, 0)
+                tl.debug_barrier()
+                sg, sgx = channel_sums(pg_ptr, pgx_ptr, co, n_mask, C_out, grp * BLOCK_M,
+                                       tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, PS, BLOCK_M, BLOCK_N)
+                last = n_grp == 1
+                if n_grp > 1:
+                    tl.store(pg_ptr + grp * BLOCK_M * C_out + co, sg, mask=n_mask)
+                    tl.store(pgx_ptr + grp * BLOCK_M * C_out + co, sgx, mask=n_mask)
+                    tl.debug_barrier()
+                    last = tl.atomic_add(col_slot, 1, sem="acq_rel") == n_grp - 1
+                    if last:
+                        tl.atomic_xchg(col_slot, 0)
+                        tl.debug_barrier()
+                        sg, sgx = channel_sums(pg_ptr, pgx_ptr, co, n_mask, C_out, 0, T, BLOCK_M, PS, BLOCK_M, BLOCK_N)
+                if last:
+                    bn_grad_finish(sg, sgx, tl.zeros_like(sg), co, n_mask, C_out, N * Ho * Wo,
+                                   tl.load(out_rstd_ptr + co, mask=n_mask, other=0.0).to(PS), out_w_ptr, out_dw_ptr,
+                                   out_db_ptr, out_dcb_ptr, out_coef_ptr, OUT_AFFINE, OUT_TRAIN, OUT_CBIAS)
 '''
 
 
@@ -367,11 +445,14 @@ _CPU_TILE = 1 << 18
 
 
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
-           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None):
+           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None):
     """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual).
     With stats, returns (out, (psum, pm2, tile)): the per-tile partial sums
-    norm.bn_stats merges into batch statistics.  prologue = (center, scale,
-    shift, act, slope): x is a conv output whose batch norm and activation
+    norm.bn_stats merges into batch statistics.  merge (with stats, a batch
+    norm with batch statistics): the kernel's last programs merge them
+    itself, and the second result is the norm.BatchStats (its running
+    statistics are updated too).  prologue = (center, scale, shift, act,
+    slope): x is a conv output whose batch norm and activation
     act((x − center)·scale + shift) are applied as it is loaded."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
@@ -387,15 +468,34 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
         ps = reduce_dtype(rt, x)
         psum, pm2 = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
     pptrs, pslope, pmeta = _prologue_args(prologue, dummy)
+    mptrs, mscalars, mmeta, merged = (dummy,) * 10, (0.0, 0.0), dict(BN_AFFINE=False, BN_TRACK=False), None
+    if merge is not None:
+        assert stats, "merging batch statistics needs the partials"
+        norm.check_batch(merge, out.shape)
+        merged = rt.batch_stats_empty(C_out, out)
+        bnptrs, mscalars, bnmeta = norm.bn_operands(merge, merged)
+        mptrs = (rt.counters(x.device, merge_counters(grid, BM)),) + bnptrs
+        mmeta = dict(BN_AFFINE=bnmeta["AFFINE"], BN_TRACK=bnmeta["TRACK"])
     rt.launch(kernel, grid,
               x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy, r, out,
-              psum, pm2, *pptrs, N, H, W, C_in, Ho, Wo, C_out, float(slope), pslope,
+              psum, pm2, *pptrs, *mptrs, N, H, W, C_in, Ho, Wo, C_out, float(slope), pslope, *mscalars,
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-              ACT=ACT_CODES[act], STATS=stats, **pmeta,
+              ACT=ACT_CODES[act], STATS=stats, MERGE=merge is not None, **mmeta, **pmeta,
               IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
-              ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x))
-    return (out, (psum, pm2, BM)) if stats else out
+              ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
+              # with the merge along, ptxas capped a grouped 3×3 conv at 64 registers on sm_80 and spilled
+              # 4 bytes (Triton 3.6): lift the cap, as the BN-backward dgrads and the wgrads do
+              **({"maxnreg": 255} if rt.gpu_tiles(x) and merge is not None else {}))
+    if not stats:
+        return out
+    return out, merged if merged is not None else (psum, pm2, BM)
+
+
+def merge_counters(grid, BM):
+    """The counters a MERGE launch uses: one per group of BM tiles of each
+    column of tiles, and one per column."""
+    return grid[1] * grid[2] * (triton.cdiv(grid[0], BM) + 1)
 
 
 def _prologue_args(prologue, dummy):
@@ -483,21 +583,23 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, d
 
 
 def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None, residual=None,
-                 out_mask=None):
+                 out_mask=None, merge=None):
     """dx = the input gradient of CONV2D: a transposed conv of dy with the same
     weight and geometry (CONV_TRANSPOSE2D instantiated with the conv's consts).
     grad_in: as conv2d_wgrad's.  grad_out (a BNGrad): dx is the gradient of
     the deferred BN + act applied to this conv's input; returns (dx,
-    (Σ g, Σ g·x̂ per tile and channel, tile)) for norm.channel_grad.  residual:
-    a gradient of the same input from another of its consumers, added in.
-    out_mask = (y, act, slope): the input is y = act(BN(grad_out.x) + r), as
-    stored; dx leaves as dx·act'(y) (grad_out's act must be None)."""
+    (Σ g, Σ g·x̂ per tile and channel, tile)) for norm.channel_grad.  merge
+    (with grad_out, a norm.BNSums to fill): the kernel's last programs finish
+    that BN's backward themselves, and it is returned in the partials' place.
+    residual: a gradient of the same input from another of its consumers,
+    added in.  out_mask = (y, act, slope): the input is y = act(BN(grad_out.x)
+    + r), as stored; dx leaves as dx·act'(y) (grad_out's act must be None)."""
     return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups, grad_in=grad_in, grad_out=grad_out,
-                            residual=residual, out_mask=out_mask)
+                            residual=residual, out_mask=out_mask, merge=merge)
 
 
 def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
-                     out_mask=None):
+                     out_mask=None, merge=None):
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
@@ -514,15 +616,23 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
     if out_mask is not None:
         assert grad_out is None or grad_out.act is None, "act' is the mask's, not the BN's"
         oslope = float(mslope)
+    mptrs, mmeta = (out,) * 6, dict(MERGE=False, OUT_AFFINE=False, OUT_TRAIN=False, OUT_CBIAS=False)
+    if merge is not None:
+        assert grad_out is not None and grad_out.rstd.shape[0] == C_out, "merging a BN backward needs its partials"
+        mptrs = (rt.counters(x.device, merge_counters(grid, BM)), *norm.bn_sums_operands(merge, out))
+        mmeta = dict(MERGE=True, OUT_AFFINE=merge.dgamma is not None, OUT_TRAIN=merge.train,
+                     OUT_CBIAS=merge.dcbias is not None)
     rt.launch(kernel, grid, x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx, fy,
-              N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
+              *mptrs, N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides, *fy.stride(),
               HAS_SHIFT=bias is not None, HAS_RES=residual is not None, **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
-              **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact],
+              **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact], **mmeta,
               IN_ACTG=_actg(grad_in),
               IDX64=rt.needs_int64(x, weight, out, r, fy, *(b[0] for b in (grad_in, grad_out) if b is not None)),
               PRECISION=rt.precision(x), ACC=rt.acc(x),
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
               # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's
               **({"maxnreg": 255} if rt.gpu_tiles(x) and (grad_in is not None or grad_out is not None) else {}))
-    return (out, (pg, pgx, BM)) if grad_out is not None else out
+    if grad_out is None:
+        return out
+    return out, merge if merge is not None else (pg, pgx, BM)

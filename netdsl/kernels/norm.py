@@ -1,14 +1,18 @@
 """Batch norm (statistics, folding, running-stat updates, apply with fused
 residual and activation), local response norm and softmax.
 
-Training-mode batch norm is two launches after its producer: `bn_stats`
-(per-channel mean and variance, two passes for accuracy, then scale/shift and
-the running-stat update exactly as torch does it: unbiased variance, momentum,
-num_batches_tracked += 1), and `channel_affine`, which applies
-y = act((x − mean)·scale + shift + residual).  In eval mode `bn_fold` turns the
+Training-mode batch norm's statistics: per-channel mean and variance (two
+passes over the data, or a merge of a producing conv's per-tile partial sums),
+then scale/shift and the running-stat update exactly as torch does it:
+unbiased variance, momentum, num_batches_tracked += 1.  `bn_stats` computes
+them where no conv's last programs did (bn_merge, bn_finish: shared with the
+conv kernels).  `channel_affine` applies y = act((x − mean)·scale + shift +
+residual).  In eval mode `bn_fold` turns the
 running statistics into scale/shift once (cached until a parameter or buffer
 changes), and they go into the producing conv's epilogue when there is one.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -42,36 +46,21 @@ def $NAME(
     m_end = M
     if CACHED:  # a program whose channels are all cached reads no pixels
         m_end = tl.where(tl.program_id(0) * BLOCK_C + BLOCK_C > KNOWN, M, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     if PARTIALS:
-        # the producing conv's epilogue left, per tile t of TILE pixels, the
-        # tile's sum and its sum of squared deviations from the tile's mean
-        for t0 in range(0, T, BLOCK_M):
-            offs_t = t0 + tl.arange(0, BLOCK_M)
-            mask = (offs_t < T)[:, None] & c_mask[None, :]
-            acc += tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+        # the producing conv's epilogue left per-tile sums: x is not read
+        mean, m2 = bn_merge(psum_ptr, pm2_ptr, offs_c, c_mask, C, 0, T, 1, TILE, M, ACC, BLOCK_M, BLOCK_C)
+        var = m2 / M
     else:
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
         for m0 in range(0, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask = (offs_m < M)[:, None] & (c_mask & fresh)[None, :]
             row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
             acc += tl.load(x_ptr + row[:, None] + (offs_c - KNOWN)[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-    mean = tl.sum(acc, axis=0) / M
-    if CACHED:
-        mean = tl.where(fresh, mean, tl.load(cmean_ptr + offs_c, mask=c_mask & ~fresh, other=0.0).to(ACC))
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    if PARTIALS:
-        # Chan et al.: M2 = Σ_t (M2_t + n_t·(mean_t − mean)²), no cancellation
-        for t0 in range(0, T, BLOCK_M):
-            offs_t = t0 + tl.arange(0, BLOCK_M)
-            t_ok = offs_t < T
-            mask = t_ok[:, None] & c_mask[None, :]
-            cnt = tl.where(t_ok, tl.minimum(M - offs_t * TILE, TILE), 1).to(ACC)[:, None]
-            s = tl.load(psum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
-            q = tl.load(pm2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
-            d = s / cnt - mean[None, :]
-            acc += tl.where(mask, q + cnt * d * d, 0.0)
-    else:
+        mean = tl.sum(acc, axis=0) / M
+        if CACHED:
+            mean = tl.where(fresh, mean, tl.load(cmean_ptr + offs_c, mask=c_mask & ~fresh, other=0.0).to(ACC))
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
         for m0 in range(0, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask = (offs_m < M)[:, None] & (c_mask & fresh)[None, :]
@@ -79,34 +68,126 @@ def $NAME(
             v = tl.load(x_ptr + row[:, None] + (offs_c - KNOWN)[None, :] * sxc, mask=mask, other=0.0).to(ACC)
             d = tl.where(mask, v - mean[None, :], 0.0)
             acc += d * d
+        var = tl.sum(acc, axis=0) / M
+        if CACHED:
+            var = tl.where(fresh, var, tl.load(cvar_ptr + offs_c, mask=c_mask & ~fresh, other=0.0).to(ACC))
+            tl.store(cmean_ptr + offs_c, mean.to(cmean_ptr.dtype.element_ty), mask=c_mask & fresh)
+            tl.store(cvar_ptr + offs_c, var.to(cvar_ptr.dtype.element_ty), mask=c_mask & fresh)
+    bn_finish(mean, var, offs_c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr,
+              scale_ptr, shift_ptr, M, eps, momentum, tl.program_id(0) == 0, AFFINE, TRACK)
+'''
+
+# Batch mean and M2 (Σ squared deviations from it) of channels c, from
+# per-tile partials: each row of psum / pm2 holds one tile's sum and its
+# squared deviations from the tile's own mean.  The rows merged are
+# t_begin, t_begin + STEP, ... below t_end; row r stands for min(M − r·TILE,
+# STEP·TILE) pixels (TILE pixels a tile, M in all: with STEP > 1, each row
+# already merged a group of STEP tiles).  One pass, Chan et al.'s pairwise
+# merge of (count, mean, M2) a block of rows at a time: no cancellation, and
+# one round trip per block (a merging program is alone on the critical path).
+BN_MERGE = r'''
+@triton.jit
+def $NAME(psum_ptr, pm2_ptr, c, c_mask, C, t_begin, t_end, STEP, TILE, M, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    n_a = tl.zeros((BLOCK_C,), dtype=ACC)  # pixels merged so far (the same for every channel)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC)
+    for t0 in range(0, tl.cdiv(t_end - t_begin, STEP), BLOCK_T):
+        rows = t_begin + (t0 + tl.arange(0, BLOCK_T)) * STEP
+        t_ok = rows < t_end
+        mask = t_ok[:, None] & c_mask[None, :]
+        # .cg: from L2, where other programs' partials landed (see CONV2D's MERGE)
+        s = tl.load(psum_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        q = tl.load(pm2_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        cnt = tl.where(t_ok, tl.minimum(M - rows * TILE, STEP * TILE), 0).to(ACC)
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(s, axis=0) / n_b
+        d = tl.where(mask, s / tl.maximum(cnt, 1.0)[:, None] - mean_b[None, :], 0.0)
+        m2_b = tl.sum(q + cnt[:, None] * d * d, axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / n)
+        m2 = m2 + m2_b + delta * delta * (n_a * n_b / n)
+        n_a = n
+    return mean, m2
+'''
+
+# The end of a training batch norm's statistics: mean and rstd (for backward),
+# scale and shift (for the apply: (x − mean)·scale + shift), and the running
+# statistics updated exactly as torch: unbiased variance, momentum, and
+# num_batches_tracked += 1 by the one program where `first`.
+BN_FINISH = r'''
+@triton.jit
+def $NAME(mean, var, c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, scale_ptr,
+          shift_ptr, M, eps, momentum, first, AFFINE: tl.constexpr, TRACK: tl.constexpr):
     STAT = mean_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
-    var = tl.sum(acc, axis=0) / M
-    if CACHED:
-        var = tl.where(fresh, var, tl.load(cvar_ptr + offs_c, mask=c_mask & ~fresh, other=0.0).to(ACC))
-        tl.store(cmean_ptr + offs_c, mean.to(cmean_ptr.dtype.element_ty), mask=c_mask & fresh)
-        tl.store(cvar_ptr + offs_c, var.to(cvar_ptr.dtype.element_ty), mask=c_mask & fresh)
     var = var.to(STAT)
     mean = mean.to(STAT)
-    # the apply kernel computes (x − mean)·scale + shift; backward needs rstd
     rstd = 1.0 / tl.sqrt(var + eps)
     scale = rstd
-    shift = tl.zeros((BLOCK_C,), dtype=STAT)
+    shift = tl.zeros_like(mean)
     if AFFINE:
-        scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(STAT)
-        shift = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(STAT)
-    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
-    tl.store(rstd_ptr + offs_c, rstd, mask=c_mask)
-    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
-    tl.store(shift_ptr + offs_c, shift, mask=c_mask)
-    if TRACK:  # running statistics exactly as torch: unbiased variance, momentum, batches tracked
-        rm = tl.load(rmean_ptr + offs_c, mask=c_mask, other=0.0).to(STAT)
-        rv = tl.load(rvar_ptr + offs_c, mask=c_mask, other=0.0).to(STAT)
+        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(STAT)
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(STAT)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(rstd_ptr + c, rstd, mask=c_mask)
+    tl.store(scale_ptr + c, scale, mask=c_mask)
+    tl.store(shift_ptr + c, shift, mask=c_mask)
+    if TRACK:
+        rm = tl.load(rmean_ptr + c, mask=c_mask, other=0.0).to(STAT)
+        rv = tl.load(rvar_ptr + c, mask=c_mask, other=0.0).to(STAT)
         new_rm = (1.0 - momentum) * rm + momentum * mean
         new_rv = (1.0 - momentum) * rv + momentum * (var * M / (M - 1.0))
-        tl.store(rmean_ptr + offs_c, new_rm.to(rmean_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(rvar_ptr + offs_c, new_rv.to(rvar_ptr.dtype.element_ty), mask=c_mask)
-        if tl.program_id(0) == 0:
+        tl.store(rmean_ptr + c, new_rm.to(rmean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(rvar_ptr + c, new_rv.to(rvar_ptr.dtype.element_ty), mask=c_mask)
+        if first:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+'''
+
+# Per-channel sums of rows t_begin, t_begin + STEP, ... below t_end of two
+# [rows, C] buffers of per-tile partials, one pass (each block reduced as it
+# comes: in a conv's epilogue, few registers are free).
+CHANNEL_SUMS = r'''
+@triton.jit
+def $NAME(pa_ptr, pb_ptr, c, c_mask, C, t_begin, t_end, STEP, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    sa = tl.zeros((BLOCK_C,), dtype=ACC)
+    sb = tl.zeros((BLOCK_C,), dtype=ACC)
+    for t0 in range(0, tl.cdiv(t_end - t_begin, STEP), BLOCK_T):
+        rows = t_begin + (t0 + tl.arange(0, BLOCK_T)) * STEP
+        mask = (rows < t_end)[:, None] & c_mask[None, :]
+        # .cg: from L2, where other programs' partials landed (see CONV2D's MERGE)
+        a = tl.load(pa_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        b = tl.load(pb_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        sa += tl.sum(a.to(ACC), axis=0)
+        sb += tl.sum(b.to(ACC), axis=0)
+    return sa, sb
+'''
+
+# The end of a batch norm's backward, from its sums over the batch of g (the
+# gradient of its output, act' applied), g·x̂ and x̂: the parameter gradients
+# dγ = Σg·x̂ and dβ = Σg, and coef (A, B, C per channel) of the input
+# gradient dx = a·(g − Σg/M − x̂·Σg·x̂/M) = A·g + B + C·x̂ (a = γ·rstd; with
+# fixed statistics dx = a·g).  CONV_BIAS: Σ dx, a conv bias's gradient.
+BN_GRAD_FINISH = r'''
+@triton.jit
+def $NAME(sg, sgx, sx, c, c_mask, C, M, rstd, weight_ptr, dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr,
+          AFFINE: tl.constexpr, TRAIN: tl.constexpr, CONV_BIAS: tl.constexpr):
+    a = rstd
+    if AFFINE:
+        a = a * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(rstd.dtype)
+        tl.store(dweight_ptr + c, sgx.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(dbias_ptr + c, sg.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+    b = tl.zeros_like(a)
+    cc = tl.zeros_like(a)
+    if TRAIN:
+        b = -a * sg / M
+        cc = -a * sgx / M
+    tl.store(coef_ptr + c, a.to(coef_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(coef_ptr + C + c, b.to(coef_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, cc.to(coef_ptr.dtype.element_ty), mask=c_mask)
+    if CONV_BIAS:
+        tl.store(dcbias_ptr + c, (a * sg + M * b + cc * sx).to(dcbias_ptr.dtype.element_ty), mask=c_mask)
 '''
 
 BN_FOLD = r'''
@@ -290,16 +371,13 @@ def $NAME(
     if NORM:
         mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
-    sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    sum_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    sum_x = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    if PARTIALS:
-        for t0 in range(0, T, BLOCK_M):
-            offs_t = t0 + tl.arange(0, BLOCK_M)
-            mask = (offs_t < T)[:, None] & c_mask[None, :]
-            sum_g += tl.load(pg_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
-            sum_gx += tl.load(pgx_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+    if PARTIALS:  # a dgrad's epilogue left Σg and Σg·x̂ per tile: nothing per pixel is read
+        sg, sgx = channel_sums(pg_ptr, pgx_ptr, offs_c, c_mask, C, 0, T, 1, ACC, BLOCK_M, BLOCK_C)
+        sx = tl.zeros_like(sg)  # (Σ x̂ = 0 with batch statistics, and unused without)
     else:
+        sum_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+        sum_gx = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+        sum_x = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask = (offs_m < M)[:, None] & c_mask[None, :]
@@ -327,26 +405,12 @@ def $NAME(
             if NORM:
                 sum_gx += g * xh
                 sum_x += xh
-    sg = tl.sum(sum_g, axis=0)
-    if NORM:
+        sg = tl.sum(sum_g, axis=0)
         sgx = tl.sum(sum_gx, axis=0)
-        sx = tl.sum(sum_x, axis=0)  # (Σ x̂ = 0 with batch statistics: the partials leave it out)
-        a = rstd
-        if AFFINE:
-            a = a * tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)
-            tl.store(dweight_ptr + offs_c, sgx.to(dweight_ptr.dtype.element_ty), mask=c_mask)
-            tl.store(dbias_ptr + offs_c, sg.to(dbias_ptr.dtype.element_ty), mask=c_mask)
-        # dx = a·(g − Σg/M − x̂·Σgx̂/M) = A·g + B + C·x̂; with fixed statistics dx = a·g
-        b = tl.zeros((BLOCK_C,), dtype=ACC)
-        cc = tl.zeros((BLOCK_C,), dtype=ACC)
-        if TRAIN:
-            b = -a * sg / M
-            cc = -a * sgx / M
-        tl.store(coef_ptr + offs_c, a.to(coef_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(coef_ptr + C + offs_c, b.to(coef_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(coef_ptr + 2 * C + offs_c, cc.to(coef_ptr.dtype.element_ty), mask=c_mask)
-        if CONV_BIAS:  # Σ dx: a conv bias feeding the batch norm
-            tl.store(dcbias_ptr + offs_c, (a * sg + M * b + cc * sx).to(dcbias_ptr.dtype.element_ty), mask=c_mask)
+        sx = tl.sum(sum_x, axis=0)
+    if NORM:
+        bn_grad_finish(sg, sgx, sx, offs_c, c_mask, C, M, rstd, weight_ptr, dweight_ptr, dbias_ptr, dcbias_ptr,
+                       coef_ptr, AFFINE, TRAIN, CONV_BIAS)
     elif CONV_BIAS:
         tl.store(dcbias_ptr + offs_c, sg.to(dcbias_ptr.dtype.element_ty), mask=c_mask)
 '''
@@ -469,29 +533,75 @@ def _reduce_tiles(rt, x4):
     return bm, 16 if rt.gpu_tiles(x4) else bc
 
 
-def bn_stats(rt, kernel, bn, x4, mean, rstd, scale, shift, partials=None, cache=None):
-    """Training: batch mean, rstd, scale and shift of `bn` over x4, and its
+class BatchStats(NamedTuple):
+    """A training batch norm's per-channel results: y = (x − mean)·scale + shift, rstd for backward."""
+    scale: torch.Tensor
+    shift: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+
+
+class BNSums(NamedTuple):
+    """What a batch norm's backward reduction gives (channel_grad, or a dgrad's
+    last programs): coef (A, B, C per channel: dx = A·g + B + C·x̂), the
+    parameter gradients and a producing conv bias's gradient (None where not
+    wanted); weight is the BN's γ (None without affine), train whether it
+    used batch statistics."""
+    coef: torch.Tensor
+    dgamma: object
+    dbeta: object
+    dcbias: object
+    weight: object
+    train: bool
+
+
+def bn_sums_operands(sums: BNSums, dummy):
+    """BN_GRAD_FINISH's pointers, in kernel order: (γ, dγ, dβ, dconv_bias, coef)."""
+    return tuple(t if t is not None else dummy for t in (sums.weight, sums.dgamma, sums.dbeta, sums.dcbias)) \
+        + (sums.coef,)
+
+
+def check_batch(bn, shape):
+    """torch's own check, before anything runs: a batch statistic needs two values per channel."""
+    N, _, H, W = shape
+    if N * H * W <= 1 and bn.training:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
+
+
+def bn_operands(bn, st: BatchStats):
+    """What BN_FINISH takes of a batch norm, in kernel order: (weight, bias,
+    running mean, running var, batches tracked, mean, rstd, scale, shift),
+    (eps, momentum), dict(AFFINE, TRACK)."""
+    track = bn.running_mean is not None
+    momentum = 0.0
+    if track and bn.training:
+        # momentum None: torch's cumulative average, 1 / batches tracked (after this one)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / (int(bn.num_batches_tracked) + 1)
+    d = st.mean
+    ptrs = (bn.weight if bn.affine else d, bn.bias if bn.affine else d, bn.running_mean if track else d,
+            bn.running_var if track else d, bn.num_batches_tracked if track else d, st.mean, st.rstd, st.scale, st.shift)
+    return ptrs, (float(bn.eps), float(momentum)), dict(AFFINE=bn.affine, TRACK=track and bn.training)
+
+
+def bn_stats(rt, kernel, bn, x4, st: BatchStats, partials=None, cache=None):
+    """Training: batch mean, rstd, scale and shift of `bn` over x4 into st, and its
     running-stat update; from the producing conv's per-tile partials when given
     (x4 is then not read).  cache = (cmean, cvar, known): per-channel batch
     mean and variance of x4's data, valid for its first `known` channels;
     only the others are read, and their statistics are added to the cache."""
     N, C, H, W = x4.shape
     bm, bc = _reduce_tiles(rt, x4)
-    track = bn.running_mean is not None
-    psum, pm2, tile = partials if partials is not None else (mean, mean, 1)
+    psum, pm2, tile = partials if partials is not None else (st.mean, st.mean, 1)
     if partials is not None:
         bm = min(bm, triton.next_power_of_2(psum.shape[0]))
-    cmean, cvar, known = cache if cache is not None else (mean, mean, 0)
+    cmean, cvar, known = cache if cache is not None else (st.mean, st.mean, 0)
     # with partials x4 is not read: pass a partials buffer in its place (what a launch touches stays exact);
     # with a cache, only the channels from `known` on
     x = psum if partials is not None else x4[:, known:] if known else x4
-    rt.launch(kernel, (triton.cdiv(C, bc),), x, psum, pm2,
-              bn.weight if bn.affine else mean, bn.bias if bn.affine else mean,
-              bn.running_mean if track else mean, bn.running_var if track else mean,
-              bn.num_batches_tracked if track else mean, mean, rstd, scale, shift, cmean, cvar,
-              N, C, H, W, psum.shape[0] if partials is not None else 1, tile, known,
-              float(bn.eps), float(bn.momentum if bn.momentum is not None else 0.0), *x4.stride(),
-              PARTIALS=partials is not None, AFFINE=bn.affine, TRACK=track and bn.training, CACHED=cache is not None,
+    ptrs, scalars, meta = bn_operands(bn, st)
+    rt.launch(kernel, (triton.cdiv(C, bc),), x, psum, pm2, *ptrs, cmean, cvar,
+              N, C, H, W, psum.shape[0] if partials is not None else 1, tile, known, *scalars, *x4.stride(),
+              PARTIALS=partials is not None, CACHED=cache is not None, **meta,
               ACC=reduce_acc(rt, x4), BLOCK_M=bm, BLOCK_C=bc)
 
 
