@@ -106,22 +106,11 @@ def $NAME(
             # batch statistics themselves (no launch of their own), as a
             # two-level tree: the last to finish of each group of BLOCK_M tiles
             # merges the group's rows into the group's first row, and the last
-            # group's merger merges those; no merge walks more than BLOCK_M
-            # rows.  The last is found by count: every thread's stores, a CTA
-            # barrier, then one thread's acq_rel atomic (the order CUTLASS's
-            # split-K semaphore and Inductor's grid barrier rely on).  Nobody
-            # waits, so it holds however the programs are scheduled.
+            # group's merger merges those (see last_to_arrive).
             T = tl.num_programs(0)
             M = N * Ho * Wo
-            n_grp = tl.cdiv(T, BLOCK_M)
-            grp = pid_m // BLOCK_M
-            col = tl.program_id(2) * tl.num_programs(1) + pid_n
-            grp_slot = count_ptr + col * n_grp + grp
-            col_slot = count_ptr + tl.num_programs(1) * tl.num_programs(2) * n_grp + col
-            tl.debug_barrier()
-            if tl.atomic_add(grp_slot, 1, sem="acq_rel") == tl.minimum(T - grp * BLOCK_M, BLOCK_M) - 1:
-                tl.atomic_xchg(grp_slot, 0)  # zero again for the next launch on this stream
-                tl.debug_barrier()
+            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, BLOCK_M)
+            if last_to_arrive(grp_slot, tl.minimum(T - grp * BLOCK_M, BLOCK_M)):
                 mean, m2 = bn_merge(psum_ptr, pm2_ptr, co, n_mask, C_out, grp * BLOCK_M,
                                     tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, BLOCK_M, M, PS, BLOCK_M, BLOCK_N)
                 last = n_grp == 1
@@ -130,17 +119,46 @@ def $NAME(
                     n_g = tl.minimum(M - grp * BLOCK_M * BLOCK_M, BLOCK_M * BLOCK_M).to(PS)
                     tl.store(psum_ptr + row, mean * n_g, mask=n_mask)
                     tl.store(pm2_ptr + row, m2, mask=n_mask)
-                    tl.debug_barrier()
-                    last = tl.atomic_add(col_slot, 1, sem="acq_rel") == n_grp - 1
+                    last = last_to_arrive(col_slot, n_grp)
                     if last:
-                        tl.atomic_xchg(col_slot, 0)
-                        tl.debug_barrier()
                         mean, m2 = bn_merge(psum_ptr, pm2_ptr, co, n_mask, C_out, 0, T, BLOCK_M, BLOCK_M, M, PS,
                                             BLOCK_M, BLOCK_N)
                 if last:
                     bn_finish(mean, m2 / M, co, n_mask, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
                               rstd_ptr, bn_scale_ptr, bn_shift_ptr, M, eps, momentum, (pid_n == 0) & (g == 0),
                               BN_AFFINE, BN_TRACK)
+'''
+
+# A MERGE kernel's place in its two-level tree: its tile row's group of
+# BLOCK_M rows, the number of groups, and the counters of its group and of
+# its column of tiles (laid out as merge_counters() sizes them).
+MERGE_SLOTS = r'''
+@triton.jit
+def $NAME(count_ptr, pid_m, pid_n, BLOCK_M: tl.constexpr):
+    n_grp = tl.cdiv(tl.num_programs(0), BLOCK_M)
+    grp = pid_m // BLOCK_M
+    col = tl.program_id(2) * tl.num_programs(1) + pid_n
+    grp_slot = count_ptr + col * n_grp + grp
+    col_slot = count_ptr + tl.num_programs(1) * tl.num_programs(2) * n_grp + col
+    return grp, n_grp, grp_slot, col_slot
+'''
+
+# True in the last of `expected` programs to arrive at a counter, after
+# which it may read what the others stored before they arrived.  Every
+# thread's stores, a CTA barrier, then one thread's acq_rel atomic: the
+# order CUTLASS's split-K semaphore and Inductor's grid barrier rely on; the
+# loads that follow go to L2 (.cg).  Nobody waits, so it holds however the
+# programs are scheduled.  The last arrival resets the counter for the next
+# launch on the stream.
+LAST_TO_ARRIVE = r'''
+@triton.jit
+def $NAME(slot, expected):
+    tl.debug_barrier()
+    last = tl.atomic_add(slot, 1, sem="acq_rel") == expected - 1
+    if last:
+        tl.atomic_xchg(slot, 0)
+        tl.debug_barrier()
+    return last
 '''
 
 # A per-channel vector (a BN statistic or coefficient) for the channels c of
@@ -316,27 +334,17 @@ def $NAME(
         tl.store(pgx_ptr + pid_m * C_out + co, tl.sum(g * xh, axis=0), mask=n_mask)
         if MERGE:  # as CONV2D's: a two-level tree of merges, each merger found by count
             T = tl.num_programs(0)
-            n_grp = tl.cdiv(T, BLOCK_M)
-            grp = pid_m // BLOCK_M
-            col = tl.program_id(2) * tl.num_programs(1) + pid_n
-            grp_slot = count_ptr + col * n_grp + grp
-            col_slot = count_ptr + tl.num_programs(1) * tl.num_programs(2) * n_grp + col
             PS = pg_ptr.dtype.element_ty
-            tl.debug_barrier()
-            if tl.atomic_add(grp_slot, 1, sem="acq_rel") == tl.minimum(T - grp * BLOCK_M, BLOCK_M) - 1:
-                tl.atomic_xchg(grp_slot, 0)
-                tl.debug_barrier()
+            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, BLOCK_M)
+            if last_to_arrive(grp_slot, tl.minimum(T - grp * BLOCK_M, BLOCK_M)):
                 sg, sgx = channel_sums(pg_ptr, pgx_ptr, co, n_mask, C_out, grp * BLOCK_M,
                                        tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, PS, BLOCK_M, BLOCK_N)
                 last = n_grp == 1
                 if n_grp > 1:
                     tl.store(pg_ptr + grp * BLOCK_M * C_out + co, sg, mask=n_mask)
                     tl.store(pgx_ptr + grp * BLOCK_M * C_out + co, sgx, mask=n_mask)
-                    tl.debug_barrier()
-                    last = tl.atomic_add(col_slot, 1, sem="acq_rel") == n_grp - 1
+                    last = last_to_arrive(col_slot, n_grp)
                     if last:
-                        tl.atomic_xchg(col_slot, 0)
-                        tl.debug_barrier()
                         sg, sgx = channel_sums(pg_ptr, pgx_ptr, co, n_mask, C_out, 0, T, BLOCK_M, PS, BLOCK_M, BLOCK_N)
                 if last:
                     bn_grad_finish(sg, sgx, tl.zeros_like(sg), co, n_mask, C_out, N * Ho * Wo,

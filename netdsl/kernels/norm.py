@@ -96,7 +96,7 @@ def $NAME(psum_ptr, pm2_ptr, c, c_mask, C, t_begin, t_end, STEP, TILE, M, ACC: t
         rows = t_begin + (t0 + tl.arange(0, BLOCK_T)) * STEP
         t_ok = rows < t_end
         mask = t_ok[:, None] & c_mask[None, :]
-        # .cg: from L2, where other programs' partials landed (see CONV2D's MERGE)
+        # .cg: from L2, where other programs' partials landed (see last_to_arrive)
         s = tl.load(psum_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
         q = tl.load(pm2_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
         cnt = tl.where(t_ok, tl.minimum(M - rows * TILE, STEP * TILE), 0).to(ACC)
@@ -156,7 +156,7 @@ def $NAME(pa_ptr, pb_ptr, c, c_mask, C, t_begin, t_end, STEP, ACC: tl.constexpr,
     for t0 in range(0, tl.cdiv(t_end - t_begin, STEP), BLOCK_T):
         rows = t_begin + (t0 + tl.arange(0, BLOCK_T)) * STEP
         mask = (rows < t_end)[:, None] & c_mask[None, :]
-        # .cg: from L2, where other programs' partials landed (see CONV2D's MERGE)
+        # .cg: from L2, where other programs' partials landed (see last_to_arrive)
         a = tl.load(pa_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
         b = tl.load(pb_ptr + rows[:, None] * C + c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
         sa += tl.sum(a.to(ACC), axis=0)
