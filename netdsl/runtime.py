@@ -180,9 +180,10 @@ def stat_empty(C, like):
 
 
 def grid_merge(bn):
-    """bn, where a conv's last programs merge its batch statistics (the
-    default); None with NETDSL_GRID_MERGE=0, which leaves them to a bn_stats
-    launch over the same partials (to rule the merge out when hunting a bug)."""
+    """bn, where a conv's programs merge its batch statistics (and a dgrad's
+    its backward's sums): the default; None with NETDSL_GRID_MERGE=0, which
+    leaves them to bn_stats / channel_grad launches over the same partials
+    (to rule the merges out when hunting a bug)."""
     return bn if os.environ.get("NETDSL_GRID_MERGE", "1") != "0" else None
 
 
@@ -190,9 +191,9 @@ def batch_stats_empty(C, like):
     return _norm.BatchStats(*(stat_empty(C, like) for _ in range(4)))
 
 
-# Arrival counters for grid-wide merges (a conv's last program per channel
-# block merges the BN partials), per device and stream: each launch leaves its
-# counters at zero, and launches on one stream never overlap.
+# Arrival counters for the grid-wide merges (kernels/conv.py's MERGE_SLOTS and
+# LAST_TO_ARRIVE), per device and stream: each launch leaves its counters at
+# zero, and launches on one stream never overlap.
 _COUNTERS: dict = {}
 
 
