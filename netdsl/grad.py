@@ -378,9 +378,7 @@ class ConvFn(torch.autograd.Function):
             rec = inp if inp is not None else block
             merge = None
             if rec is not None and rt.grid_merge(rec.bn) is not None:
-                cb = rec.back.conv_bias if rec.back is not None else None
-                merge = _bn_sums_empty(rec.bn, x, rec.mean, rec.batch_stats,
-                                       cb if cb is not None and cb.requires_grad else None)
+                merge = _bn_sums_empty(rec.bn, x, rec.mean, rec.batch_stats, _bias_wanting_grad(rec.back))
             got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
                                      grad_out=inp.bn_grad(rt.as4d(x)) if inp is not None else
                                      block.bn_grad() if block is not None else None, residual=sibling,
@@ -423,12 +421,18 @@ def _deferred_bn_sums(K, inp, x4, partials=None, dy4=None):
     dy4, from one pass over its output gradient, act-free): its parameters'
     gradients, and (on inp.back) the coefficients of its input gradient and
     the producing conv's bias gradient."""
-    back, cb = inp.back, inp.back.conv_bias
+    back = inp.back
     # (with partials nothing per pixel is read: x4 stands in for dy4's shape)
     back.coef, dgamma, dbeta, back.dcbias = _bn_sums(
         K, inp.bn, dy4 if dy4 is not None else x4, x4, inp.mean, inp.rstd, inp.batch_stats,
-        cb if cb is not None and cb.requires_grad else None, partials=partials)
+        _bias_wanting_grad(back), partials=partials)
     return dgamma, dbeta
+
+
+def _bias_wanting_grad(back):
+    """The producing conv's bias, where a BN backward's reduction must also give its gradient."""
+    cb = back.conv_bias if back is not None else None
+    return cb if cb is not None and cb.requires_grad else None
 
 
 class BatchNormFn(torch.autograd.Function):

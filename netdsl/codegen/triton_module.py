@@ -48,7 +48,7 @@ HELPERS = (
     (kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue",
      "and its input gradient A·g + B + C·x̂, applied as a conv's dgrad or wgrad loads dy"),
     (knorm.BN_MERGE, "bn_merge",
-     "batch-norm statistics from per-tile partial sums (bn_stats, or a conv's last program)"),
+     "batch-norm statistics from per-tile partial sums (bn_stats, or a conv's merging programs)"),
     (knorm.BN_FINISH, "bn_finish",
      "batch-norm mean, rstd, scale/shift from the batch statistics, and the running-stat update"),
     (knorm.CHANNEL_SUMS, "channel_sums", "per-channel sums of two buffers of per-tile partials"),

@@ -11,8 +11,9 @@ Epilogue (constexpr flags): y = act(acc · scale[c] + shift[c] + residual).
 `scale`/`shift` carry a bias or a folded BatchNorm.  With STATS, each tile
 also writes its per-channel sum and squared deviations for a training-mode
 BatchNorm's statistics, so they need no separate pass over y; with MERGE, the
-last program of each column of tiles merges them into the statistics, so
-they need no launch either (and a dgrad does the same for a BN's backward).
+kernel's own programs merge them into the statistics (a two-level tree per
+column of tiles, see LAST_TO_ARRIVE), so they need no launch either (and a
+dgrad does the same for a BN's backward).
 """
 from typing import NamedTuple
 
@@ -268,9 +269,10 @@ def $NAME(
     # stored (a residual block's output); with every consumer's gradient
     # summed, the result is taken through act' (from oy) before it is stored,
     # and OUT_BNG's sums are those of that BN: its reduction pass is gone.
-    # MERGE (with OUT_BNG): the last program of each column of tiles also
-    # finishes that BN's backward from the column's sums (bn_grad_finish): its
-    # parameter gradients, and the coefficients of its input gradient.
+    # MERGE (with OUT_BNG): the programs also merge those sums, as CONV2D's
+    # MERGE does its statistics, and the last merger finishes that BN's
+    # backward (bn_grad_finish): its parameter gradients, and the
+    # coefficients of its input gradient.
     $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
