@@ -52,6 +52,17 @@ def distinct_tensors(values):
     return list(seen.values())
 
 
+def launch_bytes(kernel, args, meta):
+    """A launch's distinct tensor operands.  A conv's backward launch
+    (conv_backward: its dgrad's and wgrad's programs in one grid) counts each
+    part that runs on its own: both read dy, so it moves twice."""
+    if not kernel.fn.__name__.startswith("conv_backward"):
+        return sum(nbytes(t) for t in distinct_tensors(args))
+    named = list(zip(kernel.arg_names, args))  # (its pointers, sizes and strides come before its constexprs)
+    return sum(sum(nbytes(t) for t in distinct_tensors([a for n, a in named if n.startswith(prefix)]))
+               for flag, prefix in (("DGRAD", "d_"), ("WGRAD", "w_")) if meta[flag])
+
+
 class Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -71,10 +82,7 @@ def netdsl_plan(model, x):
         model(x)
     if not model.training:
         plan = [p for p in plan if p[0].fn.__name__ != "bn_fold"]
-    total = 0
-    for _, args, _ in plan:
-        total += sum(nbytes(t) for t in distinct_tensors(args))
-    return len(plan), total
+    return len(plan), sum(launch_bytes(*p) for p in plan)
 
 
 def eager(model, x):
@@ -94,8 +102,7 @@ def netdsl_step(model, x):
     seed = torch.ones(x.shape[0], 1000)
     with rt.plan_launches() as plan, Count() as engine:
         _step(model, x, seed)
-    total = sum(sum(nbytes(t) for t in distinct_tensors(args)) for _, args, _ in plan)
-    return len(plan), engine.ops, total + engine.bytes
+    return len(plan), engine.ops, sum(launch_bytes(*p) for p in plan) + engine.bytes
 
 
 def step_breakdown(model, x):
@@ -108,10 +115,10 @@ def step_breakdown(model, x):
         y.backward(seed)
     model.zero_grad(set_to_none=True)
     rows = {}
-    for i, (kernel, args, _) in enumerate(plan):
+    for i, (kernel, args, meta) in enumerate(plan):
         key = ("forward" if i < n_forward else "backward", kernel.fn.__name__.split("__")[0])
         count, total = rows.get(key, (0, 0))
-        rows[key] = (count + 1, total + sum(nbytes(t) for t in distinct_tensors(args)))
+        rows[key] = (count + 1, total + launch_bytes(kernel, args, meta))
     return sorted(rows.items(), key=lambda kv: (kv[0][0] != "forward", -kv[1][1]))
 
 

@@ -89,6 +89,11 @@ def correctness(rows):
         rows.append(("check", f"ResNet50 train grads repeat max abs diff (merge={merge})",
                      max((a - b).abs().max().item() for a, b in zip(again, ours))))
     os.environ.pop("NETDSL_GRID_MERGE")
+    # each conv's dgrad and wgrad in one launch (the default), and in one launch each
+    os.environ["NETDSL_COMBO"] = "0"
+    rows.append(("check", "ResNet50 train grads worst rel err (combo=0)",
+                 max(rel(a, b) for a, b in zip(grads(tri), theirs))))
+    os.environ.pop("NETDSL_COMBO")
     from netdsl import runtime as rt
 
     rows.append(("check", "grid-merge counters left nonzero", sum(int(c.ne(0).sum()) for c in rt._COUNTERS.values())))
@@ -167,6 +172,9 @@ def net_rows(rows, batch, compile_modes):
             rows.append(("net", f"{net} inference {dname} b{batch}", t, None, None))
             tri.train(), ref.train()
             t = {"netdsl": timed(step(tri), reps=5), "eager": timed(step(ref), reps=5)}
+            os.environ["NETDSL_COMBO"] = "0"  # each conv's dgrad and wgrad launched apart, to compare
+            t["netdsl-combo0"] = timed(step(tri), reps=5)
+            os.environ.pop("NETDSL_COMBO")
             for cm in compile_modes:
                 t[cm] = timed(step(torch.compile(ref, mode=None if cm == "compile" else cm)), reps=5)
             rows.append(("net", f"{net} train step {dname} b{batch}", t, None, None))

@@ -366,6 +366,7 @@ class ConvFn(torch.autograd.Function):
         # x's deferred BN: its backward's sums in the dgrad's epilogue, its apply left to the producing conv
         pass_back = inp is not None and inp.back is not None
         xfork, rfork = ctx.forks
+        sibling = block = merge = grad_out = out_mask = None
         if need_dx:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.linear else _grad_like(x)
             # a sibling consumer's gradient of x, summed into dx by the dgrad's epilogue (with a deferred
@@ -376,25 +377,25 @@ class ConvFn(torch.autograd.Function):
             # (a deferred BN's sums come from the epilogue whoever produced its input: no pass over dx for them;
             # the dgrad's last programs also finish that BN's backward)
             rec = inp if inp is not None else block
-            merge = None
             if rec is not None and rt.grid_merge(rec.bn) is not None:
                 merge = _bn_sums_empty(rec.bn, x, rec.mean, rec.batch_stats, _bias_wanting_grad(rec.back))
-            got = _conv.conv2d_dgrad(_rt, bw.dgrad, draw, w4, rt.as4d(dx), groups=groups, grad_in=grad_in,
-                                     grad_out=inp.bn_grad(rt.as4d(x)) if inp is not None else
-                                     block.bn_grad() if block is not None else None, residual=sibling,
-                                     out_mask=(rt.as4d(x), block.act, block.slope) if block is not None else None,
-                                     merge=merge)
-            if pass_back:
-                din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got[1])
-            elif block is not None:
-                block.dgamma, block.dbeta = _deferred_bn_sums(K, block, rt.as4d(x), got[1])
-                block.g, block.task = dx, torch._C._current_graph_task_id()
+            grad_out = inp.bn_grad(rt.as4d(x)) if inp is not None else block.bn_grad() if block is not None else None
+            out_mask = (rt.as4d(x), block.act, block.slope) if block is not None else None
         if nw:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
-            dw4 = dw.view(*dw.shape, 1, 1) if ctx.linear else dw
-            _conv.conv2d_wgrad(_rt, bw.wgrad, draw, rt.as4d(x), dw4, groups=groups,
-                               prologue=inp.prologue() if inp is not None else None, grad_in=grad_in,
-                               dbias=wgrad_db)
+        got = None
+        if dx is not None or dw is not None:  # both gradients in one launch
+            got = _conv.conv2d_backward(
+                _rt, bw.backward, draw, w4, rt.as4d(x), dx=rt.as4d(dx) if dx is not None else None,
+                dw=(dw.view(*dw.shape, 1, 1) if ctx.linear else dw) if dw is not None else None, groups=groups,
+                prologue=inp.prologue() if inp is not None else None, grad_in=grad_in, grad_out=grad_out,
+                residual=sibling, out_mask=out_mask, merge=merge, dbias=wgrad_db)
+        if need_dx:
+            if pass_back:
+                din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got)
+            elif block is not None:
+                block.dgamma, block.dbeta = _deferred_bn_sums(K, block, rt.as4d(x), got)
+                block.g, block.task = dx, torch._C._current_graph_task_id()
         if pass_back:  # dx stays the deferred activation's gradient: what the producer expects
             dx = dx if nx else None
             din_w, din_b = (din_w, din_b) if nin_w or nin_b else (None, None)
@@ -402,7 +403,7 @@ class ConvFn(torch.autograd.Function):
             dx, _, din_w, din_b, _ = _BN.backward(
                 K, inp.bn, rt.as4d(dx), None, rt.as4d(x), inp.mean, inp.rstd, inp.batch_stats, inp.act, inp.slope,
                 need_dx=nx, need_res=False, need_affine=nin_w or nin_b, deferred=inp.recompute(),
-                sibling=_sibling_grad(xfork, ctx.concat, x) if nx else None, partials=got[1])
+                sibling=_sibling_grad(xfork, ctx.concat, x) if nx else None, partials=got)
         if xfork is not None and nx and dx is not None and not pass_back:
             xfork.offer(dx)
         dres_w = dres_b = None

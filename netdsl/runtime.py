@@ -187,6 +187,13 @@ def grid_merge(bn):
     return bn if os.environ.get("NETDSL_GRID_MERGE", "1") != "0" else None
 
 
+def combo() -> bool:
+    """True where a conv's input and weight gradients share one launch
+    (kernels/conv.py's CONV2D_BACKWARD): the default; NETDSL_COMBO=0 gives
+    each its own launch of the same kernel, one part on (to compare)."""
+    return os.environ.get("NETDSL_COMBO", "1") != "0"
+
+
 def batch_stats_empty(C, like):
     return _norm.BatchStats(*(stat_empty(C, like) for _ in range(4)))
 
@@ -694,6 +701,7 @@ class _RT:
     gpu_tiles = staticmethod(gpu_tiles)
     batch_stats_empty = staticmethod(batch_stats_empty)
     counters = staticmethod(counters)
+    combo = staticmethod(combo)
 
 
 _rt = _RT()

@@ -19,13 +19,15 @@ def _kernels(tmp_path, consts):
     src = ("import triton\nimport triton.language as tl\n\n"
            + "".join(render(t, n, "helper") + "\n\n" for t, n in HELPERS)
            + render(kconv.CONV2D_WGRAD, "wgrad", "test", **consts) + "\n\n"
-           + render(kconv.CONV_TRANSPOSE2D, "dgrad", "test", **consts))
+           + render(kconv.CONV_TRANSPOSE2D, "dgrad", "test", **consts) + "\n\n"
+           + render(kconv.CONV2D_BACKWARD, "backward", "test", **consts))
     path = tmp_path / f"k{abs(hash(tuple(sorted(consts.items()))))}.py"
     path.write_text(src)
     from netdsl.cache import import_file
 
     mod = import_file(path)
     _kernels.channel_grad = mod.channel_grad
+    _kernels.backward = mod.backward
     return mod.wgrad, mod.dgrad
 
 
@@ -51,6 +53,43 @@ def test_weight_and_input_gradients(tmp_path, seed):
     kconv.conv2d_dgrad(rt._rt, dgrad, dy, w, dx, groups=g)
     expect_x = torch.nn.grad.conv2d_input(x.shape, w, dy, stride=s, padding=p, dilation=d, groups=g)
     assert torch.allclose(dx, expect_x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("combo", ["1", "0"])
+def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
+    """conv2d_backward: the input and weight gradients (and the bias's) from
+    one launch of the combined kernel (NETDSL_COMBO=0: two launches of it, one
+    part each), or either part alone; against torch.nn.grad, with a grouped
+    strided conv, and with GPU-sized 16×16 tiles so both grids have many
+    programs laid end to end."""
+    monkeypatch.setenv("NETDSL_COMBO", combo)
+    monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
+    torch.manual_seed(3)
+    consts = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1, GROUPS=2)
+    _kernels(tmp_path, consts)
+    backward = _kernels.backward
+    x, w = torch.randn(2, 34, 9, 7), torch.randn(36, 17, 3, 3)
+    conv = dict(stride=2, padding=1, groups=2)
+    dy = torch.randn_like(torch.nn.functional.conv2d(x, w, **conv)).contiguous(memory_format=torch.channels_last)
+    expect_x = torch.nn.grad.conv2d_input(x.shape, w, dy, **conv)
+    expect_w = torch.nn.grad.conv2d_weight(x, w.shape, dy, **conv)
+    grids = {}
+    for want_x, want_w in ((True, True), (True, False), (False, True)):
+        dx = torch.full_like(x, float("nan")) if want_x else None
+        dw = torch.full_like(w, float("nan")) if want_w else None
+        db = torch.full((36,), float("nan")) if want_w else None
+        with rt.kernel_log() as log:
+            kconv.conv2d_backward(rt._rt, backward, dy, w, x, dx=dx, dw=dw, groups=2, dbias=db)
+        grids[want_x, want_w] = [grid for _, grid in log]
+        if want_x:
+            assert torch.allclose(dx, expect_x, rtol=1e-4, atol=1e-4)
+        if want_w:
+            assert torch.allclose(dw, expect_w, rtol=1e-4, atol=1e-4)
+            assert torch.allclose(db, dy.sum((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    # the wgrad's 18 programs (1 × 1 tiles of channels, 2 groups × 9 taps), then the dgrad's 32 (8 tiles of
+    # 16 of the 126 pixels × 2 tiles of 16 of 17 channels × 2 groups): one grid, or one launch each
+    assert grids[True, True] == ([(18 + 32,)] if combo == "1" else [(32,), (18,)])
+    assert grids[True, False] == [(32,)] and grids[False, True] == [(18,)]
 
 
 def test_backward_kernels_compile_for_sm90_and_sm80(tmp_path):
@@ -122,6 +161,7 @@ def test_conv_act_backward_rides_in_dgrad_and_wgrad(tmp_path):
     stored and there is no reduction pass.  No change where a residual needs g
     itself (one pass writes it and sums the bias).  Numbers against torch."""
     import netdsl
+    from launches import parts
     from twin import grad_compare, twins
 
     p = tmp_path / "a.net"
@@ -139,7 +179,7 @@ def test_conv_act_backward_rides_in_dgrad_and_wgrad(tmp_path):
         y = tri(torch.randn(2, 3, 8, 8))
         n = len(launches)
         y.backward(torch.empty_like(y))
-    backward = [(k.fn.__name__.split("__")[0], meta) for k, _, meta in launches[n:]]
+    backward = [(k.fn.__name__.split("__")[0], meta) for k, _, meta in parts(launches[n:])]
     assert [m["G_ACTG"] for k, m in backward if k == "conv_wgrad"] == [0, 3, 0, 4, 1]
     assert [m["DBIAS"] for k, m in backward if k == "conv_wgrad"] == [True, True, False, True, True]
     assert [m["IN_ACTG"] for k, m in backward if k == "conv_dgrad"] == [0, 3, 0, 4]  # (the input needs none)
@@ -150,7 +190,7 @@ def test_conv_act_backward_rides_in_dgrad_and_wgrad(tmp_path):
     from netdsl import aot
 
     for kernel, sig, meta in aot.signatures(tri, torch.randn(16, 3, 8, 8), train=True, backward=True):
-        if meta.get("G_ACTG") or meta.get("IN_ACTG") or meta.get("DBIAS"):
+        if any(meta.get(p + f) for p in ("", "d_", "w_") for f in ("G_ACTG", "IN_ACTG", "DBIAS")):
             for arch in (90, 80):
                 info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
                 assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)

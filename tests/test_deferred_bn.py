@@ -10,6 +10,7 @@ import torch
 
 import netdsl
 from netdsl import runtime as rt
+from launches import parts
 from twin import grad_compare, saved_bytes, twins
 
 
@@ -32,6 +33,9 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     with rt.plan_launches() as launches:  # one training step, planned: no kernel runs
         y = m(torch.randn(2, 3, 64, 64))
         y.backward(torch.empty_like(y))
+    # each conv's (and fc's) backward is one launch: 54, the stem's without a dgrad part (see parts())
+    assert sum(k.fn.__name__.startswith("conv_backward") for k, _, _ in launches) == 54
+    launches = parts(launches)
     names = [k.fn.__name__ for k, _, _ in launches]
     # 53 conv+BN layers, 36 deferred: 17 apply kernels (4 normalise their residual as they load it); every BN
     # takes its statistics from its conv's epilogue, merged by the conv's last programs: no bn_stats launch
@@ -145,6 +149,7 @@ def test_batch_norm_not_after_a_conv_keeps_its_backward_apply(tmp_path):
     with rt.plan_launches() as launches:
         y = tri(torch.randn(2, 4, 8, 8))
         y.backward(torch.empty_like(y))
+    launches = parts(launches)
     applies = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad_apply"]
     assert len(applies) == 1 and applies[0]["Y_FROM_X"]
     assert [k.fn.__name__.split("__")[0] for k, _, meta in launches if meta.get("OUT_BNG")] == ["conv_dgrad"]

@@ -9,6 +9,7 @@ import torch
 
 import netdsl
 from netdsl import runtime as rt
+from launches import parts
 from twin import grad_compare, saved_bytes, twins
 
 BLOCK = ("net R input(4, 8, 8) {{\n"
@@ -33,7 +34,7 @@ def _planned_step(m, x):
         y = m(x)
         n = len(launches)
         y.backward(torch.empty_like(y))
-    return launches[:n], launches[n:]
+    return launches[:n], parts(launches[n:])
 
 
 def test_resnet50_step_sums_no_forked_gradients_apart():
@@ -46,6 +47,8 @@ def test_resnet50_step_sums_no_forked_gradients_apart():
     # 53 wgrads (and fc's: it sums the bias too), 52 dgrads, 6 BN reductions (47 more finished by dgrads'
     # last programs), 2 pools: no BN apply
     assert len(backward) == 115 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
+    # launched: each conv's dgrad and wgrad as one (see launches.parts)
+    assert len({id(args) for _, args, _ in backward}) == 115 - 53
 
 
 def test_a_consumer_that_cannot_add_leaves_the_sum_to_the_fork(tmp_path):
@@ -159,15 +162,16 @@ def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path, 
         for net, shape in (("R", (16, 4, 8, 8)), ("Dn", (16, 3, 8, 8))):
             m = netdsl.build(str(p), net)
             for kernel, sig, meta in aot.signatures(m, torch.randn(*shape), train=True, backward=True):
-                if any(meta.get(f) for f in names):
+                if any(m.get(f) for _, _, m in parts([(kernel, sig, meta)]) for f in names):
                     key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(meta.items())))
                     variants[key] = (kernel, sig, meta)
     variants = list(variants.values())
-    assert {f for _, _, meta in variants for f in names if meta.get(f)} == set(names)
-    assert {k.fn.__name__.split("__")[0] for k, _, meta in variants if meta.get("MERGE")} == \
+    views = parts(variants)  # (a conv's backward launch as its dgrad and wgrad parts)
+    assert {f for _, _, meta in views for f in names if meta.get(f)} == set(names)
+    assert {k.fn.__name__.split("__")[0] for k, _, meta in views if meta.get("MERGE")} == \
         {"conv_bn_relu", "conv_bn", "conv_bn_add_relu", "conv_dgrad"}
-    assert {k.fn.__name__ for k, _, meta in variants if meta.get("PARTIALS")} == {"bn_stats", "channel_grad"}
-    assert {k.fn.__name__.split("__")[0] for k, _, meta in variants if meta.get("HAS_RES")} >= \
+    assert {k.fn.__name__ for k, _, meta in views if meta.get("PARTIALS")} == {"bn_stats", "channel_grad"}
+    assert {k.fn.__name__.split("__")[0] for k, _, meta in views if meta.get("HAS_RES")} >= \
         {"conv_dgrad", "channel_grad_apply"}
     for kernel, sig, meta in variants:
         for arch in (90, 80):

@@ -153,6 +153,12 @@ class _NoTorchCompute(TorchDispatchMode):
                "detach.default", "alias.default", "_unsafe_view.default", "empty_like.default",
                "set_.source_Storage_storage_offset"}  # a dense block's concatenations share one buffer
 
+    def __enter__(self):
+        # the grid-wide merges' counters are zeroed once per device and stream, then reset by the kernels
+        # themselves: allocate them first, as an earlier step would have (else this test depends on the order)
+        rt.counters(torch.device("cpu"), 1)
+        return super().__enter__()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__ if hasattr(func, "__name__") else str(func)
         if not rt.in_launch() and name not in self.ALLOWED:

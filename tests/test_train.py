@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import netdsl
+from netdsl import runtime as rt
+from launches import parts
 from test_modules import FAST
 from test_modules import SLOW as ZOO_SLOW
 from twin import grad_compare, randomize, rel_err, saved_bytes, twins
@@ -134,7 +136,12 @@ def test_frozen_parameters_get_no_gradient_and_no_kernel(small_spec):
     with netdsl.kernel_log() as log:
         f(x).sum().backward()
     assert x.grad is not None and all(p.grad is None for p in f.parameters())
-    assert not any("wgrad" in name for name, _ in log)
+    # each conv's backward launch runs its dgrad part only
+    with rt.plan_launches() as plan:
+        f(x).sum().backward()
+    backward = [k.fn.__name__ for k, _, _ in parts(plan)]
+    assert any("dgrad" in name for name in backward) and not any("wgrad" in name for name in backward)
+    assert len(log) == len(plan)
 
 
 def test_checkpoint_of_the_torch_twin_loads_strictly(small_spec, tmp_path):
@@ -199,9 +206,10 @@ def test_autocast_training_step_compiles_for_gpus(small_spec, dtype):
     with torch.autocast("cpu", dtype=dtype):
         launches = aot.signatures(m, torch.randn(32, 3, 12, 12), train=True, backward=True)
     names = {k.fn.__name__ for k, _, _ in launches}
-    assert {"conv_wgrad__0", "conv_dgrad__0", "channel_grad", "pool_backward__9"} <= names, names
-    # the BN backward rides in the dgrad's and wgrad's loads
-    assert any(meta.get("IN_BNG") for _, _, meta in launches) and any(meta.get("G_BNG") for _, _, meta in launches)
+    assert {"conv_backward__0", "channel_grad", "pool_backward__9"} <= names, names
+    # the BN backward rides in the dgrad's and wgrad's loads (both parts of one conv_backward launch)
+    assert any(meta.get("d_IN_BNG") and meta["DGRAD"] for _, _, meta in launches)
+    assert any(meta.get("w_G_BNG") and meta["WGRAD"] for _, _, meta in launches)
     assert any(sig.get("x_ptr") == ("*bf16" if dtype == torch.bfloat16 else "*fp16")
                for k, sig, _ in launches if k.fn.__name__.startswith("conv_bn_relu")), "convs ran in fp32"
     for kernel, sig, meta in launches:

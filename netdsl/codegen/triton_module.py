@@ -28,7 +28,7 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
 # The backward kernels of a spec-specific forward template: (name prefix,
 # template), instantiated with the forward kernel's own constants.
 BACKWARD = {
-    kconv.CONV2D: (("dgrad", "conv_dgrad", kconv.CONV_TRANSPOSE2D), ("wgrad", "conv_wgrad", kconv.CONV2D_WGRAD)),
+    kconv.CONV2D: (("backward", "conv_backward", kconv.CONV2D_BACKWARD),),
     kconv.CONV_TRANSPOSE2D: (("dgrad", "conv_transpose_dgrad", kconv.CONV2D),
                              ("wgrad", "conv_transpose_wgrad", kconv.CONV2D_WGRAD)),
     kpool.POOL2D: (("backward", "pool_backward", kpool.POOL2D_BACKWARD),),
@@ -47,6 +47,9 @@ HELPERS = (
      "backward of a deferred batch norm + activation: g = dy·act'(y) and x̂, y recomputed"),
     (kconv.BN_GRAD_PROLOGUE, "bn_grad_prologue",
      "and its input gradient A·g + B + C·x̂, applied as a conv's dgrad or wgrad loads dy"),
+    (kconv.CONV_TRANSPOSE_TILE, "conv_transpose_tile",
+     "one tile of a transposed conv, or of a conv's input gradient (a conv's dgrad), with BN backwards along"),
+    (kconv.CONV_WGRAD_TILE, "conv_wgrad_tile", "one tile of a conv's weight gradient"),
     (knorm.BN_MERGE, "bn_merge",
      "batch-norm statistics from per-tile partial sums (bn_stats, or a conv's merging programs)"),
     (knorm.BN_FINISH, "bn_finish",

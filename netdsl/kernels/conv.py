@@ -14,6 +14,10 @@ BatchNorm's statistics, so they need no separate pass over y; with MERGE, the
 kernel's own programs merge them into the statistics (a two-level tree per
 column of tiles, see LAST_TO_ARRIVE), so they need no launch either (and a
 dgrad does the same for a BN's backward).
+
+Backward: a conv's input gradient (dgrad: a transposed conv of dy) and weight
+gradient (wgrad) are independent, so CONV2D_BACKWARD runs both in one launch,
+their programs laid end to end in one grid.
 """
 from typing import NamedTuple
 
@@ -23,6 +27,69 @@ import triton
 from . import ACT_CODES
 from . import norm
 from .norm import reduce_dtype
+
+# The backward kernels' bodies are @triton.jit tile functions of their
+# program ids (CONV_TRANSPOSE_TILE, CONV_WGRAD_TILE), one copy per file, with
+# the window's geometry as constexprs; a kernel is a thin wrapper that hands
+# them its program ids and its geometry.  So one launch can run both a conv's
+# input and weight gradients (CONV2D_BACKWARD), and the transposed conv keeps
+# its own kernel.
+_GEOMETRY_PARAMS = """\
+    # the window's geometry
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, G: tl.constexpr,
+"""
+_GEOMETRY_ARGS = "$KH, $KW, $SH, $SW, $PH, $PW, $DH, $DW, $GROUPS"
+
+
+def _names(params: str, prefix: str = "") -> list[str]:
+    """The parameter names of a signature's text (comments and annotations dropped)."""
+    out = []
+    for line in params.splitlines():
+        line = line.split("#")[0]
+        out += [prefix + item.split(":")[0].strip() for item in line.split(",") if item.strip()]
+    return out
+
+
+def _prefixed(params: str, prefix: str) -> str:
+    """A signature's text with each parameter renamed prefix + name (and its lines wrapped again)."""
+    out = []
+    for line in params.splitlines():
+        if line.lstrip().startswith("#"):
+            out.append(line)
+        else:
+            out.append("    " + _wrap([prefix + item.strip() for item in line.split(",") if item.strip()], 4) + ",")
+    return "\n".join(out) + "\n"
+
+
+def _runtime(params: str, prefix: str) -> str:
+    """A signature's pointers, sizes and strides (what precedes its meta-parameters), prefixed."""
+    return _prefixed(params.split("    # meta-parameters\n")[0], prefix)
+
+
+def _meta(params: str, prefix: str) -> str:
+    """A signature's meta-parameters (its constexprs), prefixed."""
+    return _prefixed(params.split("    # meta-parameters\n")[1], prefix)
+
+
+def _wrap(items: list[str], indent: int, width: int = 116) -> str:
+    lines, line = [], ""
+    for item in items:
+        piece = item + ", "
+        if line and indent + len(line) + len(piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    lines.append(line.rstrip().rstrip(","))
+    return ("\n" + " " * indent).join(lines)
+
+
+def _kernel(params: str, tile: str, ids: str) -> str:
+    """A kernel whose body is one call of a tile function (see above)."""
+    call = f"    {tile}("
+    args = _wrap(ids.split(", ") + _names(params) + _GEOMETRY_ARGS.split(", "), len(call))
+    return f"@triton.jit\ndef $NAME(\n{params}):\n{call}{args})\n"
+
 
 CONV2D = r'''
 @triton.jit
@@ -110,7 +177,8 @@ def $NAME(
             # group's merger merges those (see last_to_arrive).
             T = tl.num_programs(0)
             M = N * Ho * Wo
-            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, BLOCK_M)
+            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, g, T, tl.num_programs(1),
+                                                         tl.num_programs(2), BLOCK_M)
             if last_to_arrive(grp_slot, tl.minimum(T - grp * BLOCK_M, BLOCK_M)):
                 mean, m2 = bn_merge(psum_ptr, pm2_ptr, co, n_mask, C_out, grp * BLOCK_M,
                                     tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, BLOCK_M, M, PS, BLOCK_M, BLOCK_N)
@@ -135,12 +203,12 @@ def $NAME(
 # its column of tiles (laid out as merge_counters() sizes them).
 MERGE_SLOTS = r'''
 @triton.jit
-def $NAME(count_ptr, pid_m, pid_n, BLOCK_M: tl.constexpr):
-    n_grp = tl.cdiv(tl.num_programs(0), BLOCK_M)
+def $NAME(count_ptr, pid_m, pid_n, g, grid_m, grid_n, grid_g, BLOCK_M: tl.constexpr):
+    n_grp = tl.cdiv(grid_m, BLOCK_M)
     grp = pid_m // BLOCK_M
-    col = tl.program_id(2) * tl.num_programs(1) + pid_n
+    col = g * grid_n + pid_n
     grp_slot = count_ptr + col * n_grp + grp
-    col_slot = count_ptr + tl.num_programs(1) * tl.num_programs(2) * n_grp + col
+    col_slot = count_ptr + grid_n * grid_g * n_grp + col
     return grp, n_grp, grp_slot, col_slot
 '''
 
@@ -232,9 +300,7 @@ def $NAME(dy, x, mask, c, c_mask, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, coef
 
 # Transposed conv gathers: output pixel (oh, ow) takes input (ih, iw) where
 # oh = ih·S − P + kh·D, i.e. ih = (oh + P − kh·D) / S when that divides exactly.
-CONV_TRANSPOSE2D = r'''
-@triton.jit
-def $NAME(
+_TRANSPOSE_PARAMS = """\
     # pointers
     x_ptr, w_ptr, shift_ptr, res_ptr, y_ptr,
     ix_ptr, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr, in_coef_ptr,
@@ -252,9 +318,12 @@ def $NAME(
     MERGE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_TRAIN: tl.constexpr, OUT_CBIAS: tl.constexpr,
     IN_ACTG: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # As a conv's dgrad, two deferred batch norms' backward can ride along.
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+"""
+
+CONV_TRANSPOSE_TILE = (
+    "@triton.jit\ndef $NAME(\n    # the tile's program ids, and the grid's size\n"
+    "    pid_m, pid_n, g, grid_m, grid_n, grid_g,\n" + _TRANSPOSE_PARAMS + _GEOMETRY_PARAMS + "):\n" + r'''    # As a conv's dgrad, two deferred batch norms' backward can ride along.
     # IN_BNG: x is the gradient of a deferred BN + act's output, ix the conv
     # output it normalised; the BN's backward dx = A·g + B + C·x̂ is applied
     # as x is loaded (bn_grad_prologue), so that gradient is never stored.
@@ -273,10 +342,6 @@ def $NAME(
     # MERGE does its statistics, and the last merger finishes that BN's
     # backward (bn_grad_finish): its parameter gradients, and the
     # coefficients of its input gradient.
-    $GEOMETRY
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.program_id(2)
     cin_g = C_in // G
     cout_g = C_out // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -290,7 +355,7 @@ def $NAME(
     n = offs_m // (Wo * Ho)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     c_blocks = tl.cdiv(cin_g, BLOCK_K)
-    for it in range(0, KH * KW * c_blocks):
+    for it in tl.range(0, KH * KW * c_blocks, num_stages=STAGES):
         tap = it // c_blocks
         c0 = (it - tap * c_blocks) * BLOCK_K
         kh = tap // KW
@@ -330,14 +395,14 @@ def $NAME(
     tl.store(y_ptr + y_off, y, mask=mask)
     if OUT_BNG:  # from the stored values, as the BN backward's apply will read them
         ox = tl.load(ox_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc, mask=mask, other=0.0)
-        g, xh = bn_act_grad(y, ox, mask, co, n_mask, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr,
+        gb, xh = bn_act_grad(y, ox, mask, co, n_mask, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr,
                             OUT_CENTER, OUT_ACT, out_slope, pg_ptr.dtype.element_ty, 1)
-        tl.store(pg_ptr + pid_m * C_out + co, tl.sum(g, axis=0), mask=n_mask)
-        tl.store(pgx_ptr + pid_m * C_out + co, tl.sum(g * xh, axis=0), mask=n_mask)
+        tl.store(pg_ptr + pid_m * C_out + co, tl.sum(gb, axis=0), mask=n_mask)
+        tl.store(pgx_ptr + pid_m * C_out + co, tl.sum(gb * xh, axis=0), mask=n_mask)
         if MERGE:  # as CONV2D's: a two-level tree of merges, each merger found by count
-            T = tl.num_programs(0)
+            T = grid_m
             PS = pg_ptr.dtype.element_ty
-            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, BLOCK_M)
+            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, g, grid_m, grid_n, grid_g, BLOCK_M)
             if last_to_arrive(grp_slot, tl.minimum(T - grp * BLOCK_M, BLOCK_M)):
                 sg, sgx = channel_sums(pg_ptr, pgx_ptr, co, n_mask, C_out, grp * BLOCK_M,
                                        tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, PS, BLOCK_M, BLOCK_N)
@@ -352,14 +417,16 @@ def $NAME(
                     bn_grad_finish(sg, sgx, tl.zeros_like(sg), co, n_mask, C_out, N * Ho * Wo,
                                    tl.load(out_rstd_ptr + co, mask=n_mask, other=0.0).to(PS), out_w_ptr, out_dw_ptr,
                                    out_db_ptr, out_dcb_ptr, out_coef_ptr, OUT_AFFINE, OUT_TRAIN, OUT_CBIAS)
-'''
+''')
+
+CONV_TRANSPOSE2D = _kernel(_TRANSPOSE_PARAMS, "conv_transpose_tile", "tl.program_id(0), tl.program_id(1), tl.program_id(2), "
+                           "tl.num_programs(0), tl.num_programs(1), tl.num_programs(2)")
+
 
 
 # Weight gradient (backward of CONV2D): for each tap and group,
 # dW[co, ci] = Σ over N·Ho·Wo of dY[·, co] · X[·, ci] at the tap's input pixel.
-CONV2D_WGRAD = r'''
-@triton.jit
-def $NAME(
+_WGRAD_PARAMS = """\
     # pointers
     dy_ptr, x_ptr, dw_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
     gx_ptr, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr, db_ptr,
@@ -371,20 +438,22 @@ def $NAME(
     ACC: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
     G_BNG: tl.constexpr, G_CENTER: tl.constexpr, G_ACT: tl.constexpr, G_TRAIN: tl.constexpr,
     G_ACTG: tl.constexpr, DBIAS: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # G_ACTG (an activation): dy is the gradient of act's output, gx that
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+"""
+
+CONV_WGRAD_TILE = (
+    "@triton.jit\ndef $NAME(\n    # the tile's program ids\n"
+    "    pid_co, pid_ci, pid_z,\n" + _WGRAD_PARAMS + _GEOMETRY_PARAMS + "):\n" + r'''    # G_ACTG (an activation): dy is the gradient of act's output, gx that
     # output; act' is applied as dy is loaded (as the dgrad's IN_ACTG).
     # DBIAS: the programs of the first input-channel block and tap, which
     # between them read all of dy once, also sum it per output channel: the
     # conv bias's gradient, without a pass of its own.
-    $GEOMETRY
     cin_g = C_in // G
     cout_g = C_out // G
-    offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.program_id(2) // (KH * KW)
-    tap = tl.program_id(2) - g * (KH * KW)
+    offs_co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = pid_z // (KH * KW)
+    tap = pid_z - g * (KH * KW)
     kh = tap // KW
     kw = tap - kh * KW
     co_mask = offs_co < cout_g
@@ -393,7 +462,7 @@ def $NAME(
     ci = g * cin_g + offs_ci
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     db = tl.zeros((BLOCK_M,), dtype=ACC)
-    for m0 in range(0, N * Ho * Wo, BLOCK_K):
+    for m0 in tl.range(0, N * Ho * Wo, BLOCK_K, num_stages=STAGES):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         if IDX64:
             offs_m = offs_m.to(tl.int64)
@@ -424,10 +493,41 @@ def $NAME(
     dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask[:, None] & ci_mask[None, :])
     if DBIAS:
-        if (tl.program_id(1) == 0) & (tap == 0):
+        if (pid_ci == 0) & (tap == 0):
             tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask)
-'''
+''')
 
+CONV2D_WGRAD = _kernel(_WGRAD_PARAMS, "conv_wgrad_tile", "tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+
+
+
+
+# A conv's whole backward in one launch: its weight gradient's programs
+# (w_*, as CONV2D_WGRAD's) and its input gradient's (d_*, as the dgrad
+# CONV_TRANSPOSE2D's), laid end to end in one grid.  DGRAD / WGRAD: which
+# parts run (a first layer has no input gradient).
+CONV2D_BACKWARD = (
+    "@triton.jit\ndef $NAME(\n    # the input gradient's (a transposed conv of dy)\n" + _runtime(_TRANSPOSE_PARAMS, "d_")
+    + "    # the weight gradient's\n" + _runtime(_WGRAD_PARAMS, "w_") + """\
+    # the two grids: the wgrad's (its first n_wgrad programs), then the dgrad's
+    n_wgrad, w_grid_co, w_grid_ci, d_grid_m, d_grid_n, d_grid_g,
+    # meta-parameters: the input gradient's, the weight gradient's, and which parts run
+""" + _meta(_TRANSPOSE_PARAMS, "d_") + _meta(_WGRAD_PARAMS, "w_") + """\
+    DGRAD: tl.constexpr, WGRAD: tl.constexpr,
+):
+    # The wgrad's programs go first: each walks all N·Ho·Wo pixels, the
+    # longest, and the dgrad's short ones fill in behind them.
+    pid = tl.program_id(0)
+    if WGRAD:
+        if pid < n_wgrad:
+            conv_wgrad_tile(""" + _wrap(["pid % w_grid_co", "(pid // w_grid_co) % w_grid_ci", "pid // (w_grid_co * w_grid_ci)"]
+                                        + _names(_WGRAD_PARAMS, "w_") + _GEOMETRY_ARGS.split(", "), 28) + """)
+    if DGRAD:
+        if pid >= n_wgrad:
+            p = pid - n_wgrad
+            conv_transpose_tile(""" + _wrap(["p % d_grid_m", "(p // d_grid_m) % d_grid_n", "p // (d_grid_m * d_grid_n)",
+                                             "d_grid_m", "d_grid_n", "d_grid_g"]
+                                            + _names(_TRANSPOSE_PARAMS, "d_") + _GEOMETRY_ARGS.split(", "), 32) + ")\n")
 
 def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
@@ -559,6 +659,21 @@ def _actg(grad_in):
     return ACT_CODES[grad_in.act] if isinstance(grad_in, ActGrad) else 0
 
 
+class _Part(NamedTuple):
+    """One backward kernel's launch, built but not made: its grid, its
+    positional and constexpr arguments, its GPU options, and what it returns."""
+    grid: tuple
+    args: tuple
+    meta: dict
+    options: dict
+    result: object
+
+
+def _launch(rt, kernel, part):
+    rt.launch(kernel, part.grid, *part.args, **part.meta, **part.options)
+    return part.result
+
+
 def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None):
     """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy
     and its input x (with prologue: as conv2d's, x before its deferred BN + act).
@@ -566,6 +681,10 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, d
     applied to this conv's output; its backward is applied as dy is loaded
     (an ActGrad: act' is).  dbias: also the bias's gradient, Σ of that
     gradient per output channel."""
+    return _launch(rt, kernel, _wgrad_part(rt, dy, x, dw, groups, prologue, grad_in, dbias))
+
+
+def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None):
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     KH, KW = dw.shape[2], dw.shape[3]
@@ -576,20 +695,51 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, d
         BM, BN = _pow2(cout_g, 1, 512), _pow2(cin_g, 1, 512)
         BK = _pow2(N * Ho * Wo, 16, _CPU_TILE // max(BM, BN))
     grid = (triton.cdiv(cout_g, BM), triton.cdiv(cin_g, BN), groups * KH * KW)
+    pptrs, pslope, pmeta = _prologue_args(prologue, dw)
+    gptrs, gslope, gstrides, gflags = _bng_args(grad_in, dw)
+    args = (dy, x, dw, *pptrs, *gptrs, dbias if dbias is not None else dw,
+            N, H, W, C_in, Ho, Wo, C_out, pslope, gslope, *dy.stride(), *x.stride(), *dw.stride(), *gstrides)
+    meta = dict(ACC=rt.acc(x), **pmeta, **dict(zip(("G_BNG", "G_CENTER", "G_ACT", "G_TRAIN"), gflags)),
+                G_ACTG=_actg(grad_in), DBIAS=dbias is not None, IDX64=rt.needs_int64(dy, x),
+                PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=2)
     # Left alone, ptxas capped some of the zoo's 26 wgrad variants at 64-80
     # registers and spilled 4-8 bytes, at every warps/stages setting tried,
     # differently under Triton 3.6 and 3.9; with the cap lifted (maxnreg 255),
     # none spills under either (sm_90 and sm_80).  Autotuning will pick per shape.
-    pptrs, pslope, pmeta = _prologue_args(prologue, dw)
-    gptrs, gslope, gstrides, gflags = _bng_args(grad_in, dw)
-    rt.launch(kernel, grid, dy, x, dw, *pptrs, *gptrs, dbias if dbias is not None else dw,
-              N, H, W, C_in, Ho, Wo, C_out, pslope, gslope,
-              *dy.stride(), *x.stride(), *dw.stride(), *gstrides, **pmeta,
-              **dict(zip(("G_BNG", "G_CENTER", "G_ACT", "G_TRAIN"), gflags)), G_ACTG=_actg(grad_in),
-              DBIAS=dbias is not None,
-              IDX64=rt.needs_int64(dy, x), PRECISION=rt.precision(x), ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-              **({"num_warps": 8, "num_stages": 2, "maxnreg": 255} if rt.gpu_tiles(x) else {}))
-    return dw
+    options = {"num_warps": 8, "maxnreg": 255} if rt.gpu_tiles(x) else {}
+    return _Part(grid, args, meta, options, dw)
+
+
+def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None,
+                    grad_out=None, residual=None, out_mask=None, merge=None, dbias=None):
+    """A conv's input gradient dx (as conv2d_dgrad's, given dx) and weight
+    gradient dw (as conv2d_wgrad's, given dw: prologue and dbias are its) in
+    one launch of CONV2D_BACKWARD; two with NETDSL_COMBO=0 (rt.combo()).
+    Returns what conv2d_dgrad returns after dx: with grad_out, the BN's
+    partial sums (or merge, filled); otherwise None."""
+    assert dx is not None or dw is not None
+    # a part that does not run still fills its arguments: x stands in for dx, weight for dw (neither is written)
+    d = _transpose_part(rt, dy, weight, dx if dx is not None else x, groups=groups, grad_in=grad_in,
+                        **(dict(grad_out=grad_out, residual=residual, out_mask=out_mask, merge=merge)
+                           if dx is not None else {}))
+    w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias)
+    n_d, n_w = (d.grid[0] * d.grid[1] * d.grid[2]), (w.grid[0] * w.grid[1] * w.grid[2])
+    options = {"num_warps": 8, "maxnreg": 255} if rt.gpu_tiles(x) else {}
+
+    def run(dgrad, wgrad):
+        nw = n_w if wgrad else 0
+        rt.launch(kernel, ((n_d if dgrad else 0) + nw,), *d.args, *w.args, nw, *w.grid[:2], *d.grid,
+                  **{"d_" + k: v for k, v in d.meta.items()}, **{"w_" + k: v for k, v in w.meta.items()},
+                  DGRAD=dgrad, WGRAD=wgrad, **options)
+
+    if rt.combo() or dx is None or dw is None:
+        run(dx is not None, dw is not None)
+    else:
+        run(True, False)
+        run(False, True)
+    if dx is not None and grad_out is not None:
+        return d.result[1]
+    return None
 
 
 def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None, residual=None,
@@ -610,6 +760,12 @@ def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, g
 
 def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
                      out_mask=None, merge=None):
+    return _launch(rt, kernel, _transpose_part(rt, x, weight, out, bias, groups, grad_in, grad_out, residual,
+                                               out_mask, merge))
+
+
+def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
+                    out_mask=None, merge=None):
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
@@ -632,17 +788,20 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
         mptrs = (rt.counters(x.device, merge_counters(grid, BM)), *norm.bn_sums_operands(merge, out))
         mmeta = dict(MERGE=True, OUT_AFFINE=merge.dgamma is not None, OUT_TRAIN=merge.train,
                      OUT_CBIAS=merge.dcbias is not None)
-    rt.launch(kernel, grid, x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx, fy,
-              *mptrs, N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
-              *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides, *fy.stride(),
-              HAS_SHIFT=bias is not None, HAS_RES=residual is not None, **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
-              **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact], **mmeta,
-              IN_ACTG=_actg(grad_in),
-              IDX64=rt.needs_int64(x, weight, out, r, fy, *(b[0] for b in (grad_in, grad_out) if b is not None)),
-              PRECISION=rt.precision(x), ACC=rt.acc(x),
-              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
-              # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's
-              **({"maxnreg": 255} if rt.gpu_tiles(x) and (grad_in is not None or grad_out is not None) else {}))
+    args = (x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx, fy, *mptrs,
+            N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
+            *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides, *fy.stride())
+    meta = dict(ACC=rt.acc(x), HAS_SHIFT=bias is not None, HAS_RES=residual is not None,
+                **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
+                **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact], **mmeta,
+                IN_ACTG=_actg(grad_in),
+                IDX64=rt.needs_int64(x, weight, out, r, fy, *(b[0] for b in (grad_in, grad_out) if b is not None)),
+                PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=3)
+    # (3 stages: Triton's default for these loops before they were tile functions)
+    options = dict(gpu_options(rt, x))
+    # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's
+    if rt.gpu_tiles(x) and (grad_in is not None or grad_out is not None):
+        options["maxnreg"] = 255
     if grad_out is None:
-        return out
-    return out, merge if merge is not None else (pg, pgx, BM)
+        return _Part(grid, args, meta, options, out)
+    return _Part(grid, args, meta, options, (out, merge if merge is not None else (pg, pgx, BM)))
