@@ -56,6 +56,7 @@ HELPERS = (
      "batch-norm mean, rstd, scale/shift from the batch statistics, and the running-stat update"),
     (knorm.CHANNEL_SUMS, "channel_sums", "per-channel sums of two buffers of per-tile partials"),
     (kconv.MERGE_SLOTS, "merge_slots", "a merging kernel's place in its two-level tree: its group and counters"),
+    (kconv.MERGE_COLUMN, "merge_column", "a merging kernel's two-level tree over its column of tiles' partials"),
     (kconv.LAST_TO_ARRIVE, "last_to_arrive", "true in the last program to arrive at a counter (a grid-wide merge)"),
     (knorm.BN_GRAD_FINISH, "bn_grad_finish",
      "batch-norm backward: parameter gradients and the input gradient's coefficients, from the batch sums"),

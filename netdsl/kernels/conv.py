@@ -171,31 +171,15 @@ def $NAME(
         tl.store(pm2_ptr + pid_m * C_out + co, tl.sum(d * d, axis=0), mask=n_mask)
         if MERGE:
             # The programs of each column of tiles merge its partials into the
-            # batch statistics themselves (no launch of their own), as a
-            # two-level tree: the last to finish of each group of BLOCK_M tiles
-            # merges the group's rows into the group's first row, and the last
-            # group's merger merges those (see last_to_arrive).
-            T = tl.num_programs(0)
+            # batch statistics themselves (no launch of their own): see merge_column.
             M = N * Ho * Wo
-            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, g, T, tl.num_programs(1),
-                                                         tl.num_programs(2), BLOCK_M)
-            if last_to_arrive(grp_slot, tl.minimum(T - grp * BLOCK_M, BLOCK_M)):
-                mean, m2 = bn_merge(psum_ptr, pm2_ptr, co, n_mask, C_out, grp * BLOCK_M,
-                                    tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, BLOCK_M, M, PS, BLOCK_M, BLOCK_N)
-                last = n_grp == 1
-                if n_grp > 1:
-                    row = grp * BLOCK_M * C_out + co
-                    n_g = tl.minimum(M - grp * BLOCK_M * BLOCK_M, BLOCK_M * BLOCK_M).to(PS)
-                    tl.store(psum_ptr + row, mean * n_g, mask=n_mask)
-                    tl.store(pm2_ptr + row, m2, mask=n_mask)
-                    last = last_to_arrive(col_slot, n_grp)
-                    if last:
-                        mean, m2 = bn_merge(psum_ptr, pm2_ptr, co, n_mask, C_out, 0, T, BLOCK_M, BLOCK_M, M, PS,
-                                            BLOCK_M, BLOCK_N)
-                if last:
-                    bn_finish(mean, m2 / M, co, n_mask, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
-                              rstd_ptr, bn_scale_ptr, bn_shift_ptr, M, eps, momentum, (pid_n == 0) & (g == 0),
-                              BN_AFFINE, BN_TRACK)
+            last, mean, m2 = merge_column(psum_ptr, pm2_ptr, count_ptr, pid_m, pid_n, g, tl.num_programs(0),
+                                          tl.num_programs(1), tl.num_programs(2), co, n_mask, C_out, M, True, PS,
+                                          BLOCK_M, BLOCK_N)
+            if last:
+                bn_finish(mean, m2 / M, co, n_mask, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
+                          rstd_ptr, bn_scale_ptr, bn_shift_ptr, M, eps, momentum, (pid_n == 0) & (g == 0),
+                          BN_AFFINE, BN_TRACK)
 '''
 
 # A MERGE kernel's place in its two-level tree: its tile row's group of
@@ -210,6 +194,46 @@ def $NAME(count_ptr, pid_m, pid_n, g, grid_m, grid_n, grid_g, BLOCK_M: tl.conste
     grp_slot = count_ptr + col * n_grp + grp
     col_slot = count_ptr + grid_n * grid_g * n_grp + col
     return grp, n_grp, grp_slot, col_slot
+'''
+
+# A MERGE kernel's two-level tree over its column of tiles' partials (two
+# per tile row and channel, a and b): the last program to finish each group
+# of BLOCK_M tiles merges the group's rows into the group's first row, and
+# the last group's merger merges those.  Each merger is found by count (see
+# last_to_arrive).  CHAN: a and b are sums and squared deviations from the
+# tile's mean, merged with Chan's formula into (mean, M2) (bn_merge);
+# otherwise plain sums (channel_sums).  Returns whether this program holds
+# the column's result, and the result.
+MERGE_COLUMN = r'''
+@triton.jit
+def $NAME(a_ptr, b_ptr, count_ptr, pid_m, pid_n, g, grid_m, grid_n, grid_g, c, c_mask, C, M,
+          CHAN: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, g, grid_m, grid_n, grid_g, BLOCK_M)
+    first = last_to_arrive(grp_slot, tl.minimum(grid_m - grp * BLOCK_M, BLOCK_M))
+    last = first & (n_grp == 1)
+    a = tl.zeros((BLOCK_N,), dtype=ACC)
+    b = tl.zeros((BLOCK_N,), dtype=ACC)
+    if first:
+        t_end = tl.minimum(grid_m, grp * BLOCK_M + BLOCK_M)
+        if CHAN:
+            a, b = bn_merge(a_ptr, b_ptr, c, c_mask, C, grp * BLOCK_M, t_end, 1, BLOCK_M, M, ACC, BLOCK_M, BLOCK_N)
+        else:
+            a, b = channel_sums(a_ptr, b_ptr, c, c_mask, C, grp * BLOCK_M, t_end, 1, ACC, BLOCK_M, BLOCK_N)
+        if n_grp > 1:
+            row = grp * BLOCK_M * C + c
+            if CHAN:  # the group's sum and M2, as its tiles' were stored
+                n_g = tl.minimum(M - grp * BLOCK_M * BLOCK_M, BLOCK_M * BLOCK_M).to(ACC)
+                tl.store(a_ptr + row, a * n_g, mask=c_mask)
+            else:
+                tl.store(a_ptr + row, a, mask=c_mask)
+            tl.store(b_ptr + row, b, mask=c_mask)
+            last = last_to_arrive(col_slot, n_grp)
+            if last:
+                if CHAN:
+                    a, b = bn_merge(a_ptr, b_ptr, c, c_mask, C, 0, grid_m, BLOCK_M, BLOCK_M, M, ACC, BLOCK_M, BLOCK_N)
+                else:
+                    a, b = channel_sums(a_ptr, b_ptr, c, c_mask, C, 0, grid_m, BLOCK_M, ACC, BLOCK_M, BLOCK_N)
+    return last, a, b
 '''
 
 # True in the last of `expected` programs to arrive at a counter, after
@@ -399,24 +423,14 @@ CONV_TRANSPOSE_TILE = (
                             OUT_CENTER, OUT_ACT, out_slope, pg_ptr.dtype.element_ty, 1)
         tl.store(pg_ptr + pid_m * C_out + co, tl.sum(gb, axis=0), mask=n_mask)
         tl.store(pgx_ptr + pid_m * C_out + co, tl.sum(gb * xh, axis=0), mask=n_mask)
-        if MERGE:  # as CONV2D's: a two-level tree of merges, each merger found by count
-            T = grid_m
+        if MERGE:  # as CONV2D's (merge_column), over sums
             PS = pg_ptr.dtype.element_ty
-            grp, n_grp, grp_slot, col_slot = merge_slots(count_ptr, pid_m, pid_n, g, grid_m, grid_n, grid_g, BLOCK_M)
-            if last_to_arrive(grp_slot, tl.minimum(T - grp * BLOCK_M, BLOCK_M)):
-                sg, sgx = channel_sums(pg_ptr, pgx_ptr, co, n_mask, C_out, grp * BLOCK_M,
-                                       tl.minimum(T, grp * BLOCK_M + BLOCK_M), 1, PS, BLOCK_M, BLOCK_N)
-                last = n_grp == 1
-                if n_grp > 1:
-                    tl.store(pg_ptr + grp * BLOCK_M * C_out + co, sg, mask=n_mask)
-                    tl.store(pgx_ptr + grp * BLOCK_M * C_out + co, sgx, mask=n_mask)
-                    last = last_to_arrive(col_slot, n_grp)
-                    if last:
-                        sg, sgx = channel_sums(pg_ptr, pgx_ptr, co, n_mask, C_out, 0, T, BLOCK_M, PS, BLOCK_M, BLOCK_N)
-                if last:
-                    bn_grad_finish(sg, sgx, tl.zeros_like(sg), co, n_mask, C_out, N * Ho * Wo,
-                                   tl.load(out_rstd_ptr + co, mask=n_mask, other=0.0).to(PS), out_w_ptr, out_dw_ptr,
-                                   out_db_ptr, out_dcb_ptr, out_coef_ptr, OUT_AFFINE, OUT_TRAIN, OUT_CBIAS)
+            last, sg, sgx = merge_column(pg_ptr, pgx_ptr, count_ptr, pid_m, pid_n, g, grid_m, grid_n, grid_g, co,
+                                         n_mask, C_out, N * Ho * Wo, False, PS, BLOCK_M, BLOCK_N)
+            if last:
+                bn_grad_finish(sg, sgx, tl.zeros_like(sg), co, n_mask, C_out, N * Ho * Wo,
+                               tl.load(out_rstd_ptr + co, mask=n_mask, other=0.0).to(PS), out_w_ptr, out_dw_ptr,
+                               out_db_ptr, out_dcb_ptr, out_coef_ptr, OUT_AFFINE, OUT_TRAIN, OUT_CBIAS)
 ''')
 
 CONV_TRANSPOSE2D = _kernel(_TRANSPOSE_PARAMS, "conv_transpose_tile", "tl.program_id(0), tl.program_id(1), tl.program_id(2), "
