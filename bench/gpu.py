@@ -15,6 +15,12 @@ Rows (median of CUDA-event timings after warm-up, milliseconds):
 against eager PyTorch on the --target torch twin, torch.compile (default) and,
 with --max-autotune, mode="max-autotune" (with inductor freezing for
 inference, so Inductor folds BN too).
+
+--smoke runs the same script on the CPU (Triton's interpreter) with a small
+ResNet-18 and two small layer shapes, fp32 only, wall-clock timing and no
+torch.compile: a check that the script itself runs end to end, so that a GPU
+session's few minutes are not lost to a bug in it (tests/test_bench.py).
+Its times mean nothing.
 """
 import argparse
 import json
@@ -33,8 +39,19 @@ sys.path.insert(0, str(ROOT))
 
 import netdsl  # noqa: E402
 
+# What the run covers; --smoke swaps in small settings that run on the CPU.
+RUN = dict(device="cuda", net=("resnet.net", "ResNet50"), check_batch=8, size=224, nets=("ResNet50", "VGG16"),
+           layers=None, layer_size=None, dtypes=(torch.float32, torch.bfloat16))
+SMOKE = dict(device="cpu", net=("resnet.net", "ResNet18"), check_batch=2, size=32, nets=("ResNet18",),
+             layers=2, layer_size=8, dtypes=(torch.float32,))
+
 
 def timed(fn, warmup=3, reps=10):
+    if RUN["device"] == "cpu":  # (--smoke: wall clock, one run)
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -54,8 +71,9 @@ def rel(a, b):
 
 
 def twins(path, net, **overrides):
-    tri = netdsl.build(str(path), net, **overrides).cuda().to(memory_format=torch.channels_last)
-    ref = netdsl.build(str(path), net, target="torch", **overrides).cuda().to(memory_format=torch.channels_last)
+    dev = RUN["device"]
+    tri = netdsl.build(str(path), net, **overrides).to(dev).to(memory_format=torch.channels_last)
+    ref = netdsl.build(str(path), net, target="torch", **overrides).to(dev).to(memory_format=torch.channels_last)
     tri.load_state_dict(ref.state_dict())
     return tri, ref
 
@@ -64,12 +82,14 @@ def correctness(rows):
     """Outputs and gradients against the twin on ResNet-50 (batch 8), before any timing."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    tri, ref = twins(ROOT / "specs" / "resnet.net", "ResNet50")
-    x = torch.randn(8, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    file, net = RUN["net"]
+    tri, ref = twins(ROOT / "specs" / file, net)
+    x = torch.randn(RUN["check_batch"], 3, RUN["size"], RUN["size"], device=RUN["device"])
+    x = x.to(memory_format=torch.channels_last)
     for mode in ("eval", "train"):
         tri.train(mode == "train"), ref.train(mode == "train")
         with torch.no_grad():
-            rows.append(("check", f"ResNet50 {mode} output rel err", rel(tri(x), ref(x))))
+            rows.append(("check", f"{net} {mode} output rel err", rel(tri(x), ref(x))))
     tri.train(), ref.train()
 
     def grads(m):
@@ -83,15 +103,15 @@ def correctness(rows):
     for merge in ("1", "0"):
         os.environ["NETDSL_GRID_MERGE"] = merge
         ours = grads(tri)
-        rows.append(("check", f"ResNet50 train grads worst rel err (merge={merge})",
+        rows.append(("check", f"{net} train grads worst rel err (merge={merge})",
                      max(rel(a, b) for a, b in zip(ours, theirs))))
         again = grads(tri)  # same inputs, same order of every sum: bit for bit
-        rows.append(("check", f"ResNet50 train grads repeat max abs diff (merge={merge})",
+        rows.append(("check", f"{net} train grads repeat max abs diff (merge={merge})",
                      max((a - b).abs().max().item() for a, b in zip(again, ours))))
     os.environ.pop("NETDSL_GRID_MERGE")
     # each conv's dgrad and wgrad in one launch (the default), and in one launch each
     os.environ["NETDSL_COMBO"] = "0"
-    rows.append(("check", "ResNet50 train grads worst rel err (combo=0)",
+    rows.append(("check", f"{net} train grads worst rel err (combo=0)",
                  max(rel(a, b) for a, b in zip(grads(tri), theirs))))
     os.environ.pop("NETDSL_COMBO")
     from netdsl import runtime as rt
@@ -118,13 +138,14 @@ def resnet50_layer_shapes():
 
 def layer_rows(rows, batch, compile_modes):
     tmp = Path(tempfile.mkdtemp())
-    for cin, cout, k, s, H in resnet50_layer_shapes():
+    for cin, cout, k, s, H in resnet50_layer_shapes()[:RUN["layers"]]:
+        H = min(H, RUN["layer_size"] or H)
         name = f"L{cin}_{cout}_{k}x{k}_s{s}_{H}"
         spec = tmp / f"{name}.net"
         spec.write_text(f"net {name} input({cin}, {H}, {H}) {{\n"
                         f"    conv({cout}, {k}, stride={s}, padding={k // 2}, bias=false) -> bn -> relu\n}}\n")
         tri, ref = twins(spec, name)
-        x = torch.randn(batch, cin, H, H, device="cuda").to(memory_format=torch.channels_last)
+        x = torch.randn(batch, cin, H, H, device=RUN["device"]).to(memory_format=torch.channels_last)
         with torch.no_grad():
             err = rel(tri(x), ref(x))
         flops = 2 * batch * cin * cout * k * k * (H // s) ** 2
@@ -137,16 +158,19 @@ def layer_rows(rows, batch, compile_modes):
 
 
 def net_rows(rows, batch, compile_modes):
-    for file, net in (("resnet.net", "ResNet50"), ("vgg.net", "VGG16")):
+    for file, net in (("resnet.net", "ResNet50"), ("resnet.net", "ResNet18"), ("vgg.net", "VGG16")):
+        if net not in RUN["nets"]:
+            continue
         tri, ref = twins(ROOT / "specs" / file, net)
-        x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (batch,), device="cuda")
-        for dtype in (torch.float32, torch.bfloat16):
+        dev, size = RUN["device"], RUN["size"]
+        x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device=dev)
+        for dtype in RUN["dtypes"]:
             dname = "fp32(tf32)" if dtype == torch.float32 else "bf16"
 
             def infer(m):
                 def run():
-                    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    with torch.inference_mode(), torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
                         m(x)
                 return run
 
@@ -154,7 +178,7 @@ def net_rows(rows, batch, compile_modes):
                 opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
                 def run():
-                    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
                         loss = F.cross_entropy(m(x).float(), y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -202,21 +226,26 @@ def main():
     ap.add_argument("--layer-compile", action="store_true",
                     help="also torch.compile each single-layer twin (23 compiles: minutes)")
     ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--smoke", action="store_true", help="the whole script on the CPU, small (see above)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke:
+        RUN.update(SMOKE)
+        args.quick, args.max_autotune, args.layer_compile = False, False, False
+    elif not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU")
     import triton
 
-    print(f"{time.strftime('%Y-%m-%d')}  {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+    device = torch.cuda.get_device_name() if RUN["device"] == "cuda" else "CPU (--smoke: times mean nothing)"
+    print(f"{time.strftime('%Y-%m-%d')}  {device}  torch {torch.__version__}  "
           f"triton {triton.__version__}", flush=True)
     torch.backends.cudnn.benchmark = True
-    modes = ["compile"] + (["max-autotune"] if args.max_autotune else [])
+    modes = [] if args.smoke else ["compile"] + (["max-autotune"] if args.max_autotune else [])
     rows = []
     correctness(rows)
     print(table(rows), flush=True)
     if not args.quick:
-        layer_rows(rows, 256, modes if args.layer_compile else [])
-    net_rows(rows, 64 if args.quick else 256, modes)
+        layer_rows(rows, 2 if args.smoke else 256, modes if args.layer_compile else [])
+    net_rows(rows, 2 if args.smoke else 64 if args.quick else 256, modes)
     print("\n" + table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, default=str, indent=1))

@@ -1,0 +1,36 @@
+"""bench/gpu.py runs end to end (--smoke: on the CPU, small), so that a GPU
+session's few minutes are not lost to a bug in the script itself."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_end_to_end_on_the_cpu():
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"], capture_output=True, text=True,
+                         timeout=1200, env=dict(os.environ))
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout.split("\n\n")[-1].splitlines()
+
+    def check(name):  # a check row: its name, then its value
+        (line,) = [line for line in table if line.startswith(name + " ")]
+        return float(line.split()[-1])
+
+    # the checks: each gradient path against the twin (rows present; their size is no test here: layer4's BNs
+    # normalise 2 values per channel at batch 2, 32×32), a repeat bit for bit, no merge counter left set
+    for merge in ("1", "0"):
+        assert check(f"ResNet18 train grads repeat max abs diff (merge={merge})") == 0.0
+        assert check(f"ResNet18 train grads worst rel err (merge={merge})") >= 0.0
+    assert check("ResNet18 train grads worst rel err (combo=0)") >= 0.0
+    assert check("grid-merge counters left nonzero") == 0
+    assert check("ResNet18 eval output rel err") < 1e-4
+    # the timed rows: two layer shapes forward and forward+backward, inference and a training step, the
+    # step both ways of launching a conv's backward
+    timed = [line for line in table if " netdsl " in line]
+    assert [line.split()[0] for line in timed] == ["L3_64_7x7_s2_8"] * 2 + ["L64_64_1x1_s1_8"] * 2 + ["ResNet18"] * 2
+    assert "netdsl-combo0" in timed[-1] and "train step" in timed[-1]
