@@ -108,7 +108,10 @@ class _Kernels:
             header = "\n".join([e["title"], "used by:"] + shown)
             out.append(render(e["template"], e["name"], header, **e["consts"]))
             for role, name, template in e["backward"]:
-                out.append(render(template, name, f"backward ({role}) of {e['name']}", **e["consts"]))
+                header = ("backward" if role == "backward" else f"backward ({role})") + f" of {e['name']}"
+                if template is kconv.CONV2D_BACKWARD:
+                    header += ": its weight gradient's programs, then its input gradient's, in one grid"
+                out.append(render(template, name, header, **e["consts"]))
         return out
 
     def attachments(self) -> list[str]:
