@@ -420,7 +420,7 @@ CONV_TRANSPOSE_TILE = (
     if OUT_BNG:  # from the stored values, as the BN backward's apply will read them
         ox = tl.load(ox_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc, mask=mask, other=0.0)
         gb, xh = bn_act_grad(y, ox, mask, co, n_mask, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr,
-                            OUT_CENTER, OUT_ACT, out_slope, pg_ptr.dtype.element_ty, 1)
+                             OUT_CENTER, OUT_ACT, out_slope, pg_ptr.dtype.element_ty, 1)
         tl.store(pg_ptr + pid_m * C_out + co, tl.sum(gb, axis=0), mask=n_mask)
         tl.store(pgx_ptr + pid_m * C_out + co, tl.sum(gb * xh, axis=0), mask=n_mask)
         if MERGE:  # as CONV2D's (merge_column), over sums
@@ -433,9 +433,9 @@ CONV_TRANSPOSE_TILE = (
                                out_db_ptr, out_dcb_ptr, out_coef_ptr, OUT_AFFINE, OUT_TRAIN, OUT_CBIAS)
 ''')
 
-CONV_TRANSPOSE2D = _kernel(_TRANSPOSE_PARAMS, "conv_transpose_tile", "tl.program_id(0), tl.program_id(1), tl.program_id(2), "
+CONV_TRANSPOSE2D = _kernel(_TRANSPOSE_PARAMS, "conv_transpose_tile",
+                           "tl.program_id(0), tl.program_id(1), tl.program_id(2), "
                            "tl.num_programs(0), tl.num_programs(1), tl.num_programs(2)")
-
 
 
 # Weight gradient (backward of CONV2D): for each tap and group,
@@ -514,8 +514,6 @@ CONV_WGRAD_TILE = (
 CONV2D_WGRAD = _kernel(_WGRAD_PARAMS, "conv_wgrad_tile", "tl.program_id(0), tl.program_id(1), tl.program_id(2)")
 
 
-
-
 # A conv's whole backward in one launch: its weight gradient's programs
 # (w_*, as CONV2D_WGRAD's) and its input gradient's (d_*, as the dgrad
 # CONV_TRANSPOSE2D's), laid end to end in one grid.  DGRAD / WGRAD: which
@@ -542,6 +540,7 @@ CONV2D_BACKWARD = (
             conv_transpose_tile(""" + _wrap(["p % d_grid_m", "(p // d_grid_m) % d_grid_n", "p // (d_grid_m * d_grid_n)",
                                              "d_grid_m", "d_grid_n", "d_grid_g"]
                                             + _names(_TRANSPOSE_PARAMS, "d_") + _GEOMETRY_ARGS.split(", "), 32) + ")\n")
+
 
 def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
@@ -738,7 +737,7 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
                            if dx is not None else {}))
     w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias)
     n_d, n_w = (d.grid[0] * d.grid[1] * d.grid[2]), (w.grid[0] * w.grid[1] * w.grid[2])
-    options = {"num_warps": 8, "maxnreg": 255} if rt.gpu_tiles(x) else {}
+    options = dict(d.options, **w.options)  # (both parts: 8 warps; the wgrad's register cap lifted)
     wmeta = dict(w.meta)
     if rt.gpu_tiles(x) and dx is not None and dw is not None and rt.combo():
         # Both parts in one kernel: under Triton 3.9, ptxas spilled 16-20 bytes on sm_80 at 255 registers
