@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--report", action="store_true",
                    help="compile every kernel for sm_90 and sm_80 and print registers, spills, shared memory, warps, stages")
     k.add_argument("--batch", type=int, default=32, help="batch size the --report launches are planned for (default 32)")
+    k.add_argument("--tuned", action="store_true",
+                   help="bake in the launch configurations `netdsl tune` saved for these kernels (every device)")
+    u = sub.add_parser("tune", help="time launch configurations of a network's conv kernels on the GPU; keep the fastest")
+    u.add_argument("file")
+    u.add_argument("--net", required=True, help="the network to tune")
+    u.add_argument("--batch", type=_positive, default=32, help="batch size to tune for (default 32)")
+    u.add_argument("--input", type=_input_shape, metavar="C,H,W", help="input shape (default: the net's own)")
+    u.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (TF32 where torch allows it) or bf16 (under torch.autocast)")
+    u.add_argument("--eval", action="store_true", help="tune inference (BN folded) instead of a training step")
+    u.add_argument("--budget", type=float, metavar="SECONDS", help="start no new layer shape after this long")
+    u.add_argument("--retune", action="store_true", help="also time shapes tuned before")
+    u.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a network parameter (repeatable)")
     t = sub.add_parser("train", help="train a network on real data (offline): digits, mnist:DIR or cifar10:DIR")
     t.add_argument("file")
     t.add_argument("--net", required=True, help="the network to train")
@@ -141,6 +155,36 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+def cmd_tune(args) -> int:
+    import contextlib
+
+    import torch
+
+    from . import tune as T
+    from . import tuning
+    from .cache import build
+
+    if not torch.cuda.is_available():
+        sys.stderr.write("netdsl: error: tuning times kernels on a CUDA GPU, and torch sees none on this machine\n")
+        return EXIT_INVALID
+    model = build(args.file, args.net, **dict(args.set)).cuda().to(memory_format=torch.channels_last)
+    shape = args.input or model.input_shape
+    x = torch.randn(args.batch, *shape, device="cuda")
+    if x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+
+    def progress(i, n, r):
+        sys.stderr.write(f"[{i + 1}/{n}] {r.kind} {r.kernel} {r.shapes.split(',')[0]}: {r.default_ms:.3f} -> "
+                         f"{r.best_ms:.3f} ms\n")
+
+    with autocast:
+        results = T.tune(model, x, train=not args.eval, budget_s=args.budget, retune=args.retune, progress=progress)
+    print(T.format_results(results))
+    print(f"saved in {tuning.file_path()} under '{tuning.device_tag(x.device)}'")
+    return EXIT_OK
+
+
 def cmd_check(args) -> int:
     from .compiler import check_file
     from .report import table, to_json
@@ -175,6 +219,12 @@ def cmd_compile(args) -> int:
     with open(out, "w") as f:
         f.write(source)
     print(f"wrote {out}: {len(nets)} network{'s' if len(nets) != 1 else ''} ({', '.join(n.name for n in nets)})")
+    if args.tuned and args.target == "triton":
+        from . import tuning
+
+        baked = tuning.bake(out)
+        print(f"baked in {sum(map(len, baked.values()))} tuned launch configurations"
+              + (f" ({', '.join(baked)})" if baked else ": `netdsl tune` has saved none for these kernels"))
     if args.target == "torch":
         return EXIT_OK
     print(f"{len(kernel_names(source))} Triton kernels")
@@ -206,7 +256,7 @@ def _valid(net, res) -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"check": cmd_check, "compile": cmd_compile, "train": cmd_train}[args.command](args)
+        return {"check": cmd_check, "compile": cmd_compile, "train": cmd_train, "tune": cmd_tune}[args.command](args)
     except NetdslError as e:
         sys.stderr.write(render_all(e.diagnostics, e.sources))
         return EXIT_INVALID

@@ -22,6 +22,7 @@ from .kernels import elementwise as _ew
 from .kernels import norm as _norm
 from .kernels import pool as _pool
 from .ops import window_out
+from .tuning import register as register_tuned  # noqa: F401  (generated modules' baked-in tables)
 
 # ------------------------------------------------------------------ launching
 

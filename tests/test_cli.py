@@ -1,5 +1,6 @@
 """`netdsl check` as a user runs it."""
 import json
+import os
 import subprocess
 import sys
 
@@ -8,8 +9,9 @@ import pytest
 from conftest import ROOT, SPECS
 
 
-def run(*args, cwd=ROOT):
-    p = subprocess.run([sys.executable, "-m", "netdsl", *args], capture_output=True, text=True, cwd=cwd)
+def run(*args, cwd=ROOT, env_extra=None):
+    env = dict(os.environ, **env_extra) if env_extra else None
+    p = subprocess.run([sys.executable, "-m", "netdsl", *args], capture_output=True, text=True, cwd=cwd, env=env)
     return p.returncode, p.stdout, p.stderr
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 
 from . import ACT_CODES
+from ..tuning import tunable
 from . import norm
 from .norm import reduce_dtype
 
@@ -567,8 +568,29 @@ def conv_blocks(M, cout_g, cin_g, on_gpu):
 _CPU_TILE = 1 << 18
 
 
+def _flags(**named) -> str:
+    """What of a launch changes its compiled kernel besides the shapes, for a tuning key: "shift.act1.stats"."""
+    return ".".join(k if v is True else f"{k}{int(v)}" for k, v in named.items() if v is not False and v)
+
+
+def _conv_site(x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01, stride=(1, 1),
+               padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None):
+    return (x, weight, out), _flags(scale=scale is not None, shift=shift is not None, res=residual is not None,
+                                    act=ACT_CODES[act], stats=stats, merge=merge is not None,
+                                    prologue=prologue is not None and 1 + ACT_CODES[prologue[3]])
+
+
+def _config_options(rt, x, options, config):
+    """Launch options with a tuned config's num_warps / num_stages (GPU launches only)."""
+    if rt.gpu_tiles(x):
+        options.update({k: config[k] for k in ("num_warps", "num_stages") if k in config})
+    return options
+
+
+@tunable("conv", _conv_site)
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
-           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None):
+           stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None,
+           config=None):
     """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual).
     With stats, returns (out, (psum, pm2, tile)): the per-tile partial sums
     norm.bn_stats merges into batch statistics.  merge (with stats, a batch
@@ -576,13 +598,20 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     itself, and the second result is the norm.BatchStats (its running
     statistics are updated too).  prologue = (center, scale, shift, act,
     slope): x is a conv output whose batch norm and activation
-    act((x − center)·scale + shift) are applied as it is loaded."""
+    act((x − center)·scale + shift) are applied as it is loaded.  config: a
+    tuned {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages} (tuning.py) over
+    the defaults below; None: the tuned one for this shape, if any."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     Ho, Wo = out.shape[2], out.shape[3]
     M = N * Ho * Wo
     on_gpu = rt.gpu_tiles(x)
     BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, on_gpu)
+    BM, BN, BK = config.get("BLOCK_M", BM), config.get("BLOCK_N", BN), config.get("BLOCK_K", BK)
+    # with the merge along, ptxas capped a grouped 3×3 conv at 64 registers on sm_80 and spilled
+    # 4 bytes (Triton 3.6): lift the cap, as the BN-backward dgrads and the wgrads do
+    options = _config_options(rt, x, dict(gpu_options(rt, x), **({"maxnreg": 255} if on_gpu and merge is not None
+                                                                   else {})), config)
     dummy = out
     r = residual if residual is not None else dummy
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
@@ -606,10 +635,7 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
               ACT=ACT_CODES[act], STATS=stats, MERGE=merge is not None, **mmeta, **pmeta,
               IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
-              ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **gpu_options(rt, x),
-              # with the merge along, ptxas capped a grouped 3×3 conv at 64 registers on sm_80 and spilled
-              # 4 bytes (Triton 3.6): lift the cap, as the BN-backward dgrads and the wgrads do
-              **({"maxnreg": 255} if rt.gpu_tiles(x) and merge is not None else {}))
+              ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **options)
     if not stats:
         return out
     return out, merged if merged is not None else (psum, pm2, BM)
@@ -687,17 +713,28 @@ def _launch(rt, kernel, part):
     return part.result
 
 
-def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None):
+def _grad_in_flag(grad_in):
+    return 0 if grad_in is None else 1 if isinstance(grad_in, ActGrad) else 2 + bool(grad_in.train)
+
+
+def _wgrad_site(dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None):
+    return (dy, x, dw), _flags(prologue=prologue is not None and 1 + ACT_CODES[prologue[3]],
+                               gin=_grad_in_flag(grad_in), dbias=dbias is not None)
+
+
+@tunable("conv_wgrad", _wgrad_site)
+def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None, config=None):
     """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy
     and its input x (with prologue: as conv2d's, x before its deferred BN + act).
     grad_in (a BNGrad with coef): dy is the gradient of a deferred BN + act
     applied to this conv's output; its backward is applied as dy is loaded
     (an ActGrad: act' is).  dbias: also the bias's gradient, Σ of that
     gradient per output channel."""
-    return _launch(rt, kernel, _wgrad_part(rt, dy, x, dw, groups, prologue, grad_in, dbias))
+    return _launch(rt, kernel, _wgrad_part(rt, dy, x, dw, groups, prologue, grad_in, dbias, config))
 
 
-def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None):
+def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None, config=None):
+    config = config or {}
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     KH, KW = dw.shape[2], dw.shape[3]
@@ -707,6 +744,7 @@ def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None
     else:
         BM, BN = _pow2(cout_g, 1, 512), _pow2(cin_g, 1, 512)
         BK = _pow2(N * Ho * Wo, 16, _CPU_TILE // max(BM, BN))
+    BM, BN, BK = config.get("BLOCK_M", BM), config.get("BLOCK_N", BN), config.get("BLOCK_K", BK)
     grid = (triton.cdiv(cout_g, BM), triton.cdiv(cin_g, BN), groups * KH * KW)
     pptrs, pslope, pmeta = _prologue_args(prologue, dw)
     gptrs, gslope, gstrides, gflags = _bng_args(grad_in, dw)
@@ -714,32 +752,49 @@ def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None
             N, H, W, C_in, Ho, Wo, C_out, pslope, gslope, *dy.stride(), *x.stride(), *dw.stride(), *gstrides)
     meta = dict(ACC=rt.acc(x), **pmeta, **dict(zip(("G_BNG", "G_CENTER", "G_ACT", "G_TRAIN"), gflags)),
                 G_ACTG=_actg(grad_in), DBIAS=dbias is not None, IDX64=rt.needs_int64(dy, x),
-                PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=2)
+                PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=config.get("STAGES", 2))
     # Left alone, ptxas capped some of the zoo's 26 wgrad variants at 64-80
     # registers and spilled 4-8 bytes, at every warps/stages setting tried,
     # differently under Triton 3.6 and 3.9; with the cap lifted (maxnreg 255),
-    # none spills under either (sm_90 and sm_80).  Autotuning will pick per shape.
-    options = {"num_warps": 8, "maxnreg": 255} if rt.gpu_tiles(x) else {}
+    # none spills under either (sm_90 and sm_80).  `netdsl tune` picks per shape.
+    options = _config_options(rt, x, {"num_warps": 8, "maxnreg": 255} if rt.gpu_tiles(x) else {}, config)
     return _Part(grid, args, meta, options, dw)
 
 
+def _backward_site(dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None, grad_out=None,
+                   residual=None, out_mask=None, merge=None, dbias=None, only=None):
+    return (dy, weight, x), _flags(dx=dx is not None, dw=dw is not None, gin=_grad_in_flag(grad_in),
+                                   prologue=prologue is not None and 1 + ACT_CODES[prologue[3]],
+                                   gout=grad_out is not None, res=residual is not None,
+                                   mask=out_mask is not None and 1 + ACT_CODES[out_mask[1]], merge=merge is not None,
+                                   dbias=dbias is not None)
+
+
+def _part_config(config, prefix):
+    return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+
+
+@tunable("conv_backward", _backward_site)
 def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None,
-                    grad_out=None, residual=None, out_mask=None, merge=None, dbias=None):
+                    grad_out=None, residual=None, out_mask=None, merge=None, dbias=None, only=None, config=None):
     """A conv's input gradient dx (as conv2d_dgrad's, given dx) and weight
     gradient dw (as conv2d_wgrad's, given dw: prologue and dbias are its) in
     one launch of CONV2D_BACKWARD; two with NETDSL_COMBO=0 (rt.combo()).
     Returns what conv2d_dgrad returns after dx: with grad_out, the BN's
-    partial sums (or merge, filled); otherwise None."""
+    partial sums (or merge, filled); otherwise None.  config: a tuned
+    {d_BLOCK_*, d_STAGES, w_BLOCK_*, w_STAGES, num_warps} (tuning.py); only
+    ("d" or "w", for the tuner): launch that part alone."""
     assert dx is not None or dw is not None
     # a part that does not run still fills its arguments: x stands in for dx, weight for dw (neither is written)
     d = _transpose_part(rt, dy, weight, dx if dx is not None else x, groups=groups, grad_in=grad_in,
                         **(dict(grad_out=grad_out, residual=residual, out_mask=out_mask, merge=merge)
-                           if dx is not None else {}))
-    w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias)
+                           if dx is not None else {}), config=_part_config(config, "d_"))
+    w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias,
+                    _part_config(config, "w_"))
     n_d, n_w = (d.grid[0] * d.grid[1] * d.grid[2]), (w.grid[0] * w.grid[1] * w.grid[2])
-    options = dict(d.options, **w.options)  # (both parts: 8 warps; the wgrad's register cap lifted)
+    options = _config_options(rt, x, dict(d.options, **w.options), config)  # (8 warps; the wgrad's cap lifted)
     wmeta = dict(w.meta)
-    if rt.gpu_tiles(x) and dx is not None and dw is not None and rt.combo():
+    if rt.gpu_tiles(x) and dx is not None and dw is not None and rt.combo() and "w_BLOCK_K" not in config:
         # Both parts in one kernel: under Triton 3.9, ptxas spilled 16-20 bytes on sm_80 at 255 registers
         # (ResNet-50's and DenseNet's heaviest dgrads, with a BN backward on each side).  The wgrad's chunk of
         # 16 pixels, not 32, keeps its 2-stage pipeline and fits (250 registers there).  Autotuning will pick.
@@ -751,7 +806,9 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
                   **{"d_" + k: v for k, v in d.meta.items()}, **{"w_" + k: v for k, v in wmeta.items()},
                   DGRAD=dgrad, WGRAD=wgrad, **options)
 
-    if rt.combo() or dx is None or dw is None:
+    if only is not None:
+        run(only == "d" and dx is not None, only == "w" and dw is not None)
+    elif rt.combo() or dx is None or dw is None:
         run(dx is not None, dw is not None)
     else:
         run(True, False)
@@ -777,18 +834,28 @@ def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, g
                             residual=residual, out_mask=out_mask, merge=merge)
 
 
+def _transpose_site(x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None, out_mask=None,
+                    merge=None):
+    return (x, weight, out), _flags(bias=bias is not None, gin=_grad_in_flag(grad_in), gout=grad_out is not None,
+                                    res=residual is not None, mask=out_mask is not None and 1 + ACT_CODES[out_mask[1]],
+                                    merge=merge is not None)
+
+
+@tunable("conv_transpose", _transpose_site)
 def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
-                     out_mask=None, merge=None):
+                     out_mask=None, merge=None, config=None):
     return _launch(rt, kernel, _transpose_part(rt, x, weight, out, bias, groups, grad_in, grad_out, residual,
-                                               out_mask, merge))
+                                               out_mask, merge, config))
 
 
 def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
-                    out_mask=None, merge=None):
+                    out_mask=None, merge=None, config=None):
+    config = config or {}
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
     BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, rt.gpu_tiles(x))
+    BM, BN, BK = config.get("BLOCK_M", BM), config.get("BLOCK_N", BN), config.get("BLOCK_K", BK)
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
     iptrs, islope, istrides, iflags = _bng_args(grad_in, out)
     optrs, oslope, ostrides, oflags = _bng_args(grad_out, out)
@@ -815,12 +882,13 @@ def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_
                 **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact], **mmeta,
                 IN_ACTG=_actg(grad_in),
                 IDX64=rt.needs_int64(x, weight, out, r, fy, *(b[0] for b in (grad_in, grad_out) if b is not None)),
-                PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=3)
+                PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=config.get("STAGES", 3))
     # (3 stages: Triton's default for these loops before they were tile functions)
     options = dict(gpu_options(rt, x))
     # with a BN backward along, ptxas capped one sm_80 variant at 64 registers and spilled: lift the cap, as wgrad's
     if rt.gpu_tiles(x) and (grad_in is not None or grad_out is not None):
         options["maxnreg"] = 255
+    _config_options(rt, x, options, config)
     if grad_out is None:
         return _Part(grid, args, meta, options, out)
     return _Part(grid, args, meta, options, (out, merge if merge is not None else (pg, pgx, BM)))
