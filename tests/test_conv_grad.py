@@ -40,7 +40,7 @@ def test_weight_and_input_gradients(tmp_path, seed):
     p = rng.randint(0, k // 2 * d)
     N, H, W = rng.randint(1, 3), rng.randint(d * (k - 1) + 1, 13), rng.randint(d * (k - 1) + 1, 11)
     consts = dict(KH=k, KW=k, SH=s, SW=s, PH=p, PW=p, DH=d, DW=d, GROUPS=g)
-    wgrad, dgrad = _kernels(tmp_path, consts)
+    wgrad, _ = _kernels(tmp_path, consts)
     x = torch.randn(N, cin, H, W)
     w = torch.randn(cout, cin // g, k, k)
     y = torch.nn.functional.conv2d(x, w, stride=s, padding=p, dilation=d, groups=g)
@@ -50,7 +50,7 @@ def test_weight_and_input_gradients(tmp_path, seed):
     expect_w = torch.nn.grad.conv2d_weight(x, w.shape, dy, stride=s, padding=p, dilation=d, groups=g)
     assert torch.allclose(dw, expect_w, rtol=1e-4, atol=1e-4)
     dx = torch.empty_like(x)
-    kconv.conv2d_dgrad(rt._rt, dgrad, dy, w, dx, groups=g)
+    kconv.conv2d_backward(rt._rt, _kernels.backward, dy, w, x, dx=dx, groups=g)
     expect_x = torch.nn.grad.conv2d_input(x.shape, w, dy, stride=s, padding=p, dilation=d, groups=g)
     assert torch.allclose(dx, expect_x, rtol=1e-4, atol=1e-4)
 
@@ -97,9 +97,9 @@ def test_backward_kernels_compile_for_sm90_and_sm80(tmp_path):
 
     wgrad, dgrad = _kernels(tmp_path, dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1, GROUPS=1))
     dy, x, dw = torch.randn(8, 64, 14, 14), torch.randn(8, 32, 28, 28), torch.empty(64, 32, 3, 3)
-    with rt.plan_launches() as plan:
+    with rt.plan_launches() as plan:  # (a conv_transpose layer's kernels: a conv's backward has its own test)
         kconv.conv2d_wgrad(rt._rt, wgrad, dy, x, dw)
-        kconv.conv2d_dgrad(rt._rt, dgrad, dy, dw, x)
+        kconv.conv_transpose2d(rt._rt, dgrad, dy, dw, x)
     for kernel, args, meta in plan:
         sig = {n: aot._type(a) for n, a in zip(kernel.arg_names, args)}
         sig.update({k: "constexpr" for k in meta if k not in aot.OPTIONS})
@@ -116,7 +116,7 @@ def test_deferred_batch_norm_backward_rides_in_dgrad_and_wgrad(tmp_path, act, tr
     gradient.  Against torch autograd through the same graph."""
     torch.manual_seed(7)
     consts = dict(KH=3, KW=3, SH=stride, SW=stride, PH=1, PW=1, DH=1, DW=1, GROUPS=1)
-    wgrad, dgrad = _kernels(tmp_path, consts)
+    _kernels(tmp_path, consts)
     x = torch.randn(3, 5, 11, 9, dtype=torch.float64)
     wp, wq = torch.randn(6, 5, 3, 3, dtype=torch.float64), torch.randn(7, 6, 3, 3, dtype=torch.float64)
     gamma, beta = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
@@ -139,17 +139,18 @@ def test_deferred_batch_norm_backward_rides_in_dgrad_and_wgrad(tmp_path, act, tr
     scale, shift = gamma * rstd, (beta if train else beta - mean * gamma * rstd)
     bng = kconv.BNGrad(r.detach(), mean, rstd, scale, shift, train, act, 0.01, train)
     da = torch.empty_like(r).contiguous(memory_format=torch.channels_last)
-    _, partials = kconv.conv2d_dgrad(rt._rt, dgrad, dy, wq, da, grad_out=bng)
+    # Q's backward: its input gradient only (a stands in for Q's input: no wgrad part runs)
+    partials = kconv.conv2d_backward(rt._rt, _kernels.backward, dy, wq, da, dx=da, grad_out=bng)
     assert torch.allclose(da, a.grad, rtol=1e-9, atol=1e-9)
     coef, dgamma, dbeta = torch.empty(18, dtype=torch.float64), torch.empty(6, dtype=torch.float64), torch.empty(6, dtype=torch.float64)
     knorm.channel_grad(rt._rt, _kernels.channel_grad, da, mean=mean, rstd=rstd, weight=gamma, train=train,
                        partials=partials, dweight=dgamma, dbias=dbeta, coef=coef)
     assert torch.allclose(dgamma, g_.grad, rtol=1e-9, atol=1e-9) and torch.allclose(dbeta, b_.grad, rtol=1e-9, atol=1e-9)
-    # P's backward: r's gradient is never formed, its dgrad and wgrad apply BN's backward to a's gradient
+    # P's backward, one launch: r's gradient is never formed; its dgrad and wgrad parts apply BN's backward
+    # to a's gradient as they load it
     bng = bng._replace(coef=coef)
     dx, dw = torch.empty_like(x), torch.empty_like(wp)
-    kconv.conv2d_dgrad(rt._rt, dgrad, da, wp, dx, grad_in=bng)
-    kconv.conv2d_wgrad(rt._rt, wgrad, da, x, dw, grad_in=bng)
+    kconv.conv2d_backward(rt._rt, _kernels.backward, da, wp, x, dx=dx, dw=dw, grad_in=bng)
     expect_x = torch.nn.grad.conv2d_input(x.shape, wp, r.grad, **conv)
     expect_w = torch.nn.grad.conv2d_weight(x, wp.shape, r.grad, **conv)
     assert torch.allclose(dx, expect_x, rtol=1e-8, atol=1e-8) and torch.allclose(dw, expect_w, rtol=1e-8, atol=1e-8)

@@ -777,11 +777,21 @@ def _part_config(config, prefix):
 @tunable("conv_backward", _backward_site)
 def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None,
                     grad_out=None, residual=None, out_mask=None, merge=None, dbias=None, only=None, config=None):
-    """A conv's input gradient dx (as conv2d_dgrad's, given dx) and weight
-    gradient dw (as conv2d_wgrad's, given dw: prologue and dbias are its) in
-    one launch of CONV2D_BACKWARD; two with NETDSL_COMBO=0 (rt.combo()).
-    Returns what conv2d_dgrad returns after dx: with grad_out, the BN's
-    partial sums (or merge, filled); otherwise None.  config: a tuned
+    """A conv's input gradient dx (given dx) and weight gradient dw (given
+    dw; as conv2d_wgrad's: prologue and dbias are its) in one launch of
+    CONV2D_BACKWARD; two with NETDSL_COMBO=0 (rt.combo()).  x is the conv's
+    input (only its shape, where dw is None).
+
+    dx is a transposed conv of dy with the same weight and geometry.  grad_in:
+    as conv2d_wgrad's, for both parts.  grad_out (a BNGrad): dx is the
+    gradient of the deferred BN + act applied to this conv's input; returns
+    (Σ g, Σ g·x̂ per tile and channel, tile) for norm.channel_grad.  merge
+    (with grad_out, a norm.BNSums to fill): the dgrad's last programs finish
+    that BN's backward themselves, and it is returned in the partials' place.
+    residual: a gradient of the same input from another of its consumers,
+    added in.  out_mask = (y, act, slope): the input is y = act(BN(grad_out.x)
+    + r), as stored; dx leaves as dx·act'(y) (grad_out's act must be None).
+    Otherwise returns None.  config: a tuned
     {d_BLOCK_*, d_STAGES, w_BLOCK_*, w_STAGES, num_warps} (tuning.py); only
     ("d" or "w", for the tuner): launch that part alone."""
     assert dx is not None or dw is not None
@@ -816,22 +826,6 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     if dx is not None and grad_out is not None:
         return d.result[1]
     return None
-
-
-def conv2d_dgrad(rt, transpose_kernel, dy, weight, dx, groups=1, grad_in=None, grad_out=None, residual=None,
-                 out_mask=None, merge=None):
-    """dx = the input gradient of CONV2D: a transposed conv of dy with the same
-    weight and geometry (CONV_TRANSPOSE2D instantiated with the conv's consts).
-    grad_in: as conv2d_wgrad's.  grad_out (a BNGrad): dx is the gradient of
-    the deferred BN + act applied to this conv's input; returns (dx,
-    (Σ g, Σ g·x̂ per tile and channel, tile)) for norm.channel_grad.  merge
-    (with grad_out, a norm.BNSums to fill): the kernel's last programs finish
-    that BN's backward themselves, and it is returned in the partials' place.
-    residual: a gradient of the same input from another of its consumers,
-    added in.  out_mask = (y, act, slope): the input is y = act(BN(grad_out.x)
-    + r), as stored; dx leaves as dx·act'(y) (grad_out's act must be None)."""
-    return conv_transpose2d(rt, transpose_kernel, dy, weight, dx, groups=groups, grad_in=grad_in, grad_out=grad_out,
-                            residual=residual, out_mask=out_mask, merge=merge)
 
 
 def _transpose_site(x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None, out_mask=None,
