@@ -1,7 +1,7 @@
 """GPU benchmark: correctness first, then timings, netdsl against eager
 PyTorch (cuDNN) and torch.compile, one table printed last.
 
-    python bench/gpu.py [--quick] [--max-autotune] [--layer-compile] [--json OUT.json]
+    python bench/gpu.py [--quick] [--max-autotune] [--layer-compile] [--tune SECONDS] [--json OUT.json]
 
 NOT YET RUN ON A GPU: written in a session without one (see BENCHMARKS.md).
 The first GPU session should run it, fix what breaks, and record the table.
@@ -14,7 +14,11 @@ Rows (median of CUDA-event timings after warm-up, milliseconds):
   channels_last;
 against eager PyTorch on the --target torch twin, torch.compile (default) and,
 with --max-autotune, mode="max-autotune" (with inductor freezing for
-inference, so Inductor folds BN too).
+inference, so Inductor folds BN too).  --tune SECONDS first tunes ResNet-50's
+conv launches (`netdsl tune`: inference and a training step, each dtype, at
+the timed batch, within that many seconds in all), prints what it picked,
+and adds a netdsl-untuned column (the defaults, NETDSL_TUNED=0) to the
+network rows.
 
 --smoke runs the same script on the CPU (Triton's interpreter) with a small
 ResNet-18 and two small layer shapes, fp32 only, wall-clock timing and no
@@ -157,6 +161,20 @@ def layer_rows(rows, batch, compile_modes):
             rows.append(("layer", f"{name} {label}", t, flops * (3 if label == "fwd+bwd" else 1), err))
 
 
+TUNED = []  # non-empty once --tune ran
+
+
+def untuned(fn):
+    """fn with the launchers' default configurations (NETDSL_TUNED=0)."""
+    def run():
+        os.environ["NETDSL_TUNED"] = "0"
+        try:
+            fn()
+        finally:
+            os.environ.pop("NETDSL_TUNED")
+    return run
+
+
 def net_rows(rows, batch, compile_modes):
     for file, net in (("resnet.net", "ResNet50"), ("resnet.net", "ResNet18"), ("vgg.net", "VGG16")):
         if net not in RUN["nets"]:
@@ -187,6 +205,8 @@ def net_rows(rows, batch, compile_modes):
 
             tri.eval(), ref.eval()
             t = {"netdsl": timed(infer(tri)), "eager": timed(infer(ref))}
+            if TUNED:
+                t["netdsl-untuned"] = timed(untuned(infer(tri)))
             for cm in compile_modes:
                 import torch._inductor.config as icfg
 
@@ -199,14 +219,44 @@ def net_rows(rows, batch, compile_modes):
             os.environ["NETDSL_COMBO"] = "0"  # each conv's dgrad and wgrad launched apart, to compare
             t["netdsl-combo0"] = timed(step(tri), reps=5)
             os.environ.pop("NETDSL_COMBO")
+            if TUNED:
+                t["netdsl-untuned"] = timed(untuned(step(tri)), reps=5)
             for cm in compile_modes:
                 t[cm] = timed(step(torch.compile(ref, mode=None if cm == "compile" else cm)), reps=5)
             rows.append(("net", f"{net} train step {dname} b{batch}", t, None, None))
 
 
+def tune_rows(rows, batch, budget):
+    """Tune ResNet-50 (or --smoke's net) at the timed batch: the picks stay for the rest of the run."""
+    from netdsl import tune as T
+
+    file, net = RUN["net"]
+    tri, _ = twins(ROOT / "specs" / file, net)
+    dev, size = RUN["device"], RUN["size"]
+    x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+    timer = None if dev == "cuda" else timed  # (--smoke: the wall clock, and nothing saved)
+    runs = [(dtype, train) for dtype in RUN["dtypes"] for train in (False, True)]
+    for dtype, train in runs:
+        dname = "fp32(tf32)" if dtype == torch.float32 else "bf16"
+        start = time.perf_counter()
+        with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+            res = T.tune(tri, x, train=train, timer=timer, budget_s=budget / len(runs), save=dev == "cuda")
+        print(f"\n{net} {'train step' if train else 'inference'} {dname} b{batch}: tuned in "
+              f"{time.perf_counter() - start:.0f} s\n{T.format_results(res)}", flush=True)
+        done = [r for r in res if r.best_ms and r.default_ms]
+        picked = sum(1 for r in done if r.config)
+        gain = sum(r.default_ms for r in done) / max(sum(r.best_ms for r in done), 1e-9)
+        rows.append(("note", f"tune {net} {'train' if train else 'infer'} {dname} b{batch}",
+                     f"{len(done)} of {len(res)} sites timed, {picked} off the defaults, "
+                     f"their kernels' sum {gain:.2f}× faster"))
+
+
 def table(rows):
     lines = []
     for kind, name, *rest in rows:
+        if kind == "note":
+            lines.append(f"{name:48} {rest[0]}")
+            continue
         if kind == "check":
             lines.append(f"{name:48} {rest[0]:.2e}")
             continue
@@ -227,6 +277,8 @@ def main():
                     help="also torch.compile each single-layer twin (23 compiles: minutes)")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--smoke", action="store_true", help="the whole script on the CPU, small (see above)")
+    ap.add_argument("--tune", type=float, metavar="SECONDS",
+                    help="first tune ResNet-50's conv launches for this long in all (see above)")
     args = ap.parse_args()
     if args.smoke:
         RUN.update(SMOKE)
@@ -245,7 +297,11 @@ def main():
     print(table(rows), flush=True)
     if not args.quick:
         layer_rows(rows, 2 if args.smoke else 256, modes if args.layer_compile else [])
-    net_rows(rows, 2 if args.smoke else 64 if args.quick else 256, modes)
+    batch = 2 if args.smoke else 64 if args.quick else 256
+    if args.tune:
+        tune_rows(rows, batch, args.tune)
+        TUNED.append(True)
+    net_rows(rows, batch, modes)
     print("\n" + table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, default=str, indent=1))

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_gpu_bench_runs_end_to_end_on_the_cpu():
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"], capture_output=True, text=True,
-                         timeout=1200, env=dict(os.environ))
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--tune", "20"],
+                         capture_output=True, text=True, timeout=1500, env=dict(os.environ))
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.split("\n\n")[-1].splitlines()
 
@@ -34,3 +34,9 @@ def test_gpu_bench_runs_end_to_end_on_the_cpu():
     timed = [line for line in table if " netdsl " in line]
     assert [line.split()[0] for line in timed] == ["L3_64_7x7_s2_8"] * 2 + ["L64_64_1x1_s1_8"] * 2 + ["ResNet18"] * 2
     assert "netdsl-combo0" in timed[-1] and "train step" in timed[-1]
+    # --tune: inference and a training step tuned first (the wall clock, nothing saved), then the defaults
+    # timed beside the tuned launches
+    notes = [line for line in table if line.startswith("tune ResNet18 ")]
+    assert [n.split()[2] for n in notes] == ["infer", "train"], notes
+    assert all(" sites timed, " in n for n in notes)
+    assert all("netdsl-untuned" in line for line in timed[-2:])
