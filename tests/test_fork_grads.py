@@ -269,3 +269,41 @@ def test_grid_merges_with_gpu_sized_tiles(tmp_path, monkeypatch, merge):
     assert sum(bool(meta.get("PARTIALS")) for k, _, meta in backward if k.fn.__name__ == "channel_grad") \
         == (0 if on else 4)
     grad_compare(tri, ref, x, modes=("train",))  # (eval mode, whose dgrads merge too: the tests above)
+
+
+def test_split_reductions_with_gpu_sized_tiles(tmp_path, monkeypatch):
+    """A BN's statistics where no conv's epilogue left them (a dense block's
+    buffer, with its cache), and a BN backward's sums where no dgrad's did,
+    split the pixels into tiles, one program each, and the last program of
+    each channel block merges: tiles of 16 pixels × 16 channels here, as a
+    GPU's are 64 × 64 (or 32).  Growth 5 puts the cache's boundary past the
+    first block of channels (16 of 21 known: one block from the cache alone,
+    one straddling).  Outputs, running statistics and gradients against torch."""
+    from twin import rel_err
+
+    from netdsl.kernels import norm as knorm
+
+    monkeypatch.setattr(knorm, "_split_tiles", lambda rt, x4, C, bc_max: (16, 16))
+    p = tmp_path / "d.net"
+    p.write_text(DENSE.replace("DL(3)", "DL(5)"))
+    tri, ref = twins(str(p), "Dn")
+    x = torch.randn(5, 3, 8, 8)  # 320 pixels: 20 tiles, merged 16 at a time, then the 2 groups' rows
+    forward, backward = _planned_step(tri, x)
+    stats = [(args[-9], args[-8]) for k, args, meta in forward if k.fn.__name__ == "bn_stats" and not meta["PARTIALS"]]
+    # (KNOWN, grid_m): the block input's 6 channels, then each layer's 5-channel feature, then norm5's
+    assert stats == [(0, 20), (6, 20), (11, 20), (16, 20), (21, 20)], stats
+    sums = [meta for k, _, meta in backward if k.fn.__name__ == "channel_grad" and not meta["PARTIALS"]]
+    assert sums, [k.fn.__name__ for k, _, _ in backward]
+    with rt.kernel_log() as log:
+        tri.train(), ref.train()
+        ya, yb = tri(x), ref(x)
+    grids = [grid for name, grid in log if name == "bn_stats"]
+    # 20 tiles a fresh column; with 16 or more channels known, first one program per block of cached channels
+    assert grids == [(20,), (20,), (20,), (20 + 1,), (20 + 1,)], grids
+    assert rel_err(ya, yb) < 1e-4
+    for (name, a), (_, b) in zip(tri.state_dict().items(), ref.state_dict().items()):
+        assert rel_err(a.double(), b.double()) < 1e-5, name
+    with rt.kernel_log() as log:
+        grad_compare(tri, ref, x, modes=("train",))
+    # the BN backward's own passes: 20 tiles of pixels × the channel blocks
+    assert {grid[0] for name, grid in log if name == "channel_grad"} >= {20}
