@@ -170,9 +170,10 @@ def bake(path) -> dict[str, dict[str, dict]]:
             lines.append("    },")
         lines.append("})")
         with open(path, "a") as f:
-            f.write("\n\n# Launch configurations `netdsl tune` measured for these kernels (device -> kernel, shapes and\n"
-                    "# fusion -> config, milliseconds), baked in by `netdsl compile --tuned`; where this machine's own\n"
-                    "# tuning file has an entry too, that one is used.\n" + "\n".join(lines) + "\n")
+            f.write("\n\n# Launch configurations `netdsl tune` measured for these kernels (device -> kernel,\n"
+                    "# shapes and fusion -> config, milliseconds), baked in by `netdsl compile --tuned`; where\n"
+                    "# this machine's own tuning file has an entry too, that one is used.\n"
+                    + "\n".join(lines) + "\n")
     return table
 
 

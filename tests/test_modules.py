@@ -3,6 +3,7 @@ contract (state_dict, train/eval, any input size), kernel logging, caching,
 byte-identical output, no torch compute in the compiled path, and ahead-of-time
 compilation of every kernel for sm_90 and sm_80."""
 import pickle
+import re
 import subprocess
 import sys
 
@@ -293,7 +294,36 @@ def test_int64_indexing_compiles_for_huge_tensors():
                 BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
     sig.update({k: "constexpr" for k in meta})
     ptx = aot.compile_one(kernel, sig, meta, 90).asm["ptx"]
-    assert "mul.wide" in ptx or ".s64" in ptx
+    # the pixel index itself is 64-bit: divided and multiplied as s64 (int32 offsets give none of these)
+    assert re.search(r"\b(div|rem|mul\.lo)\.s64\b", ptx)
+    narrow = aot.compile_one(kernel, sig, dict(meta, IDX64=False), 90).asm["ptx"]
+    assert not re.search(r"\b(div|rem|mul\.lo)\.s64\b", narrow)
+
+
+def test_int64_indexing_reaches_the_split_reductions():
+    """bn_stats and channel_grad over a tensor past 2^31 elements (planned on
+    the meta device: nothing is allocated) launch with int64 offsets, and
+    compile that way for sm_90."""
+    from netdsl import aot
+    from netdsl.cache import compile_to_module
+    from netdsl.kernels import norm as knorm
+
+    x = torch.empty(2**31 // (16 * 28 * 28) + 1, 16, 28, 28, device="meta").to(memory_format=torch.channels_last)
+    K = compile_to_module(str(SPECS / "densenet.net"), "DenseNet121").K
+    bn = torch.nn.BatchNorm2d(16, device="meta")
+    v = [torch.empty(16, device="meta") for _ in range(4)]
+    with rt.plan_launches() as plan:
+        knorm.bn_stats(rt._rt, K.bn_stats, bn, x, knorm.BatchStats(*v))
+        knorm.channel_grad(rt._rt, K.channel_grad, x, x4=x, mean=v[0], rstd=v[1], weight=bn.weight, train=True,
+                           g4=x, dweight=v[2], dbias=v[3], coef=torch.empty(48, device="meta"))
+    assert [k.fn.__name__ for k, _, _ in plan] == ["bn_stats", "channel_grad"]
+    for kernel, args, meta in plan:
+        assert meta["IDX64"] and not meta["PARTIALS"]
+        sig = {n: aot._type(a) for n, a in zip(kernel.arg_names, args)}
+        sig.update({k: "constexpr" for k in meta if k not in aot.OPTIONS})
+        ptx = aot.compile_one(kernel, sig, meta, 90).asm["ptx"]
+        # the pixel index itself is 64-bit: divided and multiplied as s64 (int32 offsets give none of these)
+        assert re.search(r"\b(div|rem|mul\.lo)\.s64\b", ptx), kernel.fn.__name__
 
 
 def test_compile_report_prints_registers_and_spills(tmp_path):

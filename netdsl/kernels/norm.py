@@ -32,7 +32,7 @@ def $NAME(
     sxn, sxc, sxh, sxw,
     # meta-parameters
     PARTIALS: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, CACHED: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # ACC: the accumulation type; fp64 where torch's own kernels use double (CPU)
     # PARTIALS: the producing conv's epilogue left per-tile sums (T rows of TILE
@@ -62,6 +62,8 @@ def $NAME(
         c_mask = offs_c < C
         fresh = offs_c >= KNOWN
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if IDX64:  # past 2^31 elements
+            offs_m = offs_m.to(tl.int64)
         mask = (offs_m < M)[:, None] & (c_mask & fresh)[None, :]
         row = (offs_m // (H * W)) * sxn + ((offs_m // W) % H) * sxh + (offs_m % W) * sxw
         v = tl.load(x_ptr + row[:, None] + (offs_c - KNOWN)[None, :] * sxc, mask=mask, other=0.0).to(ACC)
@@ -283,10 +285,12 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     # meta-parameters
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     SIZE = $SIZE
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:  # past 2^31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask = offs_m < N * H * W
     mask = m_mask[:, None] & (offs_c < C)[None, :]
@@ -314,9 +318,11 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     # meta-parameters
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:  # past 2^31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     m_mask = offs_m < N * H * W
     mask = m_mask[:, None] & (offs_c < C)[None, :]
@@ -341,9 +347,11 @@ def $NAME(
     # strides
     syn, syc, syh, syw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
     # meta-parameters
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:  # past 2^31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     mask = (offs_m < N * H * W)[:, None] & (offs_c < C)[None, :]
     n = offs_m // (H * W)
@@ -374,7 +382,7 @@ def $NAME(
     # meta-parameters
     ACC: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, TRAIN: tl.constexpr, AFFINE: tl.constexpr,
     Y_FROM_X: tl.constexpr, CENTER: tl.constexpr, STORE_G: tl.constexpr, PARTIALS: tl.constexpr,
-    CONV_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    CONV_BIAS: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Y_FROM_X: the output y was never stored (its BN and activation were
     # deferred into the consumer's loads): recompute it as that prologue did,
@@ -398,6 +406,8 @@ def $NAME(
         last = True
     else:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if IDX64:  # past 2^31 elements
+            offs_m = offs_m.to(tl.int64)
         mask = (offs_m < M)[:, None] & c_mask[None, :]
         n = offs_m // (H * W)
         h = (offs_m // W) % H
@@ -497,10 +507,12 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
     # meta-parameters
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     SIZE = $SIZE
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:  # past 2^31 elements
+        offs_m = offs_m.to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask = offs_m < N * H * W
     mask = m_mask[:, None] & (offs_c < C)[None, :]
@@ -649,7 +661,7 @@ def bn_stats(rt, kernel, bn, x4, st: BatchStats, partials=None, cache=None):
     rt.launch(kernel, grid, x, psum, pm2, count, *ptrs, cmean, cvar,
               N, C, H, W, psum.shape[0] if partials is not None else 1, tile, known, grid_m, n_fresh, *scalars,
               *x4.stride(), PARTIALS=partials is not None, CACHED=cache is not None, **meta,
-              ACC=reduce_acc(rt, x4), BLOCK_M=bm, BLOCK_C=bc)
+              ACC=reduce_acc(rt, x4), IDX64=rt.needs_int64(x4), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def reduce_acc(rt, x):
@@ -730,7 +742,7 @@ def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mea
               N, C, H, W, pg.shape[0] if partials is not None else 1, float(slope), *strides,
               ACC=acc, ACT=ACT_CODES[act], NORM=norm, TRAIN=train, AFFINE=weight is not None,
               Y_FROM_X=deferred is not None, CENTER=centered, STORE_G=g4 is not None, PARTIALS=partials is not None,
-              CONV_BIAS=dcbias is not None, BLOCK_M=bm, BLOCK_C=bc)
+              CONV_BIAS=dcbias is not None, IDX64=rt.needs_int64(*tensors), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None,
@@ -758,7 +770,8 @@ def lrn(rt, kernel, x4, out4, alpha, beta, k):
     N, C, H, W = x4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), x4, out4, N, C, H, W,
-              float(alpha), float(beta), float(k), *x4.stride(), *out4.stride(), ACC=rt.acc(x4), BLOCK_M=bm, BLOCK_C=bc)
+              float(alpha), float(beta), float(k), *x4.stride(), *out4.stride(), ACC=rt.acc(x4),
+              IDX64=rt.needs_int64(x4, out4), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def lrn_backward(rt, kernel, x4, dy4, dx4, alpha, beta, k):
@@ -768,7 +781,7 @@ def lrn_backward(rt, kernel, x4, dy4, dx4, alpha, beta, k):
         bm = min(bm, 1024)  # SIZE² loads of a tile each: keep the interpreter's arrays modest
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), x4, dy4, dx4, N, C, H, W,
               float(alpha), float(beta), float(k), *x4.stride(), *dy4.stride(), *dx4.stride(),
-              ACC=rt.acc(x4), BLOCK_M=bm, BLOCK_C=bc)
+              ACC=rt.acc(x4), IDX64=rt.needs_int64(x4, dy4, dx4), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def _softmax_tiles(rt, x4):
@@ -782,11 +795,12 @@ def softmax(rt, kernel, x4, out4):
     N, C, H, W = x4.shape
     bm, bc = _softmax_tiles(rt, x4)
     rt.launch(kernel, (triton.cdiv(N * H * W, bm),), x4, out4, N, C, H, W, *x4.stride(), *out4.stride(),
-              ACC=rt.acc(x4), BLOCK_M=bm, BLOCK_C=bc)
+              ACC=rt.acc(x4), IDX64=rt.needs_int64(x4, out4), BLOCK_M=bm, BLOCK_C=bc)
 
 
 def softmax_backward(rt, kernel, y4, dy4, dx4):
     N, C, H, W = y4.shape
     bm, bc = _softmax_tiles(rt, y4)
     rt.launch(kernel, (triton.cdiv(N * H * W, bm),), y4, dy4, dx4, N, C, H, W,
-              *y4.stride(), *dy4.stride(), *dx4.stride(), ACC=rt.acc(y4), BLOCK_M=bm, BLOCK_C=bc)
+              *y4.stride(), *dy4.stride(), *dx4.stride(), ACC=rt.acc(y4), IDX64=rt.needs_int64(y4, dy4, dx4),
+              BLOCK_M=bm, BLOCK_C=bc)
