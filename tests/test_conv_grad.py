@@ -92,6 +92,67 @@ def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
     assert grids[True, False] == [(32,)] and grids[False, True] == [(18,)]
 
 
+@pytest.mark.parametrize("split", [3, 7])
+def test_split_k_weight_gradient(tmp_path, monkeypatch, split):
+    """Where a wgrad has few tiles (a first layer; a 1×1 conv of 64 channels),
+    its pixels are split into chunks too, one program each, and the last of a
+    tile's programs sums the partial tiles (and the bias's sums) in chunk
+    order.  Forced here through the config (7 asks for more chunks than 84
+    pixels make: 6 of 16, the last of 4), with GPU-sized 16×16×16 tiles,
+    standalone and in one launch with
+    the dgrad (whose merge counters sit beside the wgrad's); against
+    torch.nn.grad, and bit for bit run to run."""
+    monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
+    torch.manual_seed(5)
+    consts = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1, GROUPS=1)
+    wgrad, _ = _kernels(tmp_path, consts)
+    x, w = torch.randn(2, 20, 13, 11), torch.randn(24, 20, 3, 3)
+    conv = dict(stride=2, padding=1)
+    dy = torch.randn_like(torch.nn.functional.conv2d(x, w, **conv)).contiguous(memory_format=torch.channels_last)
+    expect_x = torch.nn.grad.conv2d_input(x.shape, w, dy, **conv)
+    expect_w = torch.nn.grad.conv2d_weight(x, w.shape, dy, **conv)
+    M = 2 * 7 * 6  # 84 output pixels, in chunks of whole 16-pixel steps
+    k_chunk = 16 * -(-(-(-M // split)) // 16)
+    chunks = -(-M // k_chunk)
+    tiles = 2 * 2 * 9  # (24 output channels: 2 blocks of 16) × (20 input channels: 2) × 9 taps
+    dgrad = 18 * 2  # the dgrad's: 286 input pixels in 18 tiles × 2 blocks of the 20 channels
+    cfg = {"SPLIT": split, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+    runs = []
+    for combined in (False, True):
+        dw, db = torch.full_like(w, float("nan")), torch.full((24,), float("nan"))
+        dx = torch.full_like(x, float("nan"))
+        with rt.kernel_log() as log:
+            if combined:
+                kconv.conv2d_backward(rt._rt, _kernels.backward, dy, w, x, dx=dx, dw=dw, dbias=db,
+                                      config={"w_" + k: v for k, v in cfg.items()})
+                assert torch.allclose(dx, expect_x, rtol=1e-4, atol=1e-4)
+            else:
+                kconv.conv2d_wgrad(rt._rt, wgrad, dy, x, dw, dbias=db, config=cfg)
+        (grid,) = [g for _, g in log]
+        assert grid == ((tiles * chunks + dgrad,) if combined else (2, 2, 9 * chunks)), grid
+        assert chunks == (3 if split == 3 else 6)
+        assert torch.allclose(dw, expect_w, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(db, dy.sum((0, 2, 3)), rtol=1e-4, atol=1e-4)
+        runs.append(dw.clone())
+        assert torch.equal(dw, runs[0])  # the same chunks in the same order, whichever kernel ran them
+        again = torch.empty_like(dw)
+        kconv.conv2d_wgrad(rt._rt, wgrad, dy, x, again, dbias=db, config=cfg)
+        assert torch.equal(again, runs[0])
+
+
+def test_wgrad_split_only_where_tiles_leave_sms_idle():
+    """The split heuristic, as planned for a 132-SM GPU (batch 256, ResNet-50)."""
+    class Plan:
+        gpu_tiles = staticmethod(lambda x: True)
+
+    x = torch.empty(1)
+    assert kconv.wgrad_split(Plan, x, tiles=1, M=256 * 56 * 56, BK=32) == 132  # layer1's 1×1 64→64
+    assert kconv.wgrad_split(Plan, x, tiles=49, M=256 * 112 * 112, BK=32) == 3  # the 7×7 stem
+    assert kconv.wgrad_split(Plan, x, tiles=256, M=256 * 7 * 7, BK=32) == 1  # layer4's 1×1 512→2048
+    assert kconv.wgrad_split(Plan, x, tiles=1, M=8 * 7 * 7, BK=32) == 1  # too few pixels to share
+    assert kconv.wgrad_split(rt._rt, x, tiles=1, M=10**6, BK=32) == 1  # the interpreter: never
+
+
 def test_backward_kernels_compile_for_sm90_and_sm80(tmp_path):
     from netdsl import aot
 

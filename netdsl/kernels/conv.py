@@ -444,16 +444,17 @@ CONV_TRANSPOSE2D = _kernel(_TRANSPOSE_PARAMS, "conv_transpose_tile",
 _WGRAD_PARAMS = """\
     # pointers
     dy_ptr, x_ptr, dw_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
-    gx_ptr, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr, db_ptr,
+    gx_ptr, g_mean_ptr, g_rstd_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr, db_ptr, part_ptr, count_ptr,
     # sizes
-    N, H, W, C_in, Ho, Wo, C_out, in_slope, g_slope,
+    N, H, W, C_in, Ho, Wo, C_out, in_slope, g_slope, n_split, k_chunk,
     # strides
     sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, swo, swi, swh, sww, sgn, sgc, sgh, sgw,
     # meta-parameters
     ACC: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
     G_BNG: tl.constexpr, G_CENTER: tl.constexpr, G_ACT: tl.constexpr, G_TRAIN: tl.constexpr,
-    G_ACTG: tl.constexpr, DBIAS: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    G_ACTG: tl.constexpr, DBIAS: tl.constexpr, SPLIT_K: tl.constexpr, IDX64: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
 """
 
 CONV_WGRAD_TILE = (
@@ -463,10 +464,20 @@ CONV_WGRAD_TILE = (
     # DBIAS: the programs of the first input-channel block and tap, which
     # between them read all of dy once, also sum it per output channel: the
     # conv bias's gradient, without a pass of its own.
+    # SPLIT_K: few tiles (a first layer's 3 input channels: one tile a tap),
+    # so the pixels are split too, into n_split chunks of k_chunk, one
+    # program each (pid_z's fastest digit).  Each stores its partial tile in
+    # part (and db's in part's tail), and the last of a tile's programs to
+    # arrive sums them, in chunk order, into dw: split-K, deterministic.
     cin_g = C_in // G
     cout_g = C_out // G
     offs_co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_begin = 0
+    if SPLIT_K:
+        split = pid_z % n_split
+        pid_z = pid_z // n_split
+        k_begin = split * k_chunk
     g = pid_z // (KH * KW)
     tap = pid_z - g * (KH * KW)
     kh = tap // KW
@@ -477,7 +488,7 @@ CONV_WGRAD_TILE = (
     ci = g * cin_g + offs_ci
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     db = tl.zeros((BLOCK_M,), dtype=ACC)
-    for m0 in tl.range(0, N * Ho * Wo, BLOCK_K, num_stages=STAGES):
+    for m0 in tl.range(k_begin, tl.minimum(k_begin + k_chunk, N * Ho * Wo), BLOCK_K, num_stages=STAGES):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         if IDX64:
             offs_m = offs_m.to(tl.int64)
@@ -505,10 +516,32 @@ CONV_WGRAD_TILE = (
             b = bn_act_prologue(b, b_mask, ci, ci_mask, in_center_ptr, in_scale_ptr, in_shift_ptr,
                                 IN_CENTER, IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=PRECISION)
+    w_mask = co_mask[:, None] & ci_mask[None, :]
+    first_tap = (pid_ci == 0) & (tap == 0)
+    if SPLIT_K:
+        # part: n_split slices of [C_out, cin_g, KH, KW], then n_split rows of db's C_out
+        size = C_out * cin_g * KH * KW
+        p_off = co[:, None] * (cin_g * KH * KW) + offs_ci[None, :] * (KH * KW) + kh * KW + kw
+        tl.store(part_ptr + split * size + p_off, acc, mask=w_mask)
+        if DBIAS:
+            if first_tap:
+                tl.store(part_ptr + n_split * size + split * C_out + co, db, mask=co_mask)
+        tile = (pid_co * tl.cdiv(cin_g, BLOCK_N) + pid_ci) * (G * KH * KW) + pid_z
+        done = last_to_arrive(count_ptr + tile, n_split)
+        if done:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+            db = tl.zeros((BLOCK_M,), dtype=ACC)
+            for k in range(0, n_split):  # .cg: from L2, where the other programs' partials landed
+                acc += tl.load(part_ptr + k * size + p_off, mask=w_mask, other=0.0, cache_modifier=".cg")
+                if DBIAS:
+                    db += tl.load(part_ptr + n_split * size + k * C_out + co, mask=co_mask, other=0.0,
+                                  cache_modifier=".cg")
+        w_mask = w_mask & done
+        first_tap = first_tap & done
     dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
-    tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=co_mask[:, None] & ci_mask[None, :])
+    tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=w_mask)
     if DBIAS:
-        if (pid_ci == 0) & (tap == 0):
+        if first_tap:
             tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask)
 ''')
 
@@ -733,7 +766,25 @@ def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, d
     return _launch(rt, kernel, _wgrad_part(rt, dy, x, dw, groups, prologue, grad_in, dbias, config))
 
 
-def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None, config=None):
+def _sm_count(x) -> int:
+    # a plan on the CPU: an H100's / H200's 132
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+
+
+def wgrad_split(rt, x, tiles, M, BK):
+    """Chunks of the pixels per wgrad tile (split-K).  Only where the tiles
+    alone leave SMs idle: one tile walking every pixel was ResNet-50's
+    layer1 1×1 wgrad (64×64 channels, one tap), one program for 802,816
+    pixels at batch 256.  Then as many chunks as fill the SMs once, each
+    at least 32 steps of BLOCK_K pixels: a partial tile written and summed
+    again is then a few percent of what its chunk reads."""
+    sms = _sm_count(x)
+    if not rt.gpu_tiles(x) or tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), M // (32 * BK)))
+
+
+def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None, config=None, count_offset=0):
     config = config or {}
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
@@ -746,12 +797,27 @@ def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None
         BK = _pow2(N * Ho * Wo, 16, _CPU_TILE // max(BM, BN))
     BM, BN, BK = config.get("BLOCK_M", BM), config.get("BLOCK_N", BN), config.get("BLOCK_K", BK)
     grid = (triton.cdiv(cout_g, BM), triton.cdiv(cin_g, BN), groups * KH * KW)
+    M = N * Ho * Wo
+    tiles = grid[0] * grid[1] * grid[2]
+    split = config.get("SPLIT") or wgrad_split(rt, x, tiles, M, BK)
+    split = max(1, min(split, triton.cdiv(M, BK), 65535 // grid[2]))  # (a grid's third dimension: < 2^16)
+    # (chunks of whole BLOCK_Ks: a combined launch may halve BLOCK_K afterwards, and stays aligned)
+    k_chunk = triton.cdiv(triton.cdiv(M, split), BK) * BK
+    split = triton.cdiv(M, k_chunk)
+    part = count = dw
+    if split > 1:
+        acc_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        part = torch.empty(split * (C_out * cin_g * KH * KW + C_out), device=x.device, dtype=acc_dt)
+        # (count_offset: counters the launch's other part already uses)
+        count = rt.counters(x.device, count_offset + tiles)[count_offset:]
+        grid = grid[:2] + (grid[2] * split,)
     pptrs, pslope, pmeta = _prologue_args(prologue, dw)
     gptrs, gslope, gstrides, gflags = _bng_args(grad_in, dw)
-    args = (dy, x, dw, *pptrs, *gptrs, dbias if dbias is not None else dw,
-            N, H, W, C_in, Ho, Wo, C_out, pslope, gslope, *dy.stride(), *x.stride(), *dw.stride(), *gstrides)
+    args = (dy, x, dw, *pptrs, *gptrs, dbias if dbias is not None else dw, part, count,
+            N, H, W, C_in, Ho, Wo, C_out, pslope, gslope, split, k_chunk,
+            *dy.stride(), *x.stride(), *dw.stride(), *gstrides)
     meta = dict(ACC=rt.acc(x), **pmeta, **dict(zip(("G_BNG", "G_CENTER", "G_ACT", "G_TRAIN"), gflags)),
-                G_ACTG=_actg(grad_in), DBIAS=dbias is not None, IDX64=rt.needs_int64(dy, x),
+                G_ACTG=_actg(grad_in), DBIAS=dbias is not None, SPLIT_K=split > 1, IDX64=rt.needs_int64(dy, x),
                 PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=config.get("STAGES", 2))
     # Left alone, ptxas capped some of the zoo's 26 wgrad variants at 64-80
     # registers and spilled 4-8 bytes, at every warps/stages setting tried,
@@ -800,7 +866,8 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
                         **(dict(grad_out=grad_out, residual=residual, out_mask=out_mask, merge=merge)
                            if dx is not None else {}), config=_part_config(config, "d_"))
     w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias,
-                    _part_config(config, "w_"))
+                    _part_config(config, "w_"),
+                    count_offset=merge_counters(d.grid, d.meta["BLOCK_M"]) if d.meta["MERGE"] else 0)
     n_d, n_w = (d.grid[0] * d.grid[1] * d.grid[2]), (w.grid[0] * w.grid[1] * w.grid[2])
     options = _config_options(rt, x, dict(d.options, **w.options), config)  # (8 warps; the wgrad's cap lifted)
     wmeta = dict(w.meta)
