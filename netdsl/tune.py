@@ -9,7 +9,8 @@ How, per site (a kernel with its tensor shapes and fusion flags):
    slowest down (so a time budget goes where it pays);
 3. a conv forward tries each candidate of CONV; a conv's backward launch (its
    dgrad and wgrad in one grid) tunes the dgrad part alone over DGRAD, the
-   wgrad part alone over WGRAD, then both together at each of WARPS;
+   wgrad part alone over WGRAD (then, where its pixels are split, half and
+   twice the chunks), then both together at each of WARPS;
 4. the fastest candidate must give what the default gives (every tensor it
    writes, within the precision's tolerance) or the next one is taken: block
    sizes change the grid-wide merges, so a config is checked, not trusted;
@@ -130,6 +131,29 @@ def part_candidates(site, part: str) -> list[dict]:
     return out
 
 
+def split_candidates(site, config: dict, prefix: str) -> list[dict]:
+    """config (a wgrad's, names prefixed) with half and twice the chunks the
+    launcher's heuristic would split its pixels into (kernels/conv.py's
+    wgrad_split), where it splits at all."""
+    from .kernels.conv import wgrad_split
+
+    dy = site.args[0]
+    dw = site.args[2] if site.kind == "conv_wgrad" else site.args[1]  # (dy, x, dw) / (dy, weight, x)
+    g = site.kwargs.get("groups", 1)
+    bm, bn, bk = (config[prefix + k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    tiles = -(-(dw.shape[0] // g) // bm) * -(-dw.shape[1] // bn) * g * dw.shape[2] * dw.shape[3]
+    M = dy.shape[0] * dy.shape[2] * dy.shape[3]
+
+    def chunks(v):  # as the launcher makes them: whole BLOCK_Ks a chunk, none empty
+        v = min(v, -(-M // bk))
+        return -(-M // (-(-(-(-M // v)) // bk) * bk))
+
+    split = chunks(wgrad_split(site.rt, dy, tiles, M, bk))
+    if split == 1:
+        return []
+    return [dict(config, **{prefix + "SPLIT": v}) for v in sorted({chunks(split // 2), chunks(split * 2)} - {1, split})]
+
+
 # ------------------------------------------------------------------ checking a candidate
 
 
@@ -222,8 +246,11 @@ def tune_site(site, timer, result: Result) -> Result:
         parts = [p for p, on in (("d", dx), ("w", dw)) if on]
         best = {}
         for p in parts:  # each part alone first: the joint space is too big to time whole
-            got = [t for c in part_candidates(site, p)
-                   if (t := _try(site, timer, c, work, result, only=p if len(parts) == 2 else None))]
+            only = p if len(parts) == 2 else None
+            got = [t for c in part_candidates(site, p) if (t := _try(site, timer, c, work, result, only=only))]
+            if got and p == "w":  # then the chunk count of a split-K wgrad, around its heuristic's
+                got += [t for c in split_candidates(site, min(got, key=lambda t: t[0])[1], "w_")
+                        if (t := _try(site, timer, c, work, result, only=only))]
             if got:
                 best.update(min(got, key=lambda t: t[0])[1])
         for w in WARPS:
@@ -231,6 +258,9 @@ def tune_site(site, timer, result: Result) -> Result:
                 timed.append(t)
     else:
         timed = [t for c in candidates(site) if (t := _try(site, timer, c, work, result))]
+        if timed and site.kind == "conv_wgrad":
+            timed += [t for c in split_candidates(site, min(timed, key=lambda t: t[0])[1], "")
+                      if (t := _try(site, timer, c, work, result))]
     timed.sort(key=lambda t: t[0])
     ref = tuning.clone((site.args, site.kwargs))
     ref_out = site.call({}, ref)

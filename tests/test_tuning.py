@@ -15,6 +15,7 @@ import torch
 from netdsl import runtime as rt
 from netdsl import tune as T
 from netdsl import tuning
+from netdsl.kernels import conv as kconv
 from netdsl.cache import import_file
 from test_cli import run
 from twin import grad_compare, twins
@@ -56,8 +57,8 @@ def most_programs(calls):
 
 def _step_plan(module, x):
     module.train()
-    with rt.plan_launches() as plan:
-        y = module(x.detach().requires_grad_())
+    with rt.plan_launches() as plan:  # (as in training and in the tuner's step: the input needs no gradient)
+        y = module(x)
         y.backward(torch.empty_like(y))
     module.zero_grad(set_to_none=True)
     return plan
@@ -74,6 +75,9 @@ def tuned(tmp_path_factory):
         mp.setattr(T, "CONV", [(32, 64, 32, 4, 4), (64, 64, 64, 4, 3)])
         mp.setattr(T, "DGRAD", [(16, 16, 16, 3), (64, 64, 32, 4)])
         mp.setattr(T, "WGRAD", [(16, 16, 16, 2), (64, 64, 64, 3)])
+        # a split-K wgrad wherever 16-pixel steps allow 4 chunks (on a GPU: where tiles leave SMs idle), so
+        # the tuner also times 2 and 8 chunks
+        mp.setattr(kconv, "wgrad_split", lambda rt, x, tiles, M, BK: 4)
         tuning.forget()
         tri, ref = twins(str(spec), "Small")
         x = torch.randn(2, 3, 8, 8)
@@ -97,6 +101,8 @@ def test_a_training_step_records_every_conv_launch_once_per_shape(tuned):
     # the stand-in timer favours small tiles: both kinds moved off the defaults somewhere
     assert any(r.config for r in tuned.results if r.kind == "conv")
     assert any(r.config for r in tuned.results if r.kind == "conv_backward")
+    # ... and 8 chunks where the wgrad's pixels split (more programs), checked against the defaults' result
+    assert any(r.config.get("w_SPLIT") == 8 for r in tuned.results if r.kind == "conv_backward")
     for r in tuned.results:
         assert r.best_ms <= r.default_ms and (r.config == {}) == (r.best_ms == r.default_ms), r
 
@@ -119,12 +125,23 @@ def test_picks_are_saved_and_the_second_run_times_nothing(tuned):
         sorted(json.dumps(r.config, sort_keys=True) for r in tuned.results)
 
 
+def _carries(kernel, args, meta, config):
+    """Whether a planned launch carries config in full: its constexprs, and a
+    split-K wgrad's chunk count (a runtime argument: w_SPLIT -> w_n_split)."""
+    for c, v in config.items():
+        if c.endswith("SPLIT"):
+            if args[kernel.arg_names.index(c[:-len("SPLIT")] + "n_split")] != v:
+                return False
+        elif meta.get(c) != v:
+            return False
+    return True
+
+
 def _uses(plan, results):
     """How many tuned (non-default) configs some planned launch of their kernel carries in full."""
     n = 0
     for r in results:
-        if r.config and any(k.fn.__name__ == r.kernel and all(meta.get(c) == v for c, v in r.config.items())
-                            for k, _, meta in plan):
+        if r.config and any(k.fn.__name__ == r.kernel and _carries(k, args, meta, r.config) for k, args, meta in plan):
             n += 1
     return n
 
