@@ -118,7 +118,13 @@ def launch(kernel, grid, *args, **meta):
                 raise TypeError("bfloat16 needs a CUDA device: Triton's CPU interpreter has no bfloat16 "
                                 "(float32 and float16 run on the CPU)")
             with _nested_jit_interpreted():
-                _interpreter(kernel)[grid](*args, **meta)
+                try:
+                    _interpreter(kernel)[grid](*args, **meta)
+                except BaseException:
+                    # a launch stopped part-way can leave merge counters counted: the next starts from zero
+                    for key in [k for k in _COUNTERS if k[0] == str(device)]:
+                        del _COUNTERS[key]
+                    raise
         else:
             kernel[grid](*args, **meta)
     finally:

@@ -517,18 +517,17 @@ CONV_WGRAD_TILE = (
                                 IN_CENTER, IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=PRECISION)
     w_mask = co_mask[:, None] & ci_mask[None, :]
-    first_tap = (pid_ci == 0) & (tap == 0)
+    dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
     if SPLIT_K:
         # part: n_split slices of [C_out, cin_g, KH, KW], then n_split rows of db's C_out
         size = C_out * cin_g * KH * KW
         p_off = co[:, None] * (cin_g * KH * KW) + offs_ci[None, :] * (KH * KW) + kh * KW + kw
         tl.store(part_ptr + split * size + p_off, acc, mask=w_mask)
         if DBIAS:
-            if first_tap:
+            if (pid_ci == 0) & (tap == 0):
                 tl.store(part_ptr + n_split * size + split * C_out + co, db, mask=co_mask)
         tile = (pid_co * tl.cdiv(cin_g, BLOCK_N) + pid_ci) * (G * KH * KW) + pid_z
-        done = last_to_arrive(count_ptr + tile, n_split)
-        if done:
+        if last_to_arrive(count_ptr + tile, n_split):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             db = tl.zeros((BLOCK_M,), dtype=ACC)
             for k in range(0, n_split):  # .cg: from L2, where the other programs' partials landed
@@ -536,13 +535,17 @@ CONV_WGRAD_TILE = (
                 if DBIAS:
                     db += tl.load(part_ptr + n_split * size + k * C_out + co, mask=co_mask, other=0.0,
                                   cache_modifier=".cg")
-        w_mask = w_mask & done
-        first_tap = first_tap & done
-    dw_off = co[:, None] * swo + offs_ci[None, :] * swi + kh * swh + kw * sww
-    tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=w_mask)
-    if DBIAS:
-        if first_tap:
-            tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask)
+            # (the stores in each branch, not masked by the arrival: the interpreter of Triton 3.9 refuses
+            # an atomic's result in a mask)
+            tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=w_mask)
+            if DBIAS:
+                if (pid_ci == 0) & (tap == 0):
+                    tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask)
+    else:
+        tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=w_mask)
+        if DBIAS:
+            if (pid_ci == 0) & (tap == 0):
+                tl.store(db_ptr + co, db.to(db_ptr.dtype.element_ty), mask=co_mask)
 ''')
 
 CONV2D_WGRAD = _kernel(_WGRAD_PARAMS, "conv_wgrad_tile", "tl.program_id(0), tl.program_id(1), tl.program_id(2)")
