@@ -27,7 +27,7 @@ import triton
 from . import ACT_CODES
 from ..tuning import tunable
 from . import norm
-from .norm import reduce_dtype
+from .norm import merge_counters, reduce_dtype
 
 # The backward kernels' bodies are @triton.jit tile functions of their
 # program ids (CONV_TRANSPOSE_TILE, CONV_WGRAD_TILE), one copy per file, with
@@ -675,12 +675,6 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     if not stats:
         return out
     return out, merged if merged is not None else (psum, pm2, BM)
-
-
-def merge_counters(grid, BM):
-    """The counters a MERGE launch uses: one per group of BM tiles of each
-    column of tiles, and one per column."""
-    return grid[1] * grid[2] * (triton.cdiv(grid[0], BM) + 1)
 
 
 def _prologue_args(prologue, dummy):

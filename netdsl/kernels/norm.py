@@ -576,11 +576,18 @@ def _split_tiles(rt, x4, C, bc_max):
     return _tiles(N * H * W, C, False)
 
 
+def merge_counters(grid, BM):
+    """The counters a merging launch uses (merge_column over grid's first
+    axis, conv.py's MERGE_SLOTS layout): one per group of BM tiles of each
+    column of tiles, and one per column."""
+    return grid[1] * grid[2] * (triton.cdiv(grid[0], BM) + 1)
+
+
 def _split_partials(rt, x4, grid_m, C, columns, bm):
     """The [grid_m, C] rows of per-tile sums a split reduction merges, and its merge counters."""
     ps = reduce_dtype(rt, x4)
     a, b = (torch.empty((grid_m, C), device=x4.device, dtype=ps) for _ in range(2))
-    return a, b, rt.counters(x4.device, columns * (triton.cdiv(grid_m, bm) + 1))
+    return a, b, rt.counters(x4.device, merge_counters((grid_m, columns, 1), bm))
 
 
 class BatchStats(NamedTuple):
