@@ -18,7 +18,8 @@ inference, so Inductor folds BN too).  --tune SECONDS first tunes ResNet-50's
 conv launches (`netdsl tune`: inference and a training step, each dtype, at
 the timed batch, within that many seconds in all), prints what it picked,
 and adds a netdsl-untuned column (the defaults, NETDSL_TUNED=0) to the
-network rows.
+network rows.  Before each network's rows, netdsl.precompile compiles its
+kernels in parallel, and a note row says how long that took.
 
 --smoke runs the same script on the CPU (Triton's interpreter) with a small
 ResNet-18 and two small layer shapes, fp32 only, wall-clock timing and no
@@ -82,6 +83,28 @@ def twins(path, net, **overrides):
     return tri, ref
 
 
+def precompiled(rows, label, m, x, dtype=torch.float32):
+    """Compile m's kernels for inference and a training step on x, in parallel
+    (netdsl.precompile), and note how long that took.  --smoke: for an sm_90
+    this machine does not have (aot.jit_target), as the tests do."""
+    import contextlib
+
+    from netdsl import aot
+    from netdsl.parallel_compile import compile_step, default_jobs
+
+    start, n = time.perf_counter(), 0
+    try:
+        with aot.jit_target(90) if RUN["device"] == "cpu" else contextlib.nullcontext():
+            for train in (False, True):
+                with torch.autocast(RUN["device"], dtype=dtype, enabled=dtype != torch.float32):
+                    n += compile_step(m, x, train).submitted
+    except Exception as e:  # the timings still run (their first launches compile one by one): say why
+        rows.append(("note", f"precompile {label}", f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150]}"))
+        return
+    rows.append(("note", f"precompile {label}", f"{n} kernels in {time.perf_counter() - start:.1f} s "
+                                                f"({default_jobs()} threads)"))
+
+
 def correctness(rows):
     """Outputs and gradients against the twin on ResNet-50 (batch 8), before any timing."""
     torch.backends.cudnn.allow_tf32 = False
@@ -90,6 +113,7 @@ def correctness(rows):
     tri, ref = twins(ROOT / "specs" / file, net)
     x = torch.randn(RUN["check_batch"], 3, RUN["size"], RUN["size"], device=RUN["device"])
     x = x.to(memory_format=torch.channels_last)
+    precompiled(rows, f"{net} fp32(ieee) b{RUN['check_batch']}", tri, x)
     for mode in ("eval", "train"):
         tri.train(mode == "train"), ref.train(mode == "train")
         with torch.no_grad():
@@ -185,6 +209,7 @@ def net_rows(rows, batch, compile_modes):
         y = torch.randint(0, 1000, (batch,), device=dev)
         for dtype in RUN["dtypes"]:
             dname = "fp32(tf32)" if dtype == torch.float32 else "bf16"
+            precompiled(rows, f"{net} {dname} b{batch}", tri, x, dtype)
 
             def infer(m):
                 def run():

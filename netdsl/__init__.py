@@ -6,7 +6,7 @@ neither torch nor triton.
 from .compiler import check_file, check_text, checked_net
 from .diagnostics import Diagnostic, NetdslError
 
-__all__ = ["build", "check_file", "check_text", "checked_net", "compile_to_module", "kernel_log",
+__all__ = ["build", "check_file", "check_text", "checked_net", "compile_to_module", "kernel_log", "precompile",
            "Diagnostic", "NetdslError"]
 
 
@@ -21,6 +21,15 @@ def compile_to_module(path, net=None, target: str = "triton", **overrides):
     from .cache import compile_to_module as _compile
 
     return _compile(path, net, target, **overrides)
+
+
+def precompile(module, x, *, train: bool = True, jobs=None) -> int:
+    """Compile, in parallel, every kernel one step of module on the CUDA tensor
+    x will launch (train: forward and backward), so the first step need not
+    compile them one by one; returns how many compiles ran (0 on the CPU)."""
+    from .parallel_compile import precompile as _precompile
+
+    return _precompile(module, x, train=train, jobs=jobs)
 
 
 def kernel_log():

@@ -2,12 +2,16 @@
 GPUs, on a machine without one: the interpreter accepts code the compiler
 rejects, so this is the check that generated kernels really compile.
 
-`compile_launches(module, x, archs)` runs one forward in plan mode (no kernel
-executes; tiles are those a GPU would get), then compiles each distinct
-(kernel, signature, constexprs) with `triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))`.
+`compile_launches(module, x, archs)` runs one inference and one training
+step with every launch compiling only (runtime.compile_only), Triton's JIT
+pointed at an sm_<arch> it cannot launch on (`jit_target`): what it compiles
+is what that GPU's first launches would.  `signatures` and `compile_one`
+compile one planned launch with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`, for tests that vary its constexprs.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -68,19 +72,25 @@ def compile_one(kernel, sig, meta, arch: int):
     return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_launches(module, x, archs=(90, 80), train_too: bool = True):
-    """Compile every distinct launch; returns [(kernel name, arch, compiled)]."""
-    todo = signatures(module, x, False)
-    if train_too:
-        todo += signatures(module, x, True) + signatures(module, x, True, backward=True)
-    done, results = set(), []
-    for kernel, sig, meta in todo:
-        key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(meta.items())))
-        if key in done:
-            continue
-        done.add(key)
-        for arch in archs:
-            results.append((kernel.fn.__name__, arch, compile_one(kernel, sig, meta, arch)))
+def compile_launches(module, x, archs=(90, 80), train_too: bool = True, jobs: int | None = None):
+    """Compile what one inference (train_too: and one training step, forward
+    and backward) of module on x launches, for each architecture, as Triton's
+    JIT compiles it on that GPU: through the launch path itself, so with each
+    launch's specialisation (16-byte aligned pointers, integers divisible by
+    16 or equal to 1: a channels_last channel stride of 1 is a constant),
+    which ASTSource without attributes (compile_one) leaves out.  `jobs`
+    compiles at a time.  Returns [(kernel name, arch, compiled)], one per
+    distinct compiled variant, in launch order."""
+    from .parallel_compile import compile_step
+
+    results = []
+    for arch in archs:
+        with jit_target(arch):
+            seen = {}
+            for train in (False, True) if train_too else (False,):
+                for c in compile_step(module, x, train, jobs).kernels():
+                    seen.setdefault(id(c), c)
+        results += [(c.name, arch, c) for c in seen.values()]
     return results
 
 
@@ -145,3 +155,42 @@ def format_report(rows) -> str:
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + body]
     return "\n".join(lines[:1] + ["─" * len(lines[0])] + lines[1:])
+
+
+class CompileOnlyDriver:
+    """A Triton driver for a GPU this machine lacks: Triton's JIT compiles
+    for it (the launch path itself, with the launch's own specialisation of
+    pointer alignment and integer values, which ASTSource without attributes
+    leaves out) and can launch nothing.  Use it through `jit_target(arch)`."""
+
+    def __init__(self, arch: int = 90):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        # the JIT keeps its caches per device: one "device" per architecture
+        return ("compile-only", self.target.arch)
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def jit_target(arch: int = 90):
+    """Inside the block, Triton's JIT compiles for sm_<arch> (with runtime.compile_only,
+    launches compile and run nothing)."""
+    from triton.runtime.driver import driver
+
+    previous = getattr(driver, "_active", None)  # (reading .active would look for a GPU, and fail here)
+    driver.set_active(CompileOnlyDriver(arch))
+    try:
+        yield
+    finally:
+        driver.set_active(previous)

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--eval", action="store_true", help="tune inference (BN folded) instead of a training step")
     u.add_argument("--budget", type=float, metavar="SECONDS", help="start no new layer shape after this long")
     u.add_argument("--retune", action="store_true", help="also time shapes tuned before")
+    u.add_argument("--jobs", type=_positive, metavar="N",
+                   help="kernels compiled at a time (default: one per CPU core, at most 32)")
     u.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
                    help="override a network parameter (repeatable)")
     t = sub.add_parser("train", help="train a network on real data (offline): digits, mnist:DIR or cifar10:DIR")
@@ -179,7 +181,8 @@ def cmd_tune(args) -> int:
                          f"{r.best_ms:.3f} ms\n")
 
     with autocast:
-        results = T.tune(model, x, train=not args.eval, budget_s=args.budget, retune=args.retune, progress=progress)
+        results = T.tune(model, x, train=not args.eval, budget_s=args.budget, retune=args.retune, progress=progress,
+                         jobs=args.jobs)
     print(T.format_results(results))
     print(f"saved in {tuning.file_path()} under '{tuning.device_tag(x.device)}'")
     return EXIT_OK

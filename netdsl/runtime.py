@@ -8,7 +8,6 @@ every arithmetic op of a forward pass is a Triton kernel.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import threading
 import warnings
@@ -31,7 +30,7 @@ warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0"
 
 _local = threading.local()
 _interpreted: dict = {}
-_dropout_calls = itertools.count()
+_dropout_calls = 0  # each dropout launch draws its own stretch of the random stream
 
 
 class ShapeError(ValueError):
@@ -111,6 +110,10 @@ def launch(kernel, grid, *args, **meta):
         # autograd's engine does (it copies a gradient someone else still holds)
         plan.append((kernel, tuple(TensorInfo.of(a) if isinstance(a, torch.Tensor) else a for a in args), meta))
         return
+    if _compile_only is not None:
+        compiled, mode = _compile_only
+        compiled.append(_warmup(kernel, grid, args, meta, mode))
+        return
     _local.in_launch = True
     try:
         if device.type == "cpu":
@@ -161,8 +164,48 @@ def plan_launches():
         _local.plan = None
 
 
+# (launches made, triton.AsyncCompileMode or None) while launches compile only: process-wide, not per
+# thread, because a CUDA backward launches from autograd's own thread
+_compile_only = None
+
+
+@contextlib.contextmanager
+def compile_only(mode=None):
+    """Launches inside the block, from any thread, compile their kernels
+    (Triton's JIT, for its active driver's GPU) and run nothing; yields the
+    list of what each returned.  mode: a triton.AsyncCompileMode whose pool
+    takes the compiles.  What is computed is garbage: nothing may read it
+    (parallel_compile.py)."""
+    global _compile_only
+    _compile_only = (compiled, _) = ([], mode)
+    try:
+        yield compiled
+    finally:
+        _compile_only = None
+
+
+def _warmup(kernel, grid, args, meta, mode):
+    """Compile (or find) what this launch would run: the launch's own specialisation."""
+    try:
+        from triton.runtime._async_compile import active_mode
+    except ImportError:  # a Triton without AsyncCompileMode: each compiles here, in turn
+        return kernel.warmup(*args, grid=grid, **meta)
+    # the mode is a context variable, which a thread autograd started has never seen
+    token = active_mode.set(mode) if mode is not None and active_mode.get() is None else None
+    try:
+        return kernel.warmup(*args, grid=grid, **meta)
+    finally:
+        if token is not None:
+            active_mode.reset(token)
+
+
+def dry() -> bool:
+    """True while launches compute nothing (planned, or compiled only)."""
+    return getattr(_local, "plan", None) is not None or _compile_only is not None
+
+
 def gpu_tiles(x) -> bool:
-    return x.is_cuda or getattr(_local, "plan", None) is not None
+    return x.is_cuda or dry()
 
 
 def needs_int64(*tensors) -> bool:
@@ -339,7 +382,7 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=No
         return cached[2], cached[3], None, cached[4]
     rstd, scale, shift = (stat_empty(C, y4) for _ in range(3))
     _norm.bn_fold(_rt, K.bn_fold, bn, rstd, scale, shift, conv_bias=conv_bias)
-    if cache and getattr(_local, "plan", None) is None:  # a planned launch computed nothing
+    if cache and not dry():  # a planned (or only compiled) launch computed nothing
         refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
         _FOLDS[bn] = (refs, versions, scale, shift, rstd)
     return scale, shift, None, rstd
@@ -496,8 +539,10 @@ def copy(K, x, out):
 def dropout(K, x, p, training, out=None):
     if not training or p == 0.0:
         return x if out is None else copy(K, x, out)
+    global _dropout_calls
     seed = torch.initial_seed() % (2**31 - 1)
-    offset = (next(_dropout_calls) * x.numel()) % (2**31 - x.numel() - 1)
+    offset = (_dropout_calls * x.numel()) % (2**31 - x.numel() - 1)
+    _dropout_calls += 1
     if _grad.wanted(x):
         _no_out(out)
         return _grad.DropoutFn.apply(x, (K, p, seed, offset))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,8 @@ def train(opts: Options, log=print) -> EpochResult:
     start = 0
     if opts.resume:
         start = _load_checkpoint(opts.resume, model, optimizer, opts.net)
+    if device.type == "cuda":  # the kernels of a step and of evaluation, compiled in parallel, not one by one
+        _precompile(model, torch.empty(min(opts.batch_size, len(train_split)), *input_shape, device=device))
     g = torch.Generator().manual_seed(opts.seed * 1000 + start)
     t0 = time.perf_counter()
     result = None
@@ -165,6 +168,17 @@ def train(opts: Options, log=print) -> EpochResult:
         accuracy = evaluate(model, dataset.test, input_shape, mean, std, opts.batch_size, device)
         result = EpochResult(start, float("nan"), float("nan"), accuracy, time.perf_counter() - t0)
     return result
+
+
+def _precompile(model, x):
+    from .parallel_compile import precompile
+
+    try:
+        precompile(model, x, train=True)
+        precompile(model, x, train=False)
+    except Exception as e:  # a speed-up only: the first step compiles what is missing, and raises what is wrong
+        warnings.warn(f"netdsl: compiling the kernels ahead failed ({type(e).__name__}: {e}); "
+                      "the first step compiles them one by one")
 
 
 def _has_bn(model) -> bool:

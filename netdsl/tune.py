@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import tuning
+from . import parallel_compile, tuning
 from .kernels.conv import _pow2
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a conv forward: output pixels × output channels × input
@@ -237,30 +237,52 @@ def _try(site, timer, config, work, result, **extra):
         return None
 
 
-def tune_site(site, timer, result: Result) -> Result:
-    """Time site's candidates (result.default_ms already measured) and keep the fastest that checks out."""
+def precompile_candidates(site, configs, work, jobs: int, **extra) -> int:
+    """Compile configs' kernels, `jobs` at a time, before they are timed
+    (timing compiles each on first launch, one after another); returns how
+    many compiles ran.  A config that fails to compile is left to fail again
+    when it is timed, and is rejected there."""
+    if jobs <= 1 or len(configs) < 2:
+        return 0
+    with parallel_compile.parallel(jobs, ignore_errors=True) as compiles:
+        for c in configs:
+            try:
+                site.call(c, work, **extra)
+            except Exception:  # (a launcher's own check: the timing run raises it again)
+                pass
+    return compiles.submitted
+
+
+def _time_each(site, timer, configs, work, result, jobs, **extra):
+    """[(ms, config)] of the configs that ran."""
+    if site.args[0].is_cuda:
+        precompile_candidates(site, configs, work, jobs, **extra)
+    return [t for c in configs if (t := _try(site, timer, c, work, result, **extra))]
+
+
+def tune_site(site, timer, result: Result, jobs: int = 1) -> Result:
+    """Time site's candidates (result.default_ms already measured) and keep the
+    fastest that checks out; on a GPU each batch of candidates is compiled
+    `jobs` at a time first."""
     work = tuning.clone((site.args, site.kwargs))
-    timed = []
     if site.kind == "conv_backward":
         dx, dw = site.kwargs.get("dx") is not None, site.kwargs.get("dw") is not None
         parts = [p for p, on in (("d", dx), ("w", dw)) if on]
         best = {}
         for p in parts:  # each part alone first: the joint space is too big to time whole
             only = p if len(parts) == 2 else None
-            got = [t for c in part_candidates(site, p) if (t := _try(site, timer, c, work, result, only=only))]
+            got = _time_each(site, timer, part_candidates(site, p), work, result, jobs, only=only)
             if got and p == "w":  # then the chunk count of a split-K wgrad, around its heuristic's
-                got += [t for c in split_candidates(site, min(got, key=lambda t: t[0])[1], "w_")
-                        if (t := _try(site, timer, c, work, result, only=only))]
+                got += _time_each(site, timer, split_candidates(site, min(got, key=lambda t: t[0])[1], "w_"), work,
+                                  result, jobs, only=only)
             if got:
                 best.update(min(got, key=lambda t: t[0])[1])
-        for w in WARPS:
-            if (t := _try(site, timer, dict(best, num_warps=w), work, result)):
-                timed.append(t)
+        timed = _time_each(site, timer, [dict(best, num_warps=w) for w in WARPS], work, result, jobs)
     else:
-        timed = [t for c in candidates(site) if (t := _try(site, timer, c, work, result))]
+        timed = _time_each(site, timer, candidates(site), work, result, jobs)
         if timed and site.kind == "conv_wgrad":
-            timed += [t for c in split_candidates(site, min(timed, key=lambda t: t[0])[1], "")
-                      if (t := _try(site, timer, c, work, result))]
+            timed += _time_each(site, timer, split_candidates(site, min(timed, key=lambda t: t[0])[1], ""), work,
+                                result, jobs)
     timed.sort(key=lambda t: t[0])
     ref = tuning.clone((site.args, site.kwargs))
     ref_out = site.call({}, ref)
@@ -279,18 +301,22 @@ def tune_site(site, timer, result: Result) -> Result:
 
 
 def tune(module, x, *, train: bool = True, timer=None, budget_s: float | None = None, retune: bool = False,
-         save: bool = True, progress=None) -> list[Result]:
+         save: bool = True, progress=None, jobs: int | None = None) -> list[Result]:
     """Tune every conv launch of one step of module on x (its device's);
     returns one Result per site, and saves the winners in the tuning file
     (tuning.store); save=False: for this process only.  timer(fn) -> ms: default CUDA-event timing (GPU only).
     budget_s: stop starting new sites after this many seconds.  retune: time
     sites that already have a saved config too.  progress(i, n, result): called
-    after each site."""
+    after each site.  jobs: compiles at a time, on a GPU (default: one per
+    CPU core, at most 32; 1: each compiles as it is first timed)."""
+    jobs = jobs or parallel_compile.default_jobs()
     if timer is None:
         if not x.is_cuda:
             raise TuneError("tuning times kernels on a CUDA GPU; this input is on the CPU (pass timer= to tune anyway)")
         timer = gpu_timer
     start = time.perf_counter()
+    if jobs > 1:
+        parallel_compile.precompile(module, x, train=train, jobs=jobs)  # the step's own kernels, before it is recorded
     sites = record(module, x, train)
     results, todo = [], []
     for site in sites:
@@ -307,7 +333,7 @@ def tune(module, x, *, train: bool = True, timer=None, budget_s: float | None = 
         if budget_s is not None and time.perf_counter() - start > budget_s:
             r.note = "not tuned: out of time"
             continue
-        tune_site(site, timer, r)
+        tune_site(site, timer, r, jobs)
         new[site.key] = {"config": r.config, "ms": r.best_ms, "default_ms": r.default_ms, "kernel": site.name,
                          "triton": _triton_version(), "torch": torch.__version__,
                          "date": datetime.date.today().isoformat()}

@@ -40,3 +40,7 @@ def test_gpu_bench_runs_end_to_end_on_the_cpu():
     assert [n.split()[2] for n in notes] == ["infer", "train"], notes
     assert all(" sites timed, " in n for n in notes)
     assert all("netdsl-untuned" in line for line in timed[-2:])
+    # each network's kernels compiled in parallel first (for an sm_90 here), how long noted
+    pre = [line for line in table if line.startswith("precompile ResNet18 ")]
+    assert [line.split()[2] for line in pre] == ["fp32(ieee)", "fp32(tf32)"], pre
+    assert int(pre[0].split()[4]) > 0 and " kernels in " in pre[0]

@@ -237,12 +237,14 @@ def test_build_uses_the_cache(tmp_path, monkeypatch):
         netdsl.build(str(spec), "C")
 
 
-def _aot(file, net, shape, **overrides):
-    """Every launch compiles for sm_90 and sm_80, and no default configuration spills registers."""
+def _aot(file, net, shape, bf16=False, **overrides):
+    """Every launch compiles for sm_90 and sm_80, and no default configuration
+    spills registers (bf16: under autocast, as bench/gpu.py trains)."""
     from netdsl import aot
 
     m = netdsl.build(file, net, **overrides)
-    results = aot.compile_launches(m, torch.randn(*shape), archs=(90, 80))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        results = aot.compile_launches(m, torch.randn(*shape), archs=(90, 80))
     assert results
     for name, arch, compiled in results:
         assert "ptx" in compiled.asm and compiled.asm["cubin"], (name, arch)
@@ -274,6 +276,13 @@ def test_every_kernel_template_compiles_for_sm90_and_sm80(tmp_path):
 ])
 def test_zoo_kernels_compile_for_sm90_and_sm80(file, net, shape):
     _aot(str(SPECS / file), net, shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file,net", [("resnet.net", "ResNet50"), ("googlenet.net", "GoogLeNet"),
+                                      ("densenet.net", "DenseNet121")])
+def test_zoo_kernels_compile_in_bf16(file, net):
+    _aot(str(SPECS / file), net, (8, 3, 224, 224), bf16=True)
 
 
 def test_int64_indexing_compiles_for_huge_tensors():

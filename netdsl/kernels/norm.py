@@ -665,10 +665,14 @@ def bn_stats(rt, kernel, bn, x4, st: BatchStats, partials=None, cache=None):
     # with a cache, only the channels from `known` on
     x = psum if partials is not None else x4[:, known:] if known else x4
     ptrs, scalars, meta = bn_operands(bn, st)
+    # Compiled as a GPU specialises it (n_fresh == 1 a constant: a dense layer's one fresh block of channels),
+    # ptxas capped the split reduction at 96 registers on sm_90 and spilled 8 bytes (Triton 3.6,
+    # DenseNet-121): lift the cap, as the conv kernels do
+    options = {"maxnreg": 255} if rt.gpu_tiles(x4) else {}
     rt.launch(kernel, grid, x, psum, pm2, count, *ptrs, cmean, cvar,
               N, C, H, W, psum.shape[0] if partials is not None else 1, tile, known, grid_m, n_fresh, *scalars,
               *x4.stride(), PARTIALS=partials is not None, CACHED=cache is not None, **meta,
-              ACC=reduce_acc(rt, x4), IDX64=rt.needs_int64(x4), BLOCK_M=bm, BLOCK_C=bc)
+              ACC=reduce_acc(rt, x4), IDX64=rt.needs_int64(x4), BLOCK_M=bm, BLOCK_C=bc, **options)
 
 
 def reduce_acc(rt, x):
