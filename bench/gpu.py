@@ -83,24 +83,30 @@ def twins(path, net, **overrides):
     return tri, ref
 
 
-def precompiled(rows, label, m, x, dtype=torch.float32):
-    """Compile m's kernels for inference and a training step on x, in parallel
-    (netdsl.precompile), and note how long that took.  --smoke: for an sm_90
-    this machine does not have (aot.jit_target), as the tests do."""
+def precompiled(rows, label, m, x, dtype=torch.float32, trains=(False, True), env=None):
+    """Compile m's kernels for inference and a training step on x (trains), in
+    parallel (netdsl.precompile), with env's variables set (NETDSL_COMBO=0:
+    other kernels), and note how long that took.  --smoke: for an sm_90 this
+    machine does not have (aot.jit_target), as the tests do."""
     import contextlib
 
     from netdsl import aot
     from netdsl.parallel_compile import compile_step, default_jobs
 
     start, n = time.perf_counter(), 0
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         with aot.jit_target(90) if RUN["device"] == "cpu" else contextlib.nullcontext():
-            for train in (False, True):
+            for train in trains:
                 with torch.autocast(RUN["device"], dtype=dtype, enabled=dtype != torch.float32):
                     n += compile_step(m, x, train).submitted
     except Exception as e:  # the timings still run (their first launches compile one by one): say why
         rows.append(("note", f"precompile {label}", f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150]}"))
         return
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     rows.append(("note", f"precompile {label}", f"{n} kernels in {time.perf_counter() - start:.1f} s "
                                                 f"({default_jobs()} threads)"))
 
@@ -113,7 +119,11 @@ def correctness(rows):
     tri, ref = twins(ROOT / "specs" / file, net)
     x = torch.randn(RUN["check_batch"], 3, RUN["size"], RUN["size"], device=RUN["device"])
     x = x.to(memory_format=torch.channels_last)
-    precompiled(rows, f"{net} fp32(ieee) b{RUN['check_batch']}", tri, x)
+    label = f"{net} fp32(ieee) b{RUN['check_batch']}"
+    precompiled(rows, label, tri, x)
+    # (the other ways of merging and of launching a conv's backward, checked below, have kernels of their own)
+    precompiled(rows, label + " merge=0", tri, x, trains=(True,), env={"NETDSL_GRID_MERGE": "0"})
+    precompiled(rows, label + " combo=0", tri, x, trains=(True,), env={"NETDSL_COMBO": "0"})
     for mode in ("eval", "train"):
         tri.train(mode == "train"), ref.train(mode == "train")
         with torch.no_grad():
@@ -210,6 +220,9 @@ def net_rows(rows, batch, compile_modes):
         for dtype in RUN["dtypes"]:
             dname = "fp32(tf32)" if dtype == torch.float32 else "bf16"
             precompiled(rows, f"{net} {dname} b{batch}", tri, x, dtype)
+            precompiled(rows, f"{net} {dname} b{batch} combo=0", tri, x, dtype, (True,), {"NETDSL_COMBO": "0"})
+            if TUNED:
+                precompiled(rows, f"{net} {dname} b{batch} untuned", tri, x, dtype, env={"NETDSL_TUNED": "0"})
 
             def infer(m):
                 def run():
