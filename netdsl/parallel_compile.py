@@ -2,7 +2,8 @@
 
 Triton compiles a kernel on its first launch, on the launching thread, one
 after another; a netdsl training step launches dozens of distinct kernels
-(ResNet-50: 135 launches), each a compile of a second or more.
+(ResNet-50: 51 to compile for a step and an inference, about 30 s of compiles
+one after another on a 2-core CPU: bench/compile_speed.py --kernels).
 `precompile(module, x)` runs one step with every launch compiling only
 (runtime.compile_only: Triton's JIT, given the launch's own arguments, so
 its specialisation is the real launch's), inside triton.AsyncCompileMode:
