@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import datetime
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -244,13 +245,23 @@ def precompile_candidates(site, configs, work, jobs: int, **extra) -> int:
     when it is timed, and is rejected there."""
     if jobs <= 1 or len(configs) < 2:
         return 0
-    with parallel_compile.parallel(jobs, ignore_errors=True) as compiles:
-        for c in configs:
-            try:
-                site.call(c, work, **extra)
-            except Exception:  # (a launcher's own check: the timing run raises it again)
-                pass
+    try:
+        with parallel_compile.parallel(jobs, ignore_errors=True) as compiles:
+            for c in configs:
+                try:
+                    site.call(c, work, **extra)
+                except Exception:  # (a launcher's own check: the timing run raises it again)
+                    pass
+    except Exception as e:
+        _ahead_failed(f"{site.name}'s candidates", e)
+        return 0
     return compiles.submitted
+
+
+def _ahead_failed(what, e):
+    # compiling ahead only saves time: where it breaks, each kernel compiles when it is first timed
+    warnings.warn(f"netdsl tune: compiling {what} ahead failed ({type(e).__name__}: {e}); "
+                  "they compile one by one as they are timed")
 
 
 def _time_each(site, timer, configs, work, result, jobs, **extra):
@@ -316,7 +327,10 @@ def tune(module, x, *, train: bool = True, timer=None, budget_s: float | None = 
         timer = gpu_timer
     start = time.perf_counter()
     if jobs > 1:
-        parallel_compile.precompile(module, x, train=train, jobs=jobs)  # the step's own kernels, before it is recorded
+        try:  # the step's own kernels, before it is recorded
+            parallel_compile.precompile(module, x, train=train, jobs=jobs)
+        except Exception as e:
+            _ahead_failed("the step's kernels", e)
     sites = record(module, x, train)
     results, todo = [], []
     for site in sites:

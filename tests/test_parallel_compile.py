@@ -7,6 +7,7 @@ the step launches, once each, with the launch's options; that it leaves the
 module, its gradients and the dropout stream as they were; that a second
 step has nothing left to compile; and that the tuner's candidates compile
 one per config, a failing one left to the timing run to reject."""
+import contextlib
 import copy
 import threading
 
@@ -173,3 +174,17 @@ def test_netdsl_train_warns_and_goes_on_when_compiling_ahead_fails(tiny, monkeyp
     monkeypatch.setattr(P, "precompile", broken)
     with pytest.warns(UserWarning, match="compiling the kernels ahead failed .*no compiler today"):
         train._precompile(tiny, torch.randn(2, 3, 8, 8))
+
+
+def test_the_tuner_warns_and_goes_on_when_compiling_candidates_ahead_fails(tiny, monkeypatch):
+    tuning.forget()
+    site = next(s for s in T.record(tiny, torch.randn(4, 3, 8, 8)) if s.kind == "conv")
+
+    @contextlib.contextmanager
+    def broken(*a, **k):
+        raise RuntimeError("no pool today")
+        yield
+
+    monkeypatch.setattr(P, "parallel", broken)
+    with pytest.warns(UserWarning, match="candidates ahead failed .*no pool today"):
+        assert T.precompile_candidates(site, T.candidates(site), tuning.clone((site.args, site.kwargs)), 2) == 0
