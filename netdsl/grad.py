@@ -787,29 +787,49 @@ class ConcatFn(torch.autograd.Function):
 
 
 class PoolFn(torch.autograd.Function):
+    """Max or average pooling.  spec.inp (a Deferred a conv produced): x is
+    that conv's output, whose BN + act this pool applies as it loads (a
+    stem's conv→BN→ReLU→maxpool: the activation is never written); its
+    backward hands back the activation's gradient, takes the BN backward's
+    sums in its epilogue and leaves the coefficients on inp.back for the
+    producing conv's dgrad and wgrad to apply (in_weight and in_bias are the
+    BN's parameters)."""
+
     @staticmethod
-    def forward(ctx, x, spec):
-        kernel, is_max, out_shape, taps = spec
+    def forward(ctx, x, in_weight, in_bias, spec):
+        kernel, is_max, out_shape, taps, K, inp = spec
         out = rt.empty(out_shape, x)
         idx = None
         if is_max:
             idx = torch.empty(out_shape, device=x.device, dtype=torch.int8 if taps <= 127 else torch.int32,
                               memory_format=torch.channels_last)
-        _pool.pool2d(_rt, kernel, x, out, idx=idx)
-        ctx.save_for_backward(idx)
-        ctx.spec, ctx.shape, ctx.fork = spec, tuple(x.shape), _fork_of(x)
+        _pool.pool2d(_rt, kernel, x, out, idx=idx, prologue=inp.prologue() if inp is not None else None)
+        ctx.save_for_backward(idx, x if inp is not None else None)
+        # (the Deferred holds x, an output of the graph: keep a copy without it)
+        ctx.spec = spec[:5] + (inp.stats_only() if inp is not None else None,)
+        ctx.shape, ctx.fork = tuple(x.shape), _fork_of(x)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        kernel = ctx.spec[0]
-        (idx,) = ctx.saved_tensors
+        kernel, K, inp = ctx.spec[0], ctx.spec[4], ctx.spec[5]
+        idx, raw = ctx.saved_tensors
         dx = rt.empty(ctx.shape, dy)
-        _pool.pool2d_backward(_rt, _backward_of(kernel).backward, dy, idx, dx)
+        grad_out = merge = None
+        if inp is not None:
+            grad_out = inp.bn_grad(rt.as4d(raw))
+            if rt.grid_merge(inp.bn) is not None:
+                merge = _bn_sums_empty(inp.bn, raw, inp.mean, inp.batch_stats, _bias_wanting_grad(inp.back))
+        got = _pool.pool2d_backward(_rt, _backward_of(kernel).backward, dy, idx, dx, grad_out=grad_out, merge=merge)
+        din_w = din_b = None
+        if inp is not None:  # dx stays the deferred activation's gradient: what the producer expects
+            din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(raw), got)
+            _, nin_w, nin_b, _ = ctx.needs_input_grad
+            din_w, din_b = (din_w, din_b) if nin_w or nin_b else (None, None)
         if ctx.fork is not None:  # an inception branch: a sibling conv's dgrad can add it
             ctx.fork.offer(dx)
-        return dx, None
+        return dx, din_w, din_b, None
 
 
 class AdaptiveAvgPoolFn(torch.autograd.Function):

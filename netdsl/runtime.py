@@ -552,12 +552,23 @@ def dropout(K, x, p, training, out=None):
     return out
 
 
-def pool(kernel, x, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=False, *, max_pool, out=None, at=""):
+def pool(kernel, x, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=False, *, max_pool, out=None, at="",
+         K=None):
+    """Max or average pooling.  x may be a Deferred a conv produced (the
+    autograd forward of conv→BN→act→pool): the pool applies its BN + act as it
+    loads, and its backward takes that BN's backward sums (needs K)."""
+    inp = x if isinstance(x, _grad.Deferred) else None
+    if inp is not None:
+        if inp.back is None or K is None:
+            raise AssertionError("a pool takes a deferred batch norm only from a conv")
+        x = inp.raw
     Ho, Wo = _spatial(x, kernel_size, stride, padding, dilation, ceil_mode, at)
-    if _grad.wanted(x):
+    in_bn = inp.bn if inp is not None and inp.bn.affine else None
+    if inp is not None or _grad.wanted(x):
         _no_out(out)
-        return _grad.PoolFn.apply(x, (kernel, max_pool, (x.shape[0], x.shape[1], Ho, Wo),
-                                      kernel_size[0] * kernel_size[1]))
+        return _grad.PoolFn.apply(x, in_bn.weight if in_bn else None, in_bn.bias if in_bn else None,
+                                  (kernel, max_pool, (x.shape[0], x.shape[1], Ho, Wo),
+                                   kernel_size[0] * kernel_size[1], K, inp))
     if out is None:
         out = empty((x.shape[0], x.shape[1], Ho, Wo), x)
     _pool.pool2d(_rt, kernel, x, out)

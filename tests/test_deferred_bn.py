@@ -11,7 +11,7 @@ import torch
 import netdsl
 from netdsl import runtime as rt
 from launches import parts
-from twin import grad_compare, saved_bytes, twins
+from twin import compare, grad_compare, saved_bytes, twins
 
 
 def _autograd_source(m):
@@ -25,6 +25,8 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     train_src, infer_src = _autograd_source(m)
     deferred = re.findall(r"self\.layer\('([\w.]+)'\), t\d+, bn=self\.layer\('[\w.]+'\), defer=True", train_src)
     assert len(deferred) == 36, deferred
+    # ... and the stem's BN + ReLU, into the max pool that follows it
+    assert "conv1'), x, bn=self.layer('bn1'), defer=True" in train_src
     assert sum(bool(re.fullmatch(r"layer\d\.\d+\.conv[12]", d)) for d in deferred) == 32
     # each downsample's BN rides in its block's last apply, which adds the shortcut
     assert [d for d in deferred if "downsample" in d] == [f"layer{i}.0.downsample.0" for i in range(1, 5)]
@@ -37,9 +39,11 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     assert sum(k.fn.__name__.startswith("conv_backward") for k, _, _ in launches) == 54
     launches = parts(launches)
     names = [k.fn.__name__ for k, _, _ in launches]
-    # 53 conv+BN layers, 36 deferred: 17 apply kernels (4 normalise their residual as they load it); every BN
-    # takes its statistics from its conv's epilogue, merged by the conv's last programs: no bn_stats launch
-    assert names.count("channel_affine") == 17 and names.count("bn_stats") == 0
+    # 53 conv+BN layers, 37 deferred (36 into a conv, the stem's into the max pool): 16 apply kernels (4
+    # normalise their residual as they load it); every BN takes its statistics from its conv's epilogue, merged
+    # by the conv's last programs: no bn_stats launch
+    assert names.count("channel_affine") == 16 and names.count("bn_stats") == 0
+    assert [bool(meta["IN_BN"]) for k, _, meta in launches if k.fn.__name__.startswith("maxpool")] == [True]
     assert sum(bool(meta.get("RES_BN")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 4
     assert sum(bool(meta.get("STATS")) for _, _, meta in launches) == 53
     assert sum(bool(meta.get("MERGE")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 53
@@ -48,22 +52,25 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     # backward: each deferred BN's sums come from its consumer's dgrad epilogue (channel_grad merges them),
     # and its apply rides in its producer's dgrad and wgrad.  So do 15 bn3s' (the block's output feeds the next
     # block; the next block's conv1 or downsample dgrad runs last, adds the shortcut's gradient and takes relu'
-    # from the stored output).  The last bn3 and the stem's BN (a pool follows: no dgrad to ride in) take their
-    # sums from a reduction pass that writes g = dy·relu'; a downsample BN's from one over its block's g.
+    # from the stored output).  The stem's BN takes its sums from the max pool's backward epilogue, as a
+    # consumer conv's dgrad would.  The last bn3 takes its sums from a reduction pass that writes
+    # g = dy·relu'; a downsample BN's from one over its block's g.
     # No BN applies at all (the stem conv's input needs no gradient: 52 dgrads, 53 wgrads)
     flagged = {f: [k.fn.__name__ for k, _, meta in launches if meta.get(f)]
                for f in ("OUT_BNG", "IN_BNG", "G_BNG", "OUT_MASK")}
-    assert len(flagged["OUT_BNG"]) == 47 and len(flagged["IN_BNG"]) == 52 and len(flagged["G_BNG"]) == 53, flagged
+    assert len(flagged["OUT_BNG"]) == 48 and len(flagged["IN_BNG"]) == 52 and len(flagged["G_BNG"]) == 53, flagged
     assert len(flagged["OUT_MASK"]) == 15 and set(flagged["OUT_MASK"]) <= set(flagged["OUT_BNG"])
-    assert all(n.startswith("conv_dgrad") for n in flagged["OUT_BNG"] + flagged["IN_BNG"])
+    assert [n for n in flagged["OUT_BNG"] if not n.startswith("conv_dgrad")] == ["pool_backward__maxpool"]
+    assert all(n.startswith("conv_dgrad") for n in flagged["IN_BNG"])
     assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])
-    # every dgrad that takes a BN's sums also finishes that BN's backward in its last programs (MERGE): the
-    # 6 BNs whose sums need a pass of their own are the only channel_grad launches left
-    merged = [k.fn.__name__ for k, _, meta in launches if meta.get("MERGE") and k.fn.__name__.startswith("conv_dgrad")]
+    # every dgrad (and the pool's backward) that takes a BN's sums also finishes that BN's backward in its last
+    # programs (MERGE): the 5 BNs whose sums need a pass of their own are the only channel_grad launches left
+    merged = [k.fn.__name__ for k, _, meta in launches
+              if meta.get("MERGE") and k.fn.__name__.startswith(("conv_dgrad", "pool_backward"))]
     assert merged == flagged["OUT_BNG"]
     grads = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad" and meta["NORM"]]  # (not fc's bias)
-    assert len(grads) == 6 and not any(meta.get("PARTIALS") for meta in grads)
-    assert sum(bool(meta.get("STORE_G")) for meta in grads) == 2
+    assert len(grads) == 5 and not any(meta.get("PARTIALS") for meta in grads)
+    assert sum(bool(meta.get("STORE_G")) for meta in grads) == 1
     assert names.count("channel_grad_apply") == 0
 
 
@@ -71,7 +78,7 @@ def test_no_deferral_where_the_activation_has_other_consumers(tmp_path):
     p = tmp_path / "n.net"
     p.write_text(
         "net N input(3, 8, 8) {\n"
-        "  conv(4, 3, padding=1) -> bn -> relu -> maxpool(2)\n"               # consumer is a pool
+        "  conv(4, 3, padding=1) -> relu -> bn -> relu -> maxpool(2)\n"       # a pool after a BN no conv made
         "  residual { conv(4, 3, padding=1) -> bn -> relu } -> conv(4, 1)\n"  # inside a residual: the add reads it
         "  concat { conv(2, 1) -> bn -> relu ; conv(2, 1) }\n"                # a concat branch's end
         "  conv(3, 1) -> relu -> conv(3, 1)\n"                                # no BN: nothing to defer
@@ -97,16 +104,18 @@ def test_deferred_activation_is_not_kept_for_backward(tmp_path):
     grad_compare(tri, ref, x)
 
 
-@pytest.mark.parametrize("file,net,count", [
-    ("resnet.net", "ResNet18", 11),        # conv1 of each basic block, the 3 downsamples' BN (into the add)
-    ("vgg.net", "VGG16_BN", 8),            # each conv followed by a conv, not a pool
-    ("googlenet.net", "GoogLeNet", 19),    # conv2→conv3, and the 3×3 and 5×5 branches' reductions
-    ("densenet.net", "DenseNet121", 119),  # norm1 and norm2 of 58 dense layers, each transition's norm
+@pytest.mark.parametrize("file,net,count,pools", [
+    ("resnet.net", "ResNet18", 12, 1),        # conv1 of each basic block, the 3 downsamples' BN (into the add), the stem
+    ("vgg.net", "VGG16_BN", 13, 5),           # every conv: 8 into a conv, 5 into a max pool
+    ("googlenet.net", "GoogLeNet", 21, 2),    # conv2→conv3, the 3×3 and 5×5 branches' reductions, conv1 and conv3
+    ("densenet.net", "DenseNet121", 120, 1),  # norm1 and norm2 of 58 dense layers, each transition's norm, the stem
 ])
-def test_zoo_deferrals(file, net, count):
+def test_zoo_deferrals(file, net, count, pools):
     m = netdsl.build(f"specs/{file}", net)
     train_src, infer_src = _autograd_source(m)
     assert train_src.count("defer=True") == count and "defer" not in infer_src
+    lines = train_src.splitlines()
+    assert sum("rt.pool(" in line and "defer=True" in lines[i - 1] for i, line in enumerate(lines)) == pools
 
 
 def test_deferred_outputs_are_freed_without_the_garbage_collector(tmp_path):
@@ -158,3 +167,107 @@ def test_batch_norm_not_after_a_conv_keeps_its_backward_apply(tmp_path):
     assert sum(bool(meta.get("PARTIALS")) for _, _, meta in launches) == 0
     assert not any(meta.get(f) for _, _, meta in launches for f in ("IN_BNG", "G_BNG"))
     grad_compare(tri, ref, torch.randn(3, 4, 8, 8))
+
+
+POOLED = """net P input(3, 12, 12) {
+    conv(8, 3, padding=1, bias=false) -> bn -> relu -> maxpool(3, stride=2, padding=1)
+    conv(6, 3, padding=1) -> bn -> leaky_relu(0.1) -> avgpool(3, stride=2, padding=1, ceil_mode=true, count_include_pad=false)
+    conv(5, 1, bias=false) -> bn(affine=false) -> tanh -> maxpool(2, ceil_mode=true)
+    conv(4, 1, bias=false) -> bn(track_running_stats=false) -> relu -> avgpool(2)
+    flatten
+    linear(3)
+}
+"""
+
+
+def _pooled(tmp_path):
+    p = tmp_path / "pooled.net"
+    p.write_text(POOLED)
+    return str(p)
+
+
+def test_a_pool_takes_its_producer_convs_batch_norm_and_activation(tmp_path):
+    """conv→BN→act→pool (a stem's): the pool applies the BN and activation as
+    it loads the conv output, so no apply kernel writes the activation; the
+    pool's backward takes the BN backward's sums in its epilogue and its last
+    programs finish them; the producing conv's dgrad and wgrad apply that
+    backward as they load: no channel_grad pass, no BN apply anywhere."""
+    tri, _ = twins(_pooled(tmp_path), "P")
+    train_src, _ = _autograd_source(tri)
+    assert train_src.count("defer=True") == 4 and train_src.count("K=K)") == 4
+    tri.train()
+    with rt.plan_launches() as launches:
+        y = tri(torch.randn(2, 3, 12, 12))
+        y.backward(torch.empty_like(y))
+    launches = parts(launches)
+    names = [k.fn.__name__.split("__")[0] for k, _, _ in launches]
+    assert "channel_affine" not in names and "channel_grad_apply" not in names and "bn_stats" not in names
+    pools = [meta for k, _, meta in launches if k.fn.__name__.split("__")[0] in ("maxpool", "avgpool")]
+    assert [bool(meta["IN_BN"]) for meta in pools] == [True] * 4
+    assert [meta["IN_ACT"] for meta in pools] == [1, 2, 4, 1] and [meta["IN_CENTER"] for meta in pools] == [True] * 4
+    backs = [meta for k, _, meta in launches if k.fn.__name__.startswith("pool_backward")]
+    assert [(meta["OUT_BNG"], meta["MERGE"]) for meta in backs] == [(True, True)] * 4
+    # (affine=false: no parameter gradients to store; the second conv's bias gets its gradient from the merge)
+    assert [(meta["OUT_AFFINE"], meta["OUT_CBIAS"]) for meta in backs] == \
+        [(True, False), (True, True), (False, False), (True, False)][::-1]  # (backward runs last layer first)
+    assert "channel_grad" not in names  # (the linear's bias: summed by its wgrad)
+    assert sum(bool(meta.get("G_BNG")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 4
+    assert sum(bool(meta.get("IN_BNG")) for k, _, meta in launches if k.fn.__name__.startswith("conv_dgrad")) == 3
+
+
+@pytest.mark.parametrize("merge", ["1", "0"])
+def test_pool_deferred_batch_norm_matches_torch(tmp_path, monkeypatch, merge):
+    """Outputs, running statistics and every gradient against the torch twin,
+    in train mode and in eval mode with gradients (frozen statistics); with
+    NETDSL_GRID_MERGE=0 the pool's backward leaves per-tile sums that a
+    channel_grad launch merges instead."""
+    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
+    tri, ref = twins(_pooled(tmp_path), "P")
+    x = torch.randn(4, 3, 12, 12)
+    compare(tri, ref, x)
+    grad_compare(tri, ref, x)
+    tri.train()
+    with rt.plan_launches() as launches:
+        y = tri(x)
+        y.backward(torch.empty_like(y))
+    partials = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad" and meta["PARTIALS"]]
+    assert len(partials) == (4 if merge == "0" else 0)
+
+
+def test_pool_deferred_activation_is_not_kept_for_backward(tmp_path):
+    """What backward keeps of conv→BN→ReLU→maxpool: the conv output and the
+    pool's taps (int8), not the activation."""
+    p = tmp_path / "s.net"
+    p.write_text("net S input(3, 16, 16) { conv(16, 3, padding=1) -> bn -> relu -> maxpool(2) -> conv(8, 1) }\n")
+    tri, ref = twins(str(p), "S")
+    x = torch.randn(4, 3, 16, 16)
+    sizes = {name: saved_bytes(m.train(), x) for name, m in (("tri", tri), ("ref", ref))}
+    x_, raw, taps, pooled = 4 * 3 * 16 * 16 * 4, 4 * 16 * 16 * 16 * 4, 4 * 16 * 8 * 8, 4 * 16 * 8 * 8 * 4
+    weights = (16 * 3 * 3 * 3 + 8 * 16) * 4
+    # ours: the first conv's input and output, the pool's taps (int8), the last conv's input and both weights;
+    # torch also keeps the BN output and the ReLU's (the pool's input), and int64 indices
+    assert sizes["tri"] == x_ + raw + taps + pooled + weights, sizes
+    assert sizes["tri"] <= sizes["ref"] - raw, sizes
+    grad_compare(tri, ref, x)
+
+
+@pytest.mark.parametrize("merge", ["1", "0"])
+def test_pool_deferred_batch_norm_compiles_for_sm90_and_sm80_without_spills(tmp_path, monkeypatch, merge):
+    """The pools that apply a deferred BN + act, and their backwards that take
+    (and, merging, finish) its sums, compile for real GPUs as the JIT
+    specialises them, in fp32 and in bf16 under autocast, without spills."""
+    from netdsl import aot
+
+    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
+    m = netdsl.build(_pooled(tmp_path), "P")
+    names = set()
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            results = aot.compile_launches(m, torch.randn(16, 3, 12, 12), archs=(90, 80))
+        for name, arch, compiled in results:
+            if name.split("__")[0] in ("maxpool", "avgpool", "pool_backward"):
+                names.add(name)
+                info = aot.ptxas_info(compiled, arch)
+                assert info["registers"] and info["spill_stores"] == 0 and info["spill_loads"] == 0, \
+                    (name, arch, info)
+    assert len([n for n in names if n.startswith("pool_backward")]) == 4, names  # (one per pool: each geometry its own)

@@ -214,10 +214,15 @@ class _Forward:
 
     def _can_defer(self, item, nxt) -> bool:
         """A train-mode conv→BN(→act) or BN(→act) whose only consumer is a
-        conv: its BN apply and activation move into that conv's loads (autograd forward;
-        the inference forward folds BN into the conv epilogue instead)."""
-        return (self.autograd and isinstance(item, ir.Fused) and item.kind in ("conv", "bn") and item.bn is not None
-                and not item.residual and isinstance(nxt, ir.Fused) and nxt.kind == "conv")
+        conv, or a conv→BN(→act) whose only consumer is a max or average pool
+        (a stem's): its BN apply and activation move into that consumer's
+        loads (autograd forward; the inference forward folds BN into the conv
+        epilogue instead)."""
+        if not (self.autograd and isinstance(item, ir.Fused) and item.bn is not None and not item.residual):
+            return False
+        if isinstance(nxt, ir.Layer) and nxt.op in ("maxpool", "avgpool"):
+            return item.kind == "conv"  # (its backward's apply rides in the producing conv's dgrad and wgrad)
+        return item.kind in ("conv", "bn") and isinstance(nxt, ir.Fused) and nxt.kind == "conv"
 
     def shortcut(self, short: ir.Seq, body: ir.Seq, x: str) -> str:
         """A fused residual's shortcut.  Where it ends in conv→BN (no act) and
@@ -288,7 +293,8 @@ class _Forward:
             consts.pop("GROUPS")
             kern = self.k.get(kpool.POOL2D, op, f"{l.name}  ({where(l)})", l.name, **consts)
             self.put(f"{v} = rt.pool({kern}, {x}, {tuple(a['kernel_size'])}, {tuple(a['stride'])}, {tuple(a['padding'])}, "
-                     f"{tuple(a.get('dilation', (1, 1)))}, ceil_mode={a['ceil_mode']}, max_pool={op == 'maxpool'}{o}, at={at!r})")
+                     f"{tuple(a.get('dilation', (1, 1)))}, ceil_mode={a['ceil_mode']}, max_pool={op == 'maxpool'}{o}, at={at!r}"
+                     + (", K=K)" if self.autograd else ")"))
         elif op in ("adaptive_avgpool", "global_avgpool"):
             self.put(f"{v} = rt.adaptive_avgpool(K, {x}, {tuple(a['output_size'])}{o}, at={at!r})")
         elif op == "upsample":

@@ -3,22 +3,31 @@ count_include_pad as torch), adaptive average pooling, nearest and bilinear
 upsampling.  Tiles are (output pixels × channels)."""
 import math
 
+import torch
 import triton
+
+from . import conv as _conv
+from .norm import bn_sums_operands, merge_counters, reduce_dtype
 
 POOL2D = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, y_ptr, idx_ptr,
+    x_ptr, y_ptr, idx_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
     # sizes
-    N, C, H, W, Ho, Wo,
+    N, C, H, W, Ho, Wo, in_slope,
     # strides
     sxn, sxc, sxh, sxw, syn, syc, syh, syw, sin, sic, sih, siw,
     # meta-parameters
-    ACC: tl.constexpr, STORE_IDX: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, STORE_IDX: tl.constexpr, IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # STORE_IDX (max, for backward): the window tap of each maximum, as torch
     # picks it: the first in row-major order, NaN wins
+    # IN_BN: x is a conv output whose batch norm + activation were deferred
+    # into this pool (a stem's conv→BN→ReLU→maxpool): applied as each tap is
+    # loaded, rounded to x's dtype as an apply kernel would have stored it, so
+    # the activation never goes through memory
     $GEOMETRY
     IS_MAX = $IS_MAX
     COUNT_PAD = $COUNT_INCLUDE_PAD
@@ -44,8 +53,16 @@ def $NAME(
             iw = w0 + kw * DW
             ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             mask = ok[:, None] & c_mask[None, :]
-            v = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
-                        mask=mask, other=float("-inf") if IS_MAX else 0.0).to(ACC)
+            x_off = (n * sxn + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc
+            if IN_BN:
+                v = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+                v = bn_act_prologue(v, mask, offs_c, c_mask, in_center_ptr, in_scale_ptr, in_shift_ptr, IN_CENTER,
+                                    IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
+                if IS_MAX:  # (the prologue zeroes what lies outside: the padding of a max is −inf)
+                    v = tl.where(mask, v, float("-inf"))
+            else:
+                v = tl.load(x_ptr + x_off, mask=mask, other=float("-inf") if IS_MAX else 0.0)
+            v = v.to(ACC)
             if IS_MAX:
                 take = (v > acc) | (v != v)
                 acc = tl.where(take, v, acc)
@@ -78,18 +95,31 @@ POOL2D_BACKWARD = r'''
 def $NAME(
     # pointers
     dy_ptr, idx_ptr, dx_ptr,
+    ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr,
+    count_ptr, out_w_ptr, out_dw_ptr, out_db_ptr, out_dcb_ptr, out_coef_ptr,
     # sizes
-    N, C, H, W, Ho, Wo,
+    N, C, H, W, Ho, Wo, out_slope,
     # strides
-    sdn, sdc, sdh, sdw, sin, sic, sih, siw, son, soc, soh, sow,
+    sdn, sdc, sdh, sdw, sin, sic, sih, siw, son, soc, soh, sow, sfn, sfc, sfh, sfw,
     # meta-parameters
-    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr,
+    MERGE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_TRAIN: tl.constexpr, OUT_CBIAS: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # OUT_BNG: the forward applied a deferred BN + act as it loaded ox (IN_BN
+    # there): dx is that activation's gradient, and each tile also writes per
+    # channel Σ g and Σ g·x̂ (g = dx·act', from ox), the sums the BN's backward
+    # needs, as a conv's dgrad does (no pass over dx for them).  MERGE: the
+    # programs also merge those sums (merge_column), and the last merger
+    # finishes the BN's backward (bn_grad_finish): its parameter gradients and
+    # the coefficients the producing conv's dgrad and wgrad apply as they load dx.
     $GEOMETRY
     IS_MAX = $IS_MAX
     COUNT_PAD = $COUNT_INCLUDE_PAD
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if IDX64:
         offs_m = offs_m.to(tl.int64)
     m_mask = offs_m < N * H * W
@@ -123,8 +153,25 @@ def $NAME(
                 else:
                     count = (tl.minimum(h_end, H) - tl.maximum(h0, 0)) * (tl.minimum(w_end, W) - tl.maximum(w0, 0))
                 acc += g / tl.maximum(count, 1).to(ACC)[:, None]
+    mask = m_mask[:, None] & c_mask[None, :]
+    dx = acc.to(dx_ptr.dtype.element_ty)
     dx_off = (n * son + ih * soh + iw * sow)[:, None] + offs_c[None, :] * soc
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+    tl.store(dx_ptr + dx_off, dx, mask=mask)
+    if OUT_BNG:  # from the stored values, as the producer's BN backward will read them
+        PS = pg_ptr.dtype.element_ty
+        ox = tl.load(ox_ptr + (n * sfn + ih * sfh + iw * sfw)[:, None] + offs_c[None, :] * sfc, mask=mask, other=0.0)
+        gb, xh = bn_act_grad(dx, ox, mask, offs_c, c_mask, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr,
+                             OUT_CENTER, OUT_ACT, out_slope, PS, 1)
+        tl.store(pg_ptr + pid_m * C + offs_c, tl.sum(gb, axis=0), mask=c_mask)
+        tl.store(pgx_ptr + pid_m * C + offs_c, tl.sum(gb * xh, axis=0), mask=c_mask)
+        if MERGE:
+            last, sg, sgx = merge_column(pg_ptr, pgx_ptr, count_ptr, pid_m, pid_c, 0, tl.num_programs(0),
+                                         tl.num_programs(1), 1, offs_c, c_mask, C, N * H * W, False, PS, BLOCK_M,
+                                         BLOCK_C)
+            if last:
+                bn_grad_finish(sg, sgx, tl.zeros_like(sg), offs_c, c_mask, C, N * H * W,
+                               tl.load(out_rstd_ptr + offs_c, mask=c_mask, other=0.0).to(PS), out_w_ptr, out_dw_ptr,
+                               out_db_ptr, out_dcb_ptr, out_coef_ptr, OUT_AFFINE, OUT_TRAIN, OUT_CBIAS)
 '''
 
 # Window of output o: [floor(o·H/Ho), ceil((o+1)·H/Ho)); MAX_KH/MAX_KW bound it.
@@ -331,25 +378,56 @@ def _tiles(M, C, on_gpu):
     return max(16, min((1 << 16) // bc, triton.next_power_of_2(M))), bc
 
 
-def pool2d(rt, kernel, x, out, idx=None):
-    """With idx (max pooling, for backward): also each maximum's window tap."""
+def pool2d(rt, kernel, x, out, idx=None, prologue=None):
+    """With idx (max pooling, for backward): also each maximum's window tap.
+    prologue (as conv2d's: center, scale, shift, act, slope): x is a conv
+    output whose deferred BN + act this pool applies as it loads."""
     N, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
     bm, bc = _tiles(N * Ho * Wo, C, rt.gpu_tiles(x))
     i = idx if idx is not None else out
-    rt.launch(kernel, (triton.cdiv(N * Ho * Wo, bm), triton.cdiv(C, bc)), x, out, i, N, C, H, W, Ho, Wo,
-              *x.stride(), *out.stride(), *i.stride(), ACC=rt.acc(x), STORE_IDX=idx is not None,
-              IDX64=rt.needs_int64(x, out), BLOCK_M=bm, BLOCK_C=bc)
+    iptrs, islope, iflags = _conv._prologue_args(prologue, x)
+    rt.launch(kernel, (triton.cdiv(N * Ho * Wo, bm), triton.cdiv(C, bc)), x, out, i, *iptrs, N, C, H, W, Ho, Wo,
+              islope, *x.stride(), *out.stride(), *i.stride(), ACC=rt.acc(x), STORE_IDX=idx is not None, **iflags,
+              IDX64=rt.needs_int64(x, out), BLOCK_M=bm, BLOCK_C=bc, **_uncapped(rt, x, prologue))
 
 
-def pool2d_backward(rt, kernel, dy, idx, dx):
+def _uncapped(rt, x, bn):
+    # With a deferred BN along, ptxas capped a max pool at 56 registers on sm_80 and spilled 4 bytes (Triton
+    # 3.9, as the JIT specialises it): lift the cap, as bn_stats and the conv kernels do
+    return {"maxnreg": 255} if bn is not None and rt.gpu_tiles(x) else {}
+
+
+def pool2d_backward(rt, kernel, dy, idx, dx, grad_out=None, merge=None):
+    """dx, the gradient of pool2d's input.  grad_out (a conv.BNGrad): the
+    forward applied that deferred BN + act as it loaded (pool2d's prologue),
+    so dx is the activation's gradient; returns the BN backward's (Σ g, Σ g·x̂
+    per tile and channel, tile) for norm.channel_grad, or with merge (a
+    norm.BNSums) has the last programs finish that backward into it, and
+    returns it.  Otherwise None."""
     N, C, H, W = dx.shape
     Ho, Wo = dy.shape[2], dy.shape[3]
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(dy))
+    grid = (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc))
     i = idx if idx is not None else dy
-    rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), dy, i, dx, N, C, H, W, Ho, Wo,
-              *dy.stride(), *i.stride(), *dx.stride(), ACC=rt.acc(dy), IDX64=rt.needs_int64(dy, dx),
-              BLOCK_M=bm, BLOCK_C=bc)
+    optrs, oslope, ostrides, oflags = _conv._bng_args(grad_out, dx)
+    pg = pgx = dx
+    if grad_out is not None:
+        pg, pgx = (torch.empty((grid[0], C), device=dx.device, dtype=reduce_dtype(rt, dx)) for _ in range(2))
+    mptrs, mmeta = (dx,) * 6, dict(MERGE=False, OUT_AFFINE=False, OUT_TRAIN=False, OUT_CBIAS=False)
+    if merge is not None:
+        assert grad_out is not None, "merging a BN backward needs its partials"
+        mptrs = (rt.counters(dx.device, merge_counters((grid[0], grid[1], 1), bm)), *bn_sums_operands(merge, dx))
+        mmeta = dict(MERGE=True, OUT_AFFINE=merge.dgamma is not None, OUT_TRAIN=merge.train,
+                     OUT_CBIAS=merge.dcbias is not None)
+    rt.launch(kernel, grid, dy, i, dx, *optrs[:5], pg, pgx, *mptrs, N, C, H, W, Ho, Wo, oslope,
+              *dy.stride(), *i.stride(), *dx.stride(), *ostrides, ACC=rt.acc(dy),
+              **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), **mmeta,
+              IDX64=rt.needs_int64(dy, dx, *((grad_out.x,) if grad_out is not None else ())), BLOCK_M=bm, BLOCK_C=bc,
+              **_uncapped(rt, dy, grad_out))
+    if grad_out is None:
+        return None
+    return merge if merge is not None else (pg, pgx, bm)
 
 
 def _adaptive_windows(n, no):
