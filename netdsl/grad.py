@@ -65,14 +65,15 @@ class _BN:
     """Forward of y = act(BN(raw) + residual) with the statistics backward needs."""
 
     @staticmethod
-    def forward(K, bn, raw4, out4, residual4, act, slope, partials=None, res_affine=None, channel_stats=None):
+    def forward(K, bn, raw4, out4, residual4, act, slope, partials=None, res_affine=None, channel_stats=None,
+                bits=None):
         batch_stats = bn.training or bn.running_mean is None
         # eval: the fixed statistics folded to x·scale + shift, centred on the running mean for backward
         scale, shift, center, rstd = rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
                                                         partials=partials if batch_stats else None,
                                                         channel_stats=channel_stats)
         _norm.channel_affine(_rt, K.channel_affine, raw4, scale, shift, out4, residual4, act, slope, center=center,
-                             res_affine=res_affine)
+                             res_affine=res_affine, bits=bits)
         return (center if batch_stats else bn.running_mean), rstd, batch_stats
 
     @staticmethod
@@ -217,15 +218,18 @@ class _BlockOut:
     """A stored y = act(BN(raw) + residual) of a conv (a residual block's
     output), for its consumers' backward: the last of them to run (a conv
     whose dgrad adds the others' gradients) also takes y's act' and this BN's
-    sums in its epilogue and hands back g = dy·act'(y).  The producing conv
+    sums in its epilogue and hands back g = dy·act'(y).  bits: y > 0 as the
+    apply kernel stored it, a bit a channel (a residual block's relu), which
+    is all that dgrad reads of y for act'.  The producing conv
     then finds its BN backward done (coef, dgamma, dbeta on the record) and
     applies it as its dgrad and wgrad load g: no reduction pass over dy."""
 
-    __slots__ = ("raw", "bn", "act", "slope", "batch_stats", "mean", "rstd", "back", "task", "g", "dgamma", "dbeta")
+    __slots__ = ("raw", "bn", "act", "slope", "batch_stats", "mean", "rstd", "back", "task", "g", "dgamma", "dbeta",
+                 "bits")
 
-    def __init__(self, raw4, bn, act, slope, batch_stats, mean, rstd, conv_bias):
+    def __init__(self, raw4, bn, act, slope, batch_stats, mean, rstd, conv_bias, bits=None):
         self.raw, self.bn, self.act, self.slope, self.batch_stats = raw4, bn, act, slope, batch_stats
-        self.mean, self.rstd, self.back = mean, rstd, _Back(conv_bias)
+        self.mean, self.rstd, self.back, self.bits = mean, rstd, _Back(conv_bias), bits
         self.task = self.g = self.dgamma = self.dbeta = None
 
     def bn_grad(self, coef=None):
@@ -286,11 +290,13 @@ class ConvFn(torch.autograd.Function):
                                                                  partials=partials))
                 defer.back = _Back(layer.bias)
             else:
+                # a residual block's output: its act' for the consumers' backward as sign bits (see _BlockOut)
+                bits = _norm.relu_bits(out4, act) if residual is not None and not linear else None
                 mean, rstd, batch_stats = _BN.forward(
                     K, bn, raw4, out4, res4, act, slope, partials,
-                    res_affine=(rdef.center, rdef.scale, rdef.shift) if rdef is not None else None)
+                    res_affine=(rdef.center, rdef.scale, rdef.shift) if rdef is not None else None, bits=bits)
                 if not linear:  # for a forked output's last consumer: see _BlockOut
-                    block = _BlockOut(raw4, bn, act, slope, batch_stats, mean, rstd, layer.bias)
+                    block = _BlockOut(raw4, bn, act, slope, batch_stats, mean, rstd, layer.bias, bits)
                     out._netdsl_block = block
             ctx.stats = batch_stats
         ctx.block = block
@@ -380,7 +386,8 @@ class ConvFn(torch.autograd.Function):
             if rec is not None and rt.grid_merge(rec.bn) is not None:
                 merge = _bn_sums_empty(rec.bn, x, rec.mean, rec.batch_stats, _bias_wanting_grad(rec.back))
             grad_out = inp.bn_grad(rt.as4d(x)) if inp is not None else block.bn_grad() if block is not None else None
-            out_mask = (rt.as4d(x), block.act, block.slope) if block is not None else None
+            out_mask = (block.bits if block.bits is not None else rt.as4d(x), block.act, block.slope) \
+                if block is not None else None
         if nw:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
         got = None

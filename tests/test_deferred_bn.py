@@ -60,6 +60,9 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
                for f in ("OUT_BNG", "IN_BNG", "G_BNG", "OUT_MASK")}
     assert len(flagged["OUT_BNG"]) == 48 and len(flagged["IN_BNG"]) == 52 and len(flagged["G_BNG"]) == 53, flagged
     assert len(flagged["OUT_MASK"]) == 15 and set(flagged["OUT_MASK"]) <= set(flagged["OUT_BNG"])
+    # ... reading only the sign bits of that output, which the block's last apply kernel stored beside it
+    assert sum(bool(meta.get("MASK_BITS")) for _, _, meta in launches) == 15
+    assert sum(bool(meta.get("BITS")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 16
     assert [n for n in flagged["OUT_BNG"] if not n.startswith("conv_dgrad")] == ["pool_backward__maxpool"]
     assert all(n.startswith("conv_dgrad") for n in flagged["IN_BNG"])
     assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])

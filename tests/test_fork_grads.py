@@ -146,7 +146,8 @@ def test_dense_block_gradients_match_torch(tmp_path):
 def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path, monkeypatch):
     """The interpreter accepts what ptxas may not: the dgrad and apply
     variants that add a sibling's gradient (and the deferred BN backward's
-    prologue and epilogue, a block output's act' in the dgrad, a shortcut's BN
+    prologue and epilogue, a block output's act' in the dgrad (from its sign
+    bits, and the apply kernel that stores them), a shortcut's BN
     in the apply, a dense block's cached statistics, the convs' and dgrads'
     grid-wide merges and the launches that stand in for them with
     NETDSL_GRID_MERGE=0) compile for real GPUs, without spills."""
@@ -155,7 +156,8 @@ def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path, 
     p = tmp_path / "f.net"
     p.write_text(BLOCK.format(tail="residual { conv(6, 3, stride=2, padding=1) -> bn } "
                                    "shortcut { conv(6, 1, stride=2) -> bn } -> relu") + DENSE)
-    names = ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG", "OUT_MASK", "RES_BN", "CACHED", "MERGE", "PARTIALS")
+    names = ("HAS_RES", "IN_BNG", "OUT_BNG", "G_BNG", "OUT_MASK", "MASK_BITS", "BITS", "RES_BN", "CACHED", "MERGE",
+             "PARTIALS")
     variants = {}
     for merge in ("1", "0"):
         monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
@@ -307,3 +309,25 @@ def test_split_reductions_with_gpu_sized_tiles(tmp_path, monkeypatch):
         grad_compare(tri, ref, x, modes=("train",))
     # the BN backward's own passes: 20 tiles of pixels × the channel blocks
     assert {grid[0] for name, grid in log if name == "channel_grad"} >= {20}
+
+
+@pytest.mark.parametrize("act,channels,bits", [("relu", 8, True), ("leaky_relu(0.2)", 16, True), ("relu", 6, False),
+                                               ("sigmoid", 8, False)])
+def test_a_block_outputs_activation_mask_is_kept_as_bits(tmp_path, act, channels, bits):
+    """A residual block's output y = act(BN(raw) + shortcut) is stored for its
+    consumers, and the dgrad that takes act' from it needs only y > 0 (relu,
+    leaky relu): the apply kernel also stores that, a bit a channel (1/32 of
+    y's fp32 bytes), and the dgrad reads the bits instead of y.  With channels
+    no multiple of 8, or an activation that needs y itself: y, as before."""
+    p = tmp_path / "r.net"
+    p.write_text(BLOCK.replace("(8,", f"({channels},").replace("} -> relu", f"}} -> {act}").format(tail="conv(3, 1)"))
+    tri, ref = twins(str(p), "R")
+    x = torch.randn(2, 4, 8, 8)
+    forward, backward = _planned_step(tri, x)
+    applies = [(args, meta) for k, args, meta in forward if k.fn.__name__ == "channel_affine"]
+    assert [bool(meta["BITS"]) for _, meta in applies] == [False, bits, bits]  # (the stem's is no block output)
+    if bits:  # the bits buffer: one byte per 8 channels of each pixel
+        assert [a[9].shape for a, meta in applies if meta["BITS"]] == [(2 * 8 * 8, channels // 8)] * 2
+    masked = [meta for _, _, meta in backward if meta.get("OUT_MASK")]
+    assert [bool(meta["MASK_BITS"]) for meta in masked] == [bits, False]  # (block 1's output; the stem's)
+    grad_compare(tri, ref, torch.randn(3, 4, 8, 8))

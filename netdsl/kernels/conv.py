@@ -340,7 +340,7 @@ _TRANSPOSE_PARAMS = """\
     ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
     OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr, OUT_MASK: tl.constexpr,
-    MERGE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_TRAIN: tl.constexpr, OUT_CBIAS: tl.constexpr,
+    MASK_BITS: tl.constexpr, MERGE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_TRAIN: tl.constexpr, OUT_CBIAS: tl.constexpr,
     IN_ACTG: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
@@ -363,6 +363,8 @@ CONV_TRANSPOSE_TILE = (
     # stored (a residual block's output); with every consumer's gradient
     # summed, the result is taken through act' (from oy) before it is stored,
     # and OUT_BNG's sums are those of that BN: its reduction pass is gone.
+    # MASK_BITS (with OUT_MASK a relu or leaky relu): oy holds only y > 0, a
+    # bit per channel (norm.CHANNEL_AFFINE's BITS), not y itself.
     # MERGE (with OUT_BNG): the programs also merge those sums, as CONV2D's
     # MERGE does its statistics, and the last merger finishes that BN's
     # backward (bn_grad_finish): its parameter gradients, and the
@@ -413,7 +415,11 @@ CONV_TRANSPOSE_TILE = (
         r = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + co[None, :] * src, mask=mask, other=0.0)
         acc = acc + r.to(ACC)
     if OUT_MASK != 0:
-        fy = tl.load(oy_ptr + (n * sfn + oh * sfh + ow * sfw)[:, None] + co[None, :] * sfc, mask=mask, other=0.0)
+        if MASK_BITS:  # (relu' and leaky relu' need only the sign)
+            byte = tl.load(oy_ptr + offs_m[:, None] * (C_out // 8) + (co // 8)[None, :], mask=mask, other=0)
+            fy = tl.where(((byte.to(tl.int32) >> (co % 8)[None, :]) & 1) != 0, 1.0, 0.0)
+        else:
+            fy = tl.load(oy_ptr + (n * sfn + oh * sfh + ow * sfw)[:, None] + co[None, :] * sfc, mask=mask, other=0.0)
         acc = activation_grad(acc, fy.to(ACC), OUT_MASK, out_slope)
     y = acc.to(y_ptr.dtype.element_ty)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
@@ -829,8 +835,17 @@ def _backward_site(dy, weight, x, dx=None, dw=None, groups=1, prologue=None, gra
     return (dy, weight, x), _flags(dx=dx is not None, dw=dw is not None, gin=_grad_in_flag(grad_in),
                                    prologue=prologue is not None and 1 + ACT_CODES[prologue[3]],
                                    gout=grad_out is not None, res=residual is not None,
-                                   mask=out_mask is not None and 1 + ACT_CODES[out_mask[1]], merge=merge is not None,
+                                   mask=_mask_flag(out_mask), merge=merge is not None,
                                    dbias=dbias is not None)
+
+
+def _mask_bits(out_mask) -> bool:
+    """Is an out_mask's y only its sign bits (norm.relu_bits)?"""
+    return out_mask is not None and out_mask[0].dtype == torch.uint8
+
+
+def _mask_flag(out_mask):
+    return out_mask is not None and 1 + ACT_CODES[out_mask[1]] + 8 * _mask_bits(out_mask)
 
 
 def _part_config(config, prefix):
@@ -853,7 +868,8 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     that BN's backward themselves, and it is returned in the partials' place.
     residual: a gradient of the same input from another of its consumers,
     added in.  out_mask = (y, act, slope): the input is y = act(BN(grad_out.x)
-    + r), as stored; dx leaves as dx·act'(y) (grad_out's act must be None).
+    + r), as stored (or only y > 0, as norm.relu_bits holds it); dx leaves as
+    dx·act'(y) (grad_out's act must be None).
     Otherwise returns None.  config: a tuned
     {d_BLOCK_*, d_STAGES, w_BLOCK_*, w_STAGES, num_warps} (tuning.py); only
     ("d" or "w", for the tuner): launch that part alone."""
@@ -895,7 +911,7 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
 def _transpose_site(x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None, out_mask=None,
                     merge=None):
     return (x, weight, out), _flags(bias=bias is not None, gin=_grad_in_flag(grad_in), gout=grad_out is not None,
-                                    res=residual is not None, mask=out_mask is not None and 1 + ACT_CODES[out_mask[1]],
+                                    res=residual is not None, mask=_mask_flag(out_mask),
                                     merge=merge is not None)
 
 
@@ -932,12 +948,15 @@ def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_
         mptrs = (rt.counters(x.device, merge_counters(grid, BM)), *norm.bn_sums_operands(merge, out))
         mmeta = dict(MERGE=True, OUT_AFFINE=merge.dgamma is not None, OUT_TRAIN=merge.train,
                      OUT_CBIAS=merge.dcbias is not None)
+    bits = _mask_bits(out_mask)
     args = (x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx, fy, *mptrs,
             N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
-            *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides, *fy.stride())
+            *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides,
+            *((0, 0, 0, 0) if bits else fy.stride()))
     meta = dict(ACC=rt.acc(x), HAS_SHIFT=bias is not None, HAS_RES=residual is not None,
                 **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
-                **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact], **mmeta,
+                **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact],
+                MASK_BITS=bits, **mmeta,
                 IN_ACTG=_actg(grad_in),
                 IDX64=rt.needs_int64(x, weight, out, r, fy, *(b[0] for b in (grad_in, grad_out) if b is not None)),
                 PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=config.get("STAGES", 3))

@@ -240,17 +240,21 @@ CHANNEL_AFFINE = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, center_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, res_center_ptr, res_scale_ptr, res_shift_ptr,
+    x_ptr, center_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, res_center_ptr, res_scale_ptr, res_shift_ptr, bits_ptr,
     # sizes
     N, C, H, W, slope,
     # strides
     sxn, sxc, sxh, sxw, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
     ACC: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_RES: tl.constexpr, RES_BN: tl.constexpr,
-    RES_CENTER: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RES_CENTER: tl.constexpr, ACT: tl.constexpr, BITS: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # RES_BN: the residual is a conv output whose own BN (a downsample's) was
     # deferred to here: normalised as it is loaded, never stored normalised.
+    # BITS (a relu or leaky relu): also y > 0 as stored, one bit per channel,
+    # 8 channels a byte (bits[pixel, c // 8], bit c % 8; C a multiple of 8):
+    # all a consumer's dgrad needs of y for act', at 1/32 of y's fp32 bytes.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if IDX64:
@@ -269,8 +273,14 @@ def $NAME(
             r = bn_act_prologue(r, mask, offs_c, c_mask, res_center_ptr, res_scale_ptr, res_shift_ptr, RES_CENTER,
                                 0, slope, ACC)
         y = y + r.to(ACC)
-    y = activation(y, ACT, slope)
-    tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
+    y = activation(y, ACT, slope).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y, mask=mask)
+    if BITS:
+        pos = tl.reshape((y > 0.0).to(tl.int32), (BLOCK_M, BLOCK_C // 8, 8))
+        byte = tl.sum(pos << tl.arange(0, 8)[None, None, :], axis=2)
+        offs_b = tl.program_id(1) * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
+        tl.store(bits_ptr + offs_m[:, None] * (C // 8) + offs_b[None, :], byte.to(tl.uint8),
+                 mask=(offs_m < N * H * W)[:, None] & (offs_b < C // 8)[None, :])
 '''
 
 # PyTorch's LocalResponseNorm: b_c = a_c / (k + alpha/size · Σ a_j²)^beta over
@@ -698,10 +708,20 @@ def bn_fold(rt, kernel, bn, rstd, scale, shift, conv_bias=None):
               C, float(bn.eps), ACC=rt.acc(scale), AFFINE=bn.affine, CONV_BIAS=conv_bias is not None, BLOCK_C=bc)
 
 
+def relu_bits(out4, act):
+    """The buffer channel_affine's BITS fills with act(...) > 0 for out4, or
+    None where the activation needs more than its sign or C is no multiple of 8."""
+    N, C, H, W = out4.shape
+    if act not in ("relu", "leaky_relu") or C % 8:
+        return None
+    return torch.empty((N * H * W, C // 8), device=out4.device, dtype=torch.uint8)
+
+
 def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None, slope=0.01, center=None,
-                   res_affine=None):
+                   res_affine=None, bits=None):
     """out = act((x − center)·scale + shift [+ residual]); res_affine = (center
-    or None, scale, shift): the residual normalised the same way as it is loaded."""
+    or None, scale, shift): the residual normalised the same way as it is
+    loaded.  bits (relu_bits'): out > 0 is also stored there, a bit a channel."""
     N, C, H, W = x4.shape
     bm, bc = _tiles(N * H * W, C, rt.gpu_tiles(x4))
     if rt.gpu_tiles(x4) and res_affine is not None:
@@ -710,9 +730,10 @@ def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None,
     rc, rs, rh = res_affine if res_affine is not None else (None, scale, shift)
     rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)),
               x4, center if center is not None else scale, scale, shift, r, out4, rc if rc is not None else rs, rs, rh,
+              bits if bits is not None else out4,
               N, C, H, W, float(slope), *x4.stride(), *r.stride(), *out4.stride(), ACC=rt.acc(x4),
               HAS_CENTER=center is not None, HAS_RES=residual4 is not None, RES_BN=res_affine is not None,
-              RES_CENTER=rc is not None, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, r),
+              RES_CENTER=rc is not None, ACT=ACT_CODES[act], BITS=bits is not None, IDX64=rt.needs_int64(x4, out4, r),
               BLOCK_M=bm, BLOCK_C=bc)
 
 
