@@ -35,8 +35,8 @@ class Compiles:
     """What launches made inside `parallel`: each launch's kernel, compiled
     (the JIT held it already) or a future of it (sent to the pool)."""
 
-    def __init__(self, launched, mode):
-        self.launched, self.mode = launched, mode
+    def __init__(self, launched):
+        self.launched = launched
 
     @property
     def submitted(self) -> int:
@@ -92,7 +92,7 @@ def parallel(jobs: int | None = None, ignore_errors: bool = False):
 
     with _parses_in_turn(), ThreadPoolExecutor(jobs or default_jobs(), thread_name_prefix="netdsl-compile") as pool, \
             triton.AsyncCompileMode(pool, ignore_errors=ignore_errors) as mode, rt.compile_only(mode) as launched:
-        yield Compiles(launched, mode)
+        yield Compiles(launched)
 
 
 def compile_step(module, x, train: bool = True, jobs: int | None = None) -> Compiles:

@@ -170,10 +170,10 @@ _compile_only = None
 
 
 @contextlib.contextmanager
-def compile_only(mode=None):
+def compile_only(mode):
     """Launches inside the block, from any thread, compile their kernels
     (Triton's JIT, for its active driver's GPU) and run nothing; yields the
-    list of what each returned.  mode: a triton.AsyncCompileMode whose pool
+    list of what each returned.  mode: the triton.AsyncCompileMode whose pool
     takes the compiles.  What is computed is garbage: nothing may read it
     (parallel_compile.py)."""
     global _compile_only
@@ -186,12 +186,10 @@ def compile_only(mode=None):
 
 def _warmup(kernel, grid, args, meta, mode):
     """Compile (or find) what this launch would run: the launch's own specialisation."""
-    try:
-        from triton.runtime._async_compile import active_mode
-    except ImportError:  # a Triton without AsyncCompileMode: each compiles here, in turn
-        return kernel.warmup(*args, grid=grid, **meta)
+    from triton.runtime._async_compile import active_mode  # (every Triton netdsl supports, 3.6 on, has it)
+
     # the mode is a context variable, which a thread autograd started has never seen
-    token = active_mode.set(mode) if mode is not None and active_mode.get() is None else None
+    token = active_mode.set(mode) if active_mode.get() is None else None
     try:
         return kernel.warmup(*args, grid=grid, **meta)
     finally:
