@@ -39,17 +39,11 @@ OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options, not constexp
 def signatures(module, x, train: bool = False, backward: bool = False):
     """Distinct (kernel, signature, meta) that one forward (with backward: one
     training step, forward and backward) launches; meta holds the constexprs
-    and the launch options (num_warps, num_stages)."""
-    module.train(train)
+    and the launch options (num_warps, num_stages).  With backward the input
+    needs a gradient too, so a first conv's dgrad is among them.  Planned
+    launches compute nothing, and the module is left as it was (rt.one_step)."""
     with rt.plan_launches() as plan:
-        if backward:
-            with torch.enable_grad():
-                y = module(x.detach().requires_grad_())
-                y.backward(torch.empty_like(y))  # planned launches compute nothing: any gradient will do
-            module.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                module(x)
+        rt.one_step(module, x.detach().requires_grad_() if backward else x, train, backward)
     seen, out = set(), []
     for kernel, args, meta in plan:
         names = kernel.arg_names

@@ -22,8 +22,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from . import runtime as rt
 
 
@@ -98,30 +96,12 @@ def parallel(jobs: int | None = None, ignore_errors: bool = False):
 def compile_step(module, x, train: bool = True, jobs: int | None = None) -> Compiles:
     """Compile every kernel one step of module on x launches (train: a
     training step, forward and backward; else inference), whatever device x
-    is on (Triton compiles for its active driver's GPU)."""
-    was = module.training
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = [p.grad for p in params]
-    dropout_calls = rt._dropout_calls
-    module.train(train)
-    try:
-        with parallel(jobs) as compiles:
-            if train:
-                with torch.enable_grad():
-                    for p in params:  # (a backward would add into them)
-                        p.grad = None
-                    y = module(x)
-                    if y.requires_grad:  # (a network with nothing to train has no backward)
-                        y.backward(torch.empty_like(y))  # nothing is computed: any gradient will do
-            else:
-                with torch.no_grad():
-                    module(x)
-        return compiles
-    finally:
-        for p, g in zip(params, grads):
-            p.grad = g
-        rt._dropout_calls = dropout_calls  # the real first step draws what it would have drawn
-        module.train(was)
+    is on (Triton compiles for its active driver's GPU).  Nothing is
+    computed, so any output gradient will do, and nothing the step touches
+    changes (rt.one_step)."""
+    with parallel(jobs) as compiles:
+        rt.one_step(module, x, train)
+    return compiles
 
 
 def precompile(module, x, *, train: bool = True, jobs: int | None = None) -> int:

@@ -197,6 +197,40 @@ def _warmup(kernel, grid, args, meta, mode):
             active_mode.reset(token)
 
 
+def one_step(module, x, train: bool = True, backward: bool | None = None, out_grad=torch.empty_like,
+             keep_state: bool = False):
+    """One step of module on x that leaves no trace: a forward in train or
+    eval mode, and with backward (default: train) the backward of
+    out_grad(y).  Afterwards the module's mode, its parameters' gradients and
+    the dropout stream are as they were; with keep_state its state_dict too
+    (where kernels ran, the running statistics moved).  For the callers that
+    plan, compile or record a step (aot, parallel_compile, tune)."""
+    global _dropout_calls
+    was, calls = module.training, _dropout_calls
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    state = {k: v.clone() for k, v in module.state_dict().items()} if keep_state else None
+    module.train(train)
+    try:
+        if train if backward is None else backward:
+            with torch.enable_grad():
+                for p in params:  # (a backward would add into them)
+                    p.grad = None
+                y = module(x)
+                if y.requires_grad:  # (a network with nothing to train has no backward)
+                    y.backward(out_grad(y))
+        else:
+            with torch.no_grad():
+                module(x)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+        _dropout_calls = calls  # the real next step draws what it would have drawn
+        if state is not None:
+            module.load_state_dict(state)
+        module.train(was)
+
+
 def dry() -> bool:
     """True while launches compute nothing (planned, or compiled only)."""
     return getattr(_local, "plan", None) is not None or _compile_only is not None

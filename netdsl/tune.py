@@ -25,7 +25,6 @@ Timing uses `triton.testing.do_bench` (CUDA events, median).  Without a GPU
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import time
 import warnings
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import parallel_compile, tuning
+from . import runtime as rt
 from .kernels.conv import _pow2
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a conv forward: output pixels × output channels × input
@@ -204,23 +204,10 @@ def _agree(site, ref, got, ref_out, got_out) -> str | None:
 
 def record(module, x, train: bool = True) -> list[tuning.Site]:
     """The tunable launches of one forward (train: and backward, with a random
-    output gradient), their inputs copied; the module's state is put back."""
-    state = copy.deepcopy(module.state_dict())
-    was = module.training
-    module.train(train)
-    try:
-        with tuning.recording() as rec:
-            if train:
-                with torch.enable_grad():
-                    y = module(x)
-                    y.backward(torch.randn_like(y))
-            else:
-                with torch.no_grad():
-                    module(x)
-    finally:
-        module.load_state_dict(state)
-        module.zero_grad(set_to_none=True)
-        module.train(was)
+    output gradient), their inputs copied; the module's state, its
+    parameters' gradients and its mode are put back (rt.one_step)."""
+    with tuning.recording() as rec:
+        rt.one_step(module, x, train, out_grad=torch.randn_like, keep_state=True)
     return list(rec.sites.values())
 
 

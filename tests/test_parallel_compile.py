@@ -92,7 +92,11 @@ def test_one_dry_step_compiles_every_kernel_the_step_launches(tiny, train):
         assert any(nm.startswith("conv_backward") for nm in names)
 
 
-def test_a_dry_step_leaves_the_module_its_gradients_and_dropout_as_they_were(tiny):
+@pytest.mark.parametrize("step", ["compile", "plan", "record"])
+def test_a_dry_step_leaves_the_module_its_gradients_and_dropout_as_they_were(tiny, step):
+    """What compiles a step ahead (parallel_compile), plans one (aot) or records
+    one for the tuner (tune.record, whose kernels run: the running statistics
+    move) leaves the module as it found it (rt.one_step)."""
     x = torch.randn(4, 3, 8, 8)
     for p in tiny.parameters():
         p.grad = torch.randn_like(p)
@@ -100,8 +104,13 @@ def test_a_dry_step_leaves_the_module_its_gradients_and_dropout_as_they_were(tin
     state = copy.deepcopy(tiny.state_dict())
     calls = rt._dropout_calls
     tiny.eval()
-    with aot.jit_target(90):
-        P.compile_step(tiny, x, train=True, jobs=2)
+    if step == "compile":
+        with aot.jit_target(90):
+            P.compile_step(tiny, x, train=True, jobs=2)
+    elif step == "plan":
+        assert aot.signatures(tiny, x, train=True, backward=True)
+    else:
+        assert T.record(tiny, x)
     assert not tiny.training  # (the mode it was in)
     assert rt._dropout_calls == calls
     for k, v in tiny.state_dict().items():
