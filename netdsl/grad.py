@@ -225,12 +225,29 @@ class _BlockOut:
     applies it as its dgrad and wgrad load g: no reduction pass over dy."""
 
     __slots__ = ("raw", "bn", "act", "slope", "batch_stats", "mean", "rstd", "back", "task", "g", "dgamma", "dbeta",
-                 "bits")
+                 "bits", "pending")
 
     def __init__(self, raw4, bn, act, slope, batch_stats, mean, rstd, conv_bias, bits=None):
         self.raw, self.bn, self.act, self.slope, self.batch_stats = raw4, bn, act, slope, batch_stats
         self.mean, self.rstd, self.back, self.bits = mean, rstd, _Back(conv_bias), bits
-        self.task = self.g = self.dgamma = self.dbeta = None
+        self.task = self.g = self.dgamma = self.dbeta = self.pending = None
+
+    # pending = (center, scale, shift, residual, res_affine, y): y is not written yet.  Its next conv (a 1×1,
+    # stride 1) makes it as it loads raw and stores it (conv.BlockInput), instead of an apply kernel here.
+
+    def block_input(self):
+        """(the prologue, the conv.BlockInput) for the conv that makes y; y counts as written from then on."""
+        center, scale, shift, residual, res_affine, y = self.pending
+        self.pending = None
+        return (center, scale, shift, self.act, self.slope), _conv.BlockInput(residual, res_affine, rt.as4d(y),
+                                                                           self.bits)
+
+    def materialize(self, K):
+        """Write y with an apply kernel after all: a consumer that cannot make it came first."""
+        center, scale, shift, residual, res_affine, y = self.pending
+        self.pending = None
+        _norm.channel_affine(_rt, K.channel_affine, self.raw, scale, shift, rt.as4d(y), residual, self.act,
+                             self.slope, center=center, res_affine=res_affine, bits=self.bits)
 
     def bn_grad(self, coef=None):
         """The BN's backward on g (act' already in it)."""
@@ -258,7 +275,7 @@ class ConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, in_weight, in_bias, res_weight, res_bias, spec):
-        K, kernel, layer, bn, act, slope, out_shape, defer, inp, rdef, into = spec
+        K, kernel, layer, bn, act, slope, out_shape, defer, inp, rdef, into, leave, made = spec
         linear = isinstance(layer, torch.nn.Linear)
         x4 = rt.as4d(x)
         w4 = weight.view(*weight.shape, 1, 1) if linear else weight
@@ -271,6 +288,9 @@ class ConvFn(torch.autograd.Function):
             kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         if inp is not None:
             kw["prologue"] = inp.prologue()
+        if made is not None:  # x is a residual block's output, made (and stored) here as it is loaded
+            kw["prologue"], kw["block"] = made.block_input()
+            x4 = made.raw
         out4, res4 = rt.as4d(out), rt.as4d(residual) if residual is not None else None
         raw = mean = rstd = block = None
         if bn is None:
@@ -292,11 +312,19 @@ class ConvFn(torch.autograd.Function):
             else:
                 # a residual block's output: its act' for the consumers' backward as sign bits (see _BlockOut)
                 bits = _norm.relu_bits(out4, act) if residual is not None and not linear else None
-                mean, rstd, batch_stats = _BN.forward(
-                    K, bn, raw4, out4, res4, act, slope, partials,
-                    res_affine=(rdef.center, rdef.scale, rdef.shift) if rdef is not None else None, bits=bits)
+                res_affine = (rdef.center, rdef.scale, rdef.shift) if rdef is not None else None
+                leave = leave and residual is not None and not linear
+                if leave:  # the statistics only: the next conv makes the output as it loads (_BlockOut.pending)
+                    scale, shift, center, rstd = rt._bn_scale_shift(
+                        K, bn, raw4, batch_stats, cache=False, partials=partials if batch_stats else None)
+                    mean = center if batch_stats else bn.running_mean
+                else:
+                    mean, rstd, batch_stats = _BN.forward(K, bn, raw4, out4, res4, act, slope, partials,
+                                                          res_affine=res_affine, bits=bits)
                 if not linear:  # for a forked output's last consumer: see _BlockOut
                     block = _BlockOut(raw4, bn, act, slope, batch_stats, mean, rstd, layer.bias, bits)
+                    if leave:
+                        block.pending = (center, scale, shift, res4, res_affine, out.detach())
                     out._netdsl_block = block
             ctx.stats = batch_stats
         ctx.block = block

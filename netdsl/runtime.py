@@ -420,8 +420,24 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=No
     return scale, shift, None, rstd
 
 
+def _pending_block(x):
+    """The _BlockOut of x (or of the tensor x aliases through a fork) whose output is not written yet."""
+    fork = _grad._fork_of(x)
+    block = fork.block if fork is not None else getattr(x, "_netdsl_block", None)
+    return block if block is not None and block.pending is not None else None
+
+
+def _makes_block(layer, x):
+    """Can this conv make its input, a residual block's output, as it loads it (conv2d's block)?"""
+    dev = x.device.type
+    casts = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype
+    return (isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1)
+            and tuple(layer.padding) == (0, 0) and tuple(layer.dilation) == (1, 1) and layer.groups == 1
+            and not casts)
+
+
 def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, defer=False, into=None,
-         at=""):
+         leave=False, at=""):
     """conv [+ BN] [+ residual] [+ act].  Eval: one kernel, BN folded into the
     epilogue.  Training: the conv (whose epilogue leaves per-tile sums), BN
     statistics merged from those sums, then one apply kernel.  defer (the
@@ -429,7 +445,10 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     Deferred whose BN + act the consumer conv applies as it loads.  x may be
     such a Deferred.  into = (buffer, c0) (the autograd forward, a
     concatenation's part): the output is stored in the buffer's channels from
-    c0 on, where the concatenation finds it in place."""
+    c0 on, where the concatenation finds it in place.  leave (the autograd
+    forward, a residual block's last conv whose output's first consumer is a
+    1×1 stride-1 conv): no apply kernel; that conv makes the output as it
+    loads this conv's (conv2d's block), and stores it."""
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     N = x.shape[0]
@@ -438,6 +457,10 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     inp = x if isinstance(x, _grad.Deferred) else None
     if inp is not None:
         x = inp.raw
+    made = _pending_block(x) if inp is None else None
+    if made is not None and not _makes_block(layer, x):
+        made.materialize(K)  # (a consumer that cannot make it: the apply kernel after all)
+        made = None
     # a downsample's conv output, its BN deferred into this conv's residual add
     rdef = residual if isinstance(residual, _grad.Deferred) else None
     if rdef is not None:
@@ -457,7 +480,7 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
                                residual, in_bn.weight if in_bn else None, in_bn.bias if in_bn else None,
                                res_bn.weight if res_bn else None, res_bn.bias if res_bn else None,
                                (K, kernel, layer, bn, act, slope, (N, layer.out_channels, Ho, Wo), held, inp, rdef,
-                                into))
+                                into, leave, made))
         if held is None:
             return y
         held.raw = y
@@ -509,7 +532,7 @@ def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
         _no_out(out)
         return _grad.ConvFn.apply(x, weight, layer.bias, None, None, None, None, None, None, None,
                                   (K, kernel, layer, None, act, slope, (x.shape[0], layer.out_features), None, None,
-                                   None, None))
+                                   None, None, False, None))
     if out is None:
         out = torch.empty((x.shape[0], layer.out_features), device=x.device, dtype=x.dtype)
     w4 = weight.view(layer.out_features, layer.in_features, 1, 1)

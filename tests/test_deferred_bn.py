@@ -39,15 +39,20 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     assert sum(k.fn.__name__.startswith("conv_backward") for k, _, _ in launches) == 54
     launches = parts(launches)
     names = [k.fn.__name__ for k, _, _ in launches]
-    # 53 conv+BN layers, 37 deferred (36 into a conv, the stem's into the max pool): 16 apply kernels (4
-    # normalise their residual as they load it); every BN takes its statistics from its conv's epilogue, merged
-    # by the conv's last programs: no bn_stats launch
-    assert names.count("channel_affine") == 16 and names.count("bn_stats") == 0
+    # 53 conv+BN layers, 37 deferred (36 into a conv, the stem's into the max pool), 16 block outputs: 12 made
+    # by the next block's conv1 as it loads (an identity shortcut follows; 4 of them normalise their residual,
+    # a downsample's, as they load it), and 4 apply kernels (a downsampling block or the pool follows); every BN
+    # takes its statistics from its conv's epilogue, merged by the conv's last programs: no bn_stats launch
+    assert names.count("channel_affine") == 4 and names.count("bn_stats") == 0
+    assert "leave=True" in train_src and train_src.count("leave=True") == 12
+    made = [meta for k, _, meta in launches if meta.get("IN_RES")]
+    assert len(made) == 12 and all(meta["IN_ACT"] == 1 for meta in made)  # (the block's relu)
+    assert sum(bool(meta["IN_RES_BN"]) for meta in made) == 4 and all(meta["IN_BITS"] for meta in made)
     assert [bool(meta["IN_BN"]) for k, _, meta in launches if k.fn.__name__.startswith("maxpool")] == [True]
-    assert sum(bool(meta.get("RES_BN")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 4
+    assert sum(bool(meta.get("RES_BN")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 0
     assert sum(bool(meta.get("STATS")) for _, _, meta in launches) == 53
     assert sum(bool(meta.get("MERGE")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 53
-    assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 32
+    assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 32 + 12
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 32
     # backward: each deferred BN's sums come from its consumer's dgrad epilogue (channel_grad merges them),
     # and its apply rides in its producer's dgrad and wgrad.  So do 15 bn3s' (the block's output feeds the next
@@ -62,7 +67,7 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     assert len(flagged["OUT_MASK"]) == 15 and set(flagged["OUT_MASK"]) <= set(flagged["OUT_BNG"])
     # ... reading only the sign bits of that output, which the block's last apply kernel stored beside it
     assert sum(bool(meta.get("MASK_BITS")) for _, _, meta in launches) == 15
-    assert sum(bool(meta.get("BITS")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 16
+    assert sum(bool(meta.get("BITS")) for k, _, meta in launches if k.fn.__name__ == "channel_affine") == 4
     assert [n for n in flagged["OUT_BNG"] if not n.startswith("conv_dgrad")] == ["pool_backward__maxpool"]
     assert all(n.startswith("conv_dgrad") for n in flagged["IN_BNG"])
     assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])
@@ -274,3 +279,112 @@ def test_pool_deferred_batch_norm_compiles_for_sm90_and_sm80_without_spills(tmp_
                 assert info["registers"] and info["spill_stores"] == 0 and info["spill_loads"] == 0, \
                     (name, arch, info)
     assert len([n for n in names if n.startswith("pool_backward")]) == 4, names  # (one per pool: each geometry its own)
+
+
+BOTTLENECKS = """block B(c, w, stride = 1) {
+    residual {
+        conv(w, 1, bias=false) -> bn -> relu
+        conv(w, 3, stride=stride, padding=1, bias=false) -> bn -> relu
+        conv(c, 1, bias=false) -> bn
+    } shortcut sc: if stride != 1 { conv(c, 1, stride=stride, bias=false) -> bn }
+    relu
+}
+block Basic(c) {
+    residual { conv(c, 3, padding=1, bias=false) -> bn -> relu -> conv(c, 3, padding=1, bias=false) -> bn }
+    relu
+}
+net N input(16, 8, 8) {
+    B(16, 8)
+    B(16, 8)
+    B(16, 8, 2)
+    B(16, 4)
+    Basic(16)
+    flatten
+    linear(3)
+}
+"""
+
+
+def _bottlenecks(tmp_path):
+    p = tmp_path / "bottlenecks.net"
+    p.write_text(BOTTLENECKS)
+    return str(p)
+
+
+def test_a_block_output_is_made_by_the_next_blocks_first_conv(tmp_path):
+    """A residual block's output act(BN(conv3) + shortcut), where the next block
+    has an identity shortcut and starts with a 1×1 stride-1 conv: that conv
+    makes it as it loads conv3's output (normalising the residual too where
+    it is a downsample's conv output) and stores it, with its relu bits, for
+    the shortcut and for backward.  Not where a downsampling block follows
+    (its shortcut conv reads the output first), nor into a 3×3 conv."""
+    tri, _ = twins(_bottlenecks(tmp_path), "N")
+    train_src, infer_src = _autograd_source(tri)
+    left = re.findall(r"self\.layer\('([\w.]+)'\), t\d+, bn=self\.layer\('[\w.]+'\), leave=True", train_src)
+    # blocks 1 and 3 (block 2 precedes a downsampling block, block 4 a 3×3 conv, the basic block the linear)
+    assert left == ["0.6", "2.6"] and "leave" not in infer_src, left
+    tri.train()
+    with rt.plan_launches() as launches:
+        y = tri(torch.randn(2, 16, 8, 8))
+        y.backward(torch.empty_like(y))
+    launches = parts(launches)
+    made = [(args, meta) for k, args, meta in launches if meta.get("IN_RES")]
+    # block 1's output (an identity shortcut); block 3's, whose shortcut is the downsample's conv output, its BN
+    # deferred: normalised as it is loaded
+    assert [(bool(meta["IN_RES_BN"]), bool(meta["IN_BITS"])) for _, meta in made] == [(False, True), (True, True)]
+    assert [meta["IN_ACT"] for _, meta in made] == [1, 1]
+    # the apply kernels left: blocks 2, 4 and the basic block's
+    applies = [meta for k, _, meta in launches if k.fn.__name__ == "channel_affine"]
+    assert len(applies) == 3, len(applies)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["made", "materialized"])
+def test_a_block_output_made_by_the_next_conv_matches_torch(tmp_path, monkeypatch, fallback):
+    """Outputs, running statistics and gradients against torch, train and eval
+    (frozen statistics); "materialized": the next conv declines to make the
+    output (as one under an autocast dtype change would), so the apply kernel
+    writes it after all, just before that conv runs."""
+    if fallback:
+        monkeypatch.setattr(rt, "_makes_block", lambda layer, x: False)
+    tri, ref = twins(_bottlenecks(tmp_path), "N")
+    x = torch.randn(3, 16, 8, 8)
+    tri.train()
+    with rt.plan_launches() as launches:
+        y = tri(x)
+        y.backward(torch.empty_like(y))
+    assert sum(bool(meta.get("IN_RES")) for _, _, meta in launches) == (0 if fallback else 2)
+    assert sum(k.fn.__name__ == "channel_affine" for k, _, _ in launches) == (5 if fallback else 3)
+    compare(tri, ref, x)
+    grad_compare(tri, ref, x)
+
+
+def test_a_block_output_made_by_the_next_conv_under_autocast(tmp_path):
+    """fp16 under autocast (the interpreter has no bf16): the output is made
+    in the conv's dtype, as the apply kernel would have stored it."""
+    tri, ref = twins(_bottlenecks(tmp_path), "N")
+    x = torch.randn(4, 16, 8, 8)
+    outs = []
+    for m in (tri, ref):
+        m.train()
+        with torch.autocast("cpu", dtype=torch.float16):
+            outs.append(m(x))
+    assert outs[0].dtype == outs[1].dtype == torch.float16
+    assert (outs[0].float() - outs[1].float()).abs().max() / outs[1].float().abs().max() < 1e-2
+    with rt.plan_launches() as launches, torch.autocast("cpu", dtype=torch.float16):
+        tri(x)
+    assert sum(bool(meta.get("IN_RES")) for _, _, meta in launches) == 2
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_conv_that_makes_a_block_output_compiles_for_sm90_and_sm80_without_spills(tmp_path, bf16):
+    from netdsl import aot
+
+    m = netdsl.build(_bottlenecks(tmp_path), "N")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        variants = [v for v in aot.signatures(m, torch.randn(16, 16, 8, 8), train=True, backward=True)
+                    if v[2].get("IN_RES")]
+    assert variants
+    for kernel, sig, meta in variants:
+        for arch in (90, 80):
+            info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
+            assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)

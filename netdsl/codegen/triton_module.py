@@ -175,6 +175,7 @@ class _Forward:
         self.count = 0
         self.residual: list[str] = []  # shortcut tensors awaiting a fused epilogue
         self.defer = False  # the next fused conv leaves its BN + act to its consumer conv
+        self.leave = False  # the next residual block's last conv leaves its output to the next block's conv1
         self.into: tuple | None = None  # (a Fused conv, "buffer, c0"): it stores its output in a concat's buffer
 
     def var(self) -> str:
@@ -205,8 +206,11 @@ class _Forward:
             return self._into(x, out)
         for item, nxt in zip(node.items, node.items[1:]):
             self.defer = self._can_defer(item, nxt)
+            leave = self._can_leave(item, nxt)
+            self.leave = self.leave or leave
             x = self.emit(item, x)
             self.defer = False
+            self.leave = self.leave and not leave
         self.defer = defer_last
         v = self.emit(node.items[-1], x, out)
         self.defer = False
@@ -223,6 +227,26 @@ class _Forward:
         if isinstance(nxt, ir.Layer) and nxt.op in ("maxpool", "avgpool"):
             return item.kind == "conv"  # (its backward's apply rides in the producing conv's dgrad and wgrad)
         return item.kind in ("conv", "bn") and isinstance(nxt, ir.Fused) and nxt.kind == "conv"
+
+    def _can_leave(self, item, nxt) -> bool:
+        """A residual block (its add and activation fused into its last conv's
+        BN apply) followed by one with an identity shortcut whose body starts
+        with a 1×1, stride-1 conv: that conv runs first of the output's
+        consumers, and makes the output as it loads the last conv's own
+        output, and stores it (autograd forward): no apply kernel writes it
+        and nothing reads it back for that conv."""
+        def fused_residual(j):
+            return isinstance(j, ir.Join) and j.kind == "residual" and j.fused
+
+        if not (self.autograd and fused_residual(item) and fused_residual(nxt)) or nxt.branches[1].items:
+            return False
+        end, first = item.branches[0].items[-1:], nxt.branches[0].items[:1]
+        if not (end and isinstance(end[0], ir.Fused) and end[0].kind == "conv" and end[0].bn is not None
+                and end[0].residual and first and isinstance(first[0], ir.Fused) and first[0].kind == "conv"):
+            return False
+        a = first[0].main.attrs
+        return (tuple(a["kernel_size"]) == (1, 1) and tuple(a["stride"]) == (1, 1) and tuple(a["padding"]) == (0, 0)
+                and tuple(a["dilation"]) == (1, 1) and a["groups"] == 1)
 
     def shortcut(self, short: ir.Seq, body: ir.Seq, x: str) -> str:
         """A fused residual's shortcut.  Where it ends in conv→BN (no act) and
@@ -270,6 +294,9 @@ class _Forward:
                 bn += ", defer=True"
             if self.into is not None and self.into[0] is f:
                 bn += f", into=({self.into[1]})"
+            if self.leave and f.residual and f.bn is not None:
+                bn += ", leave=True"
+                self.leave = False
             self.put(f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{self._out(out)}, at={at!r})")
         elif f.kind == "linear":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,

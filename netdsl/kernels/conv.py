@@ -98,17 +98,27 @@ def $NAME(
     # pointers
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, psum_ptr, pm2_ptr, in_center_ptr, in_scale_ptr, in_shift_ptr,
     count_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, bn_scale_ptr, bn_shift_ptr,
+    ir_ptr, ir_center_ptr, ir_scale_ptr, ir_shift_ptr, io_ptr, io_bits_ptr,
     # sizes
     N, H, W, C_in, Ho, Wo, C_out, slope, in_slope, eps, momentum,
     # strides
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
+    sirn, sirc, sirh, sirw, sion, sioc, sioh, siow,
     # meta-parameters
     ACC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     STATS: tl.constexpr, MERGE: tl.constexpr, BN_AFFINE: tl.constexpr, BN_TRACK: tl.constexpr,
     IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
+    IN_RES: tl.constexpr, IN_RES_BN: tl.constexpr, IN_RES_CENTER: tl.constexpr, IN_BITS: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # IN_RES (with IN_BN; a 1×1, stride-1 conv): x is a residual block's raw
+    # conv output, and the block's output act(BN(x) + ir) is made here as it
+    # is loaded (ir normalised too with IN_RES_BN, a downsample's deferred
+    # BN); the programs of the first column also store it in io (and with
+    # IN_BITS its sign bits, as norm.CHANNEL_AFFINE's BITS), for the block's
+    # other consumers and for backward, so no apply kernel writes it and
+    # nothing reads it back for this conv
     $GEOMETRY
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -142,7 +152,26 @@ def $NAME(
         a_mask = pix_ok[:, None] & k_mask[None, :]
         a = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (g * cin_g + offs_k)[None, :] * sxc,
                     mask=a_mask, other=0.0)
-        if IN_BN:
+        if IN_RES:
+            # (1×1, stride 1: ih, iw are oh, ow and offs_m the input pixel; one group)
+            a = bn_act_prologue(a, a_mask, offs_k, k_mask, in_center_ptr, in_scale_ptr, in_shift_ptr, IN_CENTER, 0,
+                                in_slope, ACC)
+            r = tl.load(ir_ptr + (n * sirn + ih * sirh + iw * sirw)[:, None] + offs_k[None, :] * sirc, mask=a_mask,
+                        other=0.0)
+            if IN_RES_BN:
+                r = bn_act_prologue(r, a_mask, offs_k, k_mask, ir_center_ptr, ir_scale_ptr, ir_shift_ptr,
+                                    IN_RES_CENTER, 0, in_slope, ACC)
+            a = tl.where(a_mask, activation(a + r.to(ACC), IN_ACT, in_slope), 0.0).to(x_ptr.dtype.element_ty)
+            if pid_n == 0:
+                tl.store(io_ptr + (n * sion + ih * sioh + iw * siow)[:, None] + offs_k[None, :] * sioc, a,
+                         mask=a_mask)
+                if IN_BITS:
+                    pos = tl.reshape((a > 0.0).to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8))
+                    byte = tl.sum(pos << tl.arange(0, 8)[None, None, :], axis=2)
+                    offs_b = c0 // 8 + tl.arange(0, BLOCK_K // 8)
+                    tl.store(io_bits_ptr + offs_m[:, None] * (C_in // 8) + offs_b[None, :], byte.to(tl.uint8),
+                             mask=m_mask[:, None] & (offs_b < C_in // 8)[None, :])
+        elif IN_BN:
             a = bn_act_prologue(a, a_mask, g * cin_g + offs_k, k_mask, in_center_ptr, in_scale_ptr, in_shift_ptr,
                                 IN_CENTER, IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + co[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
@@ -616,10 +645,12 @@ def _flags(**named) -> str:
 
 
 def _conv_site(x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01, stride=(1, 1),
-               padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None):
+               padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None, block=None):
     return (x, weight, out), _flags(scale=scale is not None, shift=shift is not None, res=residual is not None,
                                     act=ACT_CODES[act], stats=stats, merge=merge is not None,
-                                    prologue=prologue is not None and 1 + ACT_CODES[prologue[3]])
+                                    prologue=prologue is not None and 1 + ACT_CODES[prologue[3]],
+                                    block=block is not None and 1 + (block.res_affine is not None)
+                                    + 2 * (block.bits is not None))
 
 
 def _config_options(rt, x, options, config):
@@ -632,7 +663,7 @@ def _config_options(rt, x, options, config):
 @tunable("conv", _conv_site)
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
            stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None,
-           config=None):
+           block=None, config=None):
     """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual).
     With stats, returns (out, (psum, pm2, tile)): the per-tile partial sums
     norm.bn_stats merges into batch statistics.  merge (with stats, a batch
@@ -640,7 +671,11 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     itself, and the second result is the norm.BatchStats (its running
     statistics are updated too).  prologue = (center, scale, shift, act,
     slope): x is a conv output whose batch norm and activation
-    act((x − center)·scale + shift) are applied as it is loaded.  config: a
+    act((x − center)·scale + shift) are applied as it is loaded.  block (a
+    BlockInput; with prologue, whose act is the block's, on a 1×1 stride-1
+    conv): x is a residual block's raw conv output and the block's output
+    act(BN(x) + residual) is made as x is loaded, and stored in block.out
+    (and its bits).  config: a
     tuned {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages} (tuning.py) over
     the defaults below; None: the tuned one for this shape, if any."""
     N, C_in, H, W = x.shape
@@ -662,6 +697,10 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
         ps = reduce_dtype(rt, x)
         psum, pm2 = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
     pptrs, pslope, pmeta = _prologue_args(prologue, dummy)
+    bptrs, bstrides, bmeta = _block_args(block, dummy)
+    if block is not None:
+        assert prologue is not None and (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) \
+            and groups == 1, "a block output is made only as a 1×1, stride-1 conv loads it"
     mptrs, mscalars, mmeta, merged = (dummy,) * 10, (0.0, 0.0), dict(BN_AFFINE=False, BN_TRACK=False), None
     if merge is not None:
         assert stats, "merging batch statistics needs the partials"
@@ -672,15 +711,38 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
         mmeta = dict(BN_AFFINE=bnmeta["AFFINE"], BN_TRACK=bnmeta["TRACK"])
     rt.launch(kernel, grid,
               x, weight, scale if scale is not None else dummy, shift if shift is not None else dummy, r, out,
-              psum, pm2, *pptrs, *mptrs, N, H, W, C_in, Ho, Wo, C_out, float(slope), pslope, *mscalars,
-              *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
+              psum, pm2, *pptrs, *mptrs, *bptrs, N, H, W, C_in, Ho, Wo, C_out, float(slope), pslope, *mscalars,
+              *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *bstrides,
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-              ACT=ACT_CODES[act], STATS=stats, MERGE=merge is not None, **mmeta, **pmeta,
+              ACT=ACT_CODES[act], STATS=stats, MERGE=merge is not None, **mmeta, **pmeta, **bmeta,
               IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
               ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **options)
     if not stats:
         return out
     return out, merged if merged is not None else (psum, pm2, BM)
+
+
+class BlockInput(NamedTuple):
+    """A residual block's output y = act(BN(x) + residual), left for its
+    next conv to make as it loads x (conv2d's block): the residual (a tensor),
+    res_affine (center or None, scale, shift: the residual's own deferred BN,
+    a downsample's) or None, out where y is stored, bits (norm.relu_bits) or None."""
+    residual: torch.Tensor
+    res_affine: object
+    out: torch.Tensor
+    bits: object
+
+
+def _block_args(block, dummy):
+    """(ir, ir center, scale, shift, io, io bits pointers), their strides, and the IN_RES constexprs."""
+    if block is None:
+        return (dummy,) * 6, (0,) * 8, dict(IN_RES=False, IN_RES_BN=False, IN_RES_CENTER=False, IN_BITS=False)
+    rc, rs, rh = block.res_affine if block.res_affine is not None else (None, dummy, dummy)
+    ptrs = (block.residual, rc if rc is not None else rs, rs, rh, block.out,
+            block.bits if block.bits is not None else dummy)
+    return ptrs, (*block.residual.stride(), *block.out.stride()), \
+        dict(IN_RES=True, IN_RES_BN=block.res_affine is not None, IN_RES_CENTER=rc is not None,
+             IN_BITS=block.bits is not None)
 
 
 def _prologue_args(prologue, dummy):
