@@ -485,6 +485,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
             return y
         held.raw = y
         return held
+    if made is not None:  # (no gradient wanted here after all: the plain kernels read x as it is)
+        made.materialize(K)
     if out is None:
         out = empty((N, layer.out_channels, Ho, Wo), x)
     kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
