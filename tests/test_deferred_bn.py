@@ -188,10 +188,14 @@ POOLED = """net P input(3, 12, 12) {
 """
 
 
-def _pooled(tmp_path):
-    p = tmp_path / "pooled.net"
-    p.write_text(POOLED)
+def _spec(tmp_path, text, name="n.net"):
+    p = tmp_path / name
+    p.write_text(text)
     return str(p)
+
+
+def _pooled(tmp_path):
+    return _spec(tmp_path, POOLED, "pooled.net")
 
 
 def test_a_pool_takes_its_producer_convs_batch_norm_and_activation(tmp_path):
@@ -306,9 +310,7 @@ net N input(16, 8, 8) {
 
 
 def _bottlenecks(tmp_path):
-    p = tmp_path / "bottlenecks.net"
-    p.write_text(BOTTLENECKS)
-    return str(p)
+    return _spec(tmp_path, BOTTLENECKS, "bottlenecks.net")
 
 
 def test_a_block_output_is_made_by_the_next_blocks_first_conv(tmp_path):
