@@ -116,7 +116,7 @@ def $NAME(
     # conv output, and the block's output act(BN(x) + ir) is made here as it
     # is loaded (ir normalised too with IN_RES_BN, a downsample's deferred
     # BN); the programs of the first column also store it in io (and with
-    # IN_BITS its sign bits, as norm.CHANNEL_AFFINE's BITS), for the block's
+    # IN_BITS its sign bits, store_sign_bits), for the block's
     # other consumers and for backward, so no apply kernel writes it and
     # nothing reads it back for this conv
     $GEOMETRY
@@ -166,11 +166,7 @@ def $NAME(
                 tl.store(io_ptr + (n * sion + ih * sioh + iw * siow)[:, None] + offs_k[None, :] * sioc, a,
                          mask=a_mask)
                 if IN_BITS:
-                    pos = tl.reshape((a > 0.0).to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8))
-                    byte = tl.sum(pos << tl.arange(0, 8)[None, None, :], axis=2)
-                    offs_b = c0 // 8 + tl.arange(0, BLOCK_K // 8)
-                    tl.store(io_bits_ptr + offs_m[:, None] * (C_in // 8) + offs_b[None, :], byte.to(tl.uint8),
-                             mask=m_mask[:, None] & (offs_b < C_in // 8)[None, :])
+                    store_sign_bits(io_bits_ptr, a, offs_m, m_mask, c0, C_in, BLOCK_M, BLOCK_K)
         elif IN_BN:
             a = bn_act_prologue(a, a_mask, g * cin_g + offs_k, k_mask, in_center_ptr, in_scale_ptr, in_shift_ptr,
                                 IN_CENTER, IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
@@ -393,7 +389,7 @@ CONV_TRANSPOSE_TILE = (
     # summed, the result is taken through act' (from oy) before it is stored,
     # and OUT_BNG's sums are those of that BN: its reduction pass is gone.
     # MASK_BITS (with OUT_MASK a relu or leaky relu): oy holds only y > 0, a
-    # bit per channel (norm.CHANNEL_AFFINE's BITS), not y itself.
+    # bit per channel (store_sign_bits), not y itself.
     # MERGE (with OUT_BNG): the programs also merge those sums, as CONV2D's
     # MERGE does its statistics, and the last merger finishes that BN's
     # backward (bn_grad_finish): its parameter gradients, and the

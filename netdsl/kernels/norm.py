@@ -236,6 +236,20 @@ def $NAME(
     tl.store(shift_ptr + offs, shift, mask=mask)
 '''
 
+# v > 0 for a tile of rows (pixels) × BLOCK_C channels from c0 on, one bit a
+# channel, 8 channels a byte: bits[pixel, c // 8] holds channel c at bit c % 8
+# (C a multiple of 8).  It is all a consumer's dgrad needs of a relu's (or a
+# leaky relu's) output for act', at 1/32 of its fp32 bytes.
+STORE_SIGN_BITS = r'''
+@triton.jit
+def $NAME(bits_ptr, v, offs_m, m_mask, c0, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pos = tl.reshape((v > 0.0).to(tl.int32), (BLOCK_M, BLOCK_C // 8, 8))
+    byte = tl.sum(pos << tl.arange(0, 8)[None, None, :], axis=2)
+    offs_b = c0 // 8 + tl.arange(0, BLOCK_C // 8)
+    tl.store(bits_ptr + offs_m[:, None] * (C // 8) + offs_b[None, :], byte.to(tl.uint8),
+             mask=m_mask[:, None] & (offs_b < C // 8)[None, :])
+'''
+
 CHANNEL_AFFINE = r'''
 @triton.jit
 def $NAME(
@@ -252,9 +266,7 @@ def $NAME(
 ):
     # RES_BN: the residual is a conv output whose own BN (a downsample's) was
     # deferred to here: normalised as it is loaded, never stored normalised.
-    # BITS (a relu or leaky relu): also y > 0 as stored, one bit per channel,
-    # 8 channels a byte (bits[pixel, c // 8], bit c % 8; C a multiple of 8):
-    # all a consumer's dgrad needs of y for act', at 1/32 of y's fp32 bytes.
+    # BITS (a relu or leaky relu): also y > 0 as stored (store_sign_bits).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if IDX64:
@@ -276,11 +288,7 @@ def $NAME(
     y = activation(y, ACT, slope).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + (n * syn + h * syh + w * syw)[:, None] + offs_c[None, :] * syc, y, mask=mask)
     if BITS:
-        pos = tl.reshape((y > 0.0).to(tl.int32), (BLOCK_M, BLOCK_C // 8, 8))
-        byte = tl.sum(pos << tl.arange(0, 8)[None, None, :], axis=2)
-        offs_b = tl.program_id(1) * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
-        tl.store(bits_ptr + offs_m[:, None] * (C // 8) + offs_b[None, :], byte.to(tl.uint8),
-                 mask=(offs_m < N * H * W)[:, None] & (offs_b < C // 8)[None, :])
+        store_sign_bits(bits_ptr, y, offs_m, offs_m < N * H * W, tl.program_id(1) * BLOCK_C, C, BLOCK_M, BLOCK_C)
 '''
 
 # PyTorch's LocalResponseNorm: b_c = a_c / (k + alpha/size · Σ a_j²)^beta over
