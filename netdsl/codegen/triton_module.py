@@ -200,18 +200,21 @@ class _Forward:
             return self.dense(node, x, out)
         raise AssertionError(type(node).__name__)
 
-    def seq(self, node: ir.Seq, x: str, out: str | None = None, defer_last: bool = False) -> str:
+    def seq(self, node: ir.Seq, x: str, out: str | None = None, defer_last: bool = False, after_first=None) -> str:
         """The items in order, each deferring its BN + act into the next where it can;
-        defer_last: the last one defers too (into whatever consumes the sequence)."""
+        defer_last: the last one defers too (into whatever consumes the sequence);
+        after_first: called once the first item is emitted (there are at least two)."""
         if not node.items:
             return self._into(x, out)
-        for item, nxt in zip(node.items, node.items[1:]):
+        for i, (item, nxt) in enumerate(zip(node.items, node.items[1:])):
             self.defer = self._can_defer(item, nxt)
             leave = self._can_leave(item, nxt)
             self.leave = self.leave or leave
             x = self.emit(item, x)
             self.defer = False
             self.leave = self.leave and not leave
+            if i == 0 and after_first is not None:
+                after_first()
         self.defer = defer_last
         v = self.emit(node.items[-1], x, out)
         self.defer = False
@@ -231,21 +234,29 @@ class _Forward:
 
     def _can_leave(self, item, nxt) -> bool:
         """A residual block (its add and activation fused into its last conv's
-        BN apply) followed by one with an identity shortcut whose body starts
-        with a 1×1, stride-1 conv: that conv runs first of the output's
-        consumers, and makes the output as it loads the last conv's own
-        output, and stores it (autograd forward): no apply kernel writes it
-        and nothing reads it back for that conv."""
-        def fused_residual(j):
-            return isinstance(j, ir.Join) and j.kind == "residual" and j.fused
+        BN apply) followed by one whose body starts with a 1×1, stride-1 conv
+        (_makes_input): that conv runs first of the output's consumers, before
+        a downsample shortcut too, and makes the output as it loads the last
+        conv's own output, and stores it (autograd forward): no apply kernel
+        writes it and nothing reads it back for that conv."""
+        if not (self.autograd and isinstance(item, ir.Join) and item.kind == "residual" and item.fused
+                and self._makes_input(nxt)):
+            return False
+        end = item.branches[0].items[-1:]
+        return bool(end and isinstance(end[0], ir.Fused) and end[0].kind == "conv" and end[0].bn is not None
+                    and end[0].residual)
 
-        if not (self.autograd and fused_residual(item) and fused_residual(nxt)) or nxt.branches[1].items:
+    @staticmethod
+    def _makes_input(j) -> bool:
+        """A fused residual block whose body starts with a 1×1, stride-1 conv
+        (rt._makes_block's) that another layer follows: the conv can make a
+        block output it is given as it loads it, and runs before the shortcut."""
+        if not (isinstance(j, ir.Join) and j.kind == "residual" and j.fused):
             return False
-        end, first = item.branches[0].items[-1:], nxt.branches[0].items[:1]
-        if not (end and isinstance(end[0], ir.Fused) and end[0].kind == "conv" and end[0].bn is not None
-                and end[0].residual and first and isinstance(first[0], ir.Fused) and first[0].kind == "conv"):
+        body = j.branches[0].items
+        if len(body) < 2 or not (isinstance(body[0], ir.Fused) and body[0].kind == "conv"):
             return False
-        a = first[0].main.attrs
+        a = body[0].main.attrs
         return (tuple(a["kernel_size"]) == (1, 1) and tuple(a["stride"]) == (1, 1) and tuple(a["padding"]) == (0, 0)
                 and tuple(a["dilation"]) == (1, 1) and a["groups"] == 1)
 
@@ -358,9 +369,16 @@ class _Forward:
         body, short = j.branches if j.kind == "residual" else (j.branches[0], None)
         xs = self.fork(x, len(j.branches))
         if j.fused:
-            s = self.shortcut(short, j.branches[0], xs[1]) if short.items else xs[1]
-            self.residual.append(s)
-            v = self.emit(body, xs[0], out)
+            if not short.items:
+                self.residual.append(xs[1])
+                v = self.emit(body, xs[0], out)
+            elif self.autograd and self._makes_input(j):
+                # conv1 first: where x is a block output left to it, conv1 makes it and the shortcut reads it
+                v = self.seq(body, xs[0], out, after_first=lambda: self.residual.append(
+                    self.shortcut(short, body, xs[1])))
+            else:
+                self.residual.append(self.shortcut(short, body, xs[1]))
+                v = self.emit(body, xs[0], out)
             self.residual.pop()
             return v
         outs = [self.emit(b, xi) for b, xi in zip(j.branches, xs)]
