@@ -124,6 +124,7 @@ def correctness(rows):
     # (the other ways of merging and of launching a conv's backward, checked below, have kernels of their own)
     precompiled(rows, label + " merge=0", tri, x, trains=(True,), env={"NETDSL_GRID_MERGE": "0"})
     precompiled(rows, label + " combo=0", tri, x, trains=(True,), env={"NETDSL_COMBO": "0"})
+    precompiled(rows, label + " wgrad_add=0", tri, x, trains=(True,), env={"NETDSL_WGRAD_ADD": "0"})
     for mode in ("eval", "train"):
         tri.train(mode == "train"), ref.train(mode == "train")
         with torch.no_grad():
@@ -136,17 +137,24 @@ def correctness(rows):
         return [p.grad.clone() for p in m.parameters()]
 
     theirs = grads(ref)
-    # the BN statistics and BN-backward sums, merged by each conv's (dgrad's) last
+    # the weight gradients some 1×1 convs' dgrads sum by atomic adds (the default): their last bits vary
+    ours, again = grads(tri), grads(tri)
+    rows.append(("check", f"{net} train grads worst rel err (wgrad adds)", max(rel(a, b) for a, b in zip(ours, theirs))))
+    rows.append(("check", f"{net} train grads repeat max abs diff (wgrad adds)",
+                 max((a - b).abs().max().item() for a, b in zip(again, ours))))
+    # without them, the BN statistics and BN-backward sums, merged by each conv's (dgrad's) last
     # programs (an atomic count per channel block), and by separate launches
+    os.environ["NETDSL_WGRAD_ADD"] = "0"
     for merge in ("1", "0"):
         os.environ["NETDSL_GRID_MERGE"] = merge
         ours = grads(tri)
-        rows.append(("check", f"{net} train grads worst rel err (merge={merge})",
+        rows.append(("check", f"{net} train grads worst rel err (merge={merge}, wgrad_add=0)",
                      max(rel(a, b) for a, b in zip(ours, theirs))))
         again = grads(tri)  # same inputs, same order of every sum: bit for bit
-        rows.append(("check", f"{net} train grads repeat max abs diff (merge={merge})",
+        rows.append(("check", f"{net} train grads repeat max abs diff (merge={merge}, wgrad_add=0)",
                      max((a - b).abs().max().item() for a, b in zip(again, ours))))
     os.environ.pop("NETDSL_GRID_MERGE")
+    os.environ.pop("NETDSL_WGRAD_ADD")
     # each conv's dgrad and wgrad in one launch (the default), and in one launch each
     os.environ["NETDSL_COMBO"] = "0"
     rows.append(("check", f"{net} train grads worst rel err (combo=0)",
@@ -221,6 +229,8 @@ def net_rows(rows, batch, compile_modes):
             dname = "fp32(tf32)" if dtype == torch.float32 else "bf16"
             precompiled(rows, f"{net} {dname} b{batch}", tri, x, dtype)
             precompiled(rows, f"{net} {dname} b{batch} combo=0", tri, x, dtype, (True,), {"NETDSL_COMBO": "0"})
+            precompiled(rows, f"{net} {dname} b{batch} wgrad_add=0", tri, x, dtype, (True,),
+                        {"NETDSL_WGRAD_ADD": "0"})
             if TUNED:
                 precompiled(rows, f"{net} {dname} b{batch} untuned", tri, x, dtype, env={"NETDSL_TUNED": "0"})
 
@@ -257,6 +267,9 @@ def net_rows(rows, batch, compile_modes):
             os.environ["NETDSL_COMBO"] = "0"  # each conv's dgrad and wgrad launched apart, to compare
             t["netdsl-combo0"] = timed(step(tri), reps=5)
             os.environ.pop("NETDSL_COMBO")
+            os.environ["NETDSL_WGRAD_ADD"] = "0"  # every weight gradient by its wgrad's programs, to compare
+            t["netdsl-add0"] = timed(step(tri), reps=5)
+            os.environ.pop("NETDSL_WGRAD_ADD")
             if TUNED:
                 t["netdsl-untuned"] = timed(untuned(step(tri)), reps=5)
             for cm in compile_modes:

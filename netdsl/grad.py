@@ -424,7 +424,8 @@ class ConvFn(torch.autograd.Function):
                 _rt, bw.backward, draw, w4, rt.as4d(x), dx=rt.as4d(dx) if dx is not None else None,
                 dw=(dw.view(*dw.shape, 1, 1) if ctx.linear else dw) if dw is not None else None, groups=groups,
                 prologue=inp.prologue() if inp is not None else None, grad_in=grad_in, grad_out=grad_out,
-                residual=sibling, out_mask=out_mask, merge=merge, dbias=wgrad_db)
+                residual=sibling, out_mask=out_mask, merge=merge, dbias=wgrad_db,
+                pointwise=_pointwise(layer, ctx.linear))
         if need_dx:
             if pass_back:
                 din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got)
@@ -450,6 +451,12 @@ class ConvFn(torch.autograd.Function):
         if dres is not None and rfork is not None:
             rfork.offer(dres)
         return dx, dw, dbias, dgamma, dbeta, dres, din_w, din_b, dres_w, dres_b, None
+
+
+def _pointwise(layer, linear) -> bool:
+    """A 1×1, stride-1, unpadded, ungrouped conv (or a linear, one on a 1×1 image)."""
+    return linear or (tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1)
+                      and layer.padding in ((0, 0), "valid", "same") and layer.groups == 1)
 
 
 def _deferred_bn_sums(K, inp, x4, partials=None, dy4=None):

@@ -276,6 +276,14 @@ def combo() -> bool:
     return os.environ.get("NETDSL_COMBO", "1") != "0"
 
 
+def wgrad_add() -> bool:
+    """True where a 1×1 stride-1 conv's weight gradient may ride in its dgrad
+    as atomic adds (kernels/conv.py's WGRAD_ADD): the default, except under
+    torch.use_deterministic_algorithms (the adds' order varies, and so do the
+    sums' last bits); NETDSL_WGRAD_ADD=0 keeps the wgrad's own programs."""
+    return os.environ.get("NETDSL_WGRAD_ADD", "1") != "0" and not torch.are_deterministic_algorithms_enabled()
+
+
 def batch_stats_empty(C, like):
     return _norm.BatchStats(*(stat_empty(C, like) for _ in range(4)))
 
@@ -822,6 +830,7 @@ class _RT:
     batch_stats_empty = staticmethod(batch_stats_empty)
     counters = staticmethod(counters)
     combo = staticmethod(combo)
+    wgrad_add = staticmethod(wgrad_add)
 
 
 _rt = _RT()

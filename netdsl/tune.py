@@ -34,6 +34,7 @@ import torch
 
 from . import parallel_compile, tuning
 from . import runtime as rt
+from .kernels import conv as kconv
 from .kernels.conv import _pow2
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a conv forward: output pixels × output channels × input
@@ -266,6 +267,8 @@ def tune_site(site, timer, result: Result, jobs: int = 1) -> Result:
     if site.kind == "conv_backward":
         dx, dw = site.kwargs.get("dx") is not None, site.kwargs.get("dw") is not None
         parts = [p for p, on in (("d", dx), ("w", dw)) if on]
+        if kconv.backward_rides(site.rt, *site.args, **site.kwargs):
+            parts = ["d"]  # (its weight gradient rides in the dgrad's programs: no wgrad part to tune)
         best = {}
         for p in parts:  # each part alone first: the joint space is too big to time whole
             only = p if len(parts) == 2 else None

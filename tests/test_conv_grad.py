@@ -256,3 +256,99 @@ def test_conv_act_backward_rides_in_dgrad_and_wgrad(tmp_path):
             for arch in (90, 80):
                 info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
                 assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)
+
+
+def _bn_train(r, gamma, beta):
+    """A train-mode BN's batch statistics and its (scale, shift), as the forward's deferred BN holds them."""
+    mean, var = r.mean((0, 2, 3)), r.var((0, 2, 3), unbiased=False)
+    rstd = 1 / torch.sqrt(var + 1e-5)
+    return mean, rstd, gamma * rstd, beta
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["adds", "deterministic"])
+def test_a_pointwise_convs_weight_gradient_rides_in_its_dgrad(tmp_path, deterministic):
+    """Q, a 1×1 stride-1 conv between two deferred train-mode BN + relus (a
+    bottleneck's conv3, say): a = relu(BN_r(r)) is its input, o = relu(BN_z(Q(a)))
+    its output.  Its backward is one launch of dgrad programs only: they apply
+    BN_z's backward to o's gradient as they load it (grad_in), take BN_r's sums
+    in their epilogue (grad_out) and add each K step's aᵀ·(Q's output gradient)
+    into dw (WGRAD_ADD), from small tiles so many programs add into each
+    entry.  Under torch.use_deterministic_algorithms, the wgrad's own programs
+    run instead.  dx and dw against torch autograd (float64)."""
+    torch.manual_seed(11)
+    _kernels(tmp_path, dict(KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1))
+    f64 = dict(dtype=torch.float64)
+    N, cin, cout, H, W = 3, 20, 24, 7, 9
+    r = (torch.randn(N, cin, H, W, **f64) + 2.0).contiguous(memory_format=torch.channels_last).requires_grad_()
+    gr, br = torch.rand(cin, **f64) + 0.5, torch.randn(cin, **f64)
+    gz, bz = torch.rand(cout, **f64) + 0.5, torch.randn(cout, **f64)
+    wq = torch.randn(cout, cin, 1, 1, **f64).requires_grad_()
+    a = torch.relu(torch.nn.functional.batch_norm(r, None, None, gr, br, training=True, eps=1e-5))
+    a.retain_grad()
+    z = torch.nn.functional.conv2d(a, wq)
+    z.retain_grad()
+    o = torch.relu(torch.nn.functional.batch_norm(z, None, None, gz, bz, training=True, eps=1e-5))
+    do = torch.randn_like(o).contiguous(memory_format=torch.channels_last)
+    o.backward(do)
+    # BN_z's backward as its coefficients: dz = A·g + B + C·x̂, g = do·relu'
+    zd = z.detach()
+    mz, rz, sz, hz = _bn_train(zd, gz, bz)
+    xh = (zd - mz[:, None, None]) * rz[:, None, None]
+    g = do * ((xh * gz[:, None, None] + bz[:, None, None]) > 0)
+    A = gz * rz
+    coef = torch.cat([A, -A * g.mean((0, 2, 3)), -A * (g * xh).mean((0, 2, 3))])
+    grad_in = kconv.BNGrad(zd, mz, rz, sz, hz, True, "relu", 0.01, True, coef)
+    rd = r.detach()
+    mr, rr, sr, hr = _bn_train(rd, gr, br)
+    grad_out = kconv.BNGrad(rd, mr, rr, sr, hr, True, "relu", 0.01, True)
+    da, dw = torch.empty_like(rd), torch.full_like(wq, float("nan"))  # (the adds must start from zero)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    launches = []
+
+    class Seen(type(rt._rt)):
+        @staticmethod
+        def launch(kernel, grid, *args, **meta):
+            launches.append((grid, meta))
+            rt.launch(kernel, grid, *args, **meta)
+
+    try:
+        kconv.conv2d_backward(Seen(), _kernels.backward, do, wq, rd, dx=da, dw=dw, grad_in=grad_in,
+                              prologue=(mr, sr, hr, "relu", 0.01), grad_out=grad_out, pointwise=True,
+                              config={"d_BLOCK_M": 16, "d_BLOCK_N": 8, "d_BLOCK_K": 8})
+    finally:
+        torch.use_deterministic_algorithms(before)
+    (grid, meta), = launches
+    assert (meta["d_WGRAD_ADD"], meta["WGRAD"]) == ((False, True) if deterministic else (True, False))
+    if not deterministic:  # 12 rows of tiles (189 pixels) × 3 of 8 channels, each adding into its dw columns
+        assert meta["d_WX_BN"] and meta["d_WX_ACT"] == 1 and grid == (12 * 3,)
+    assert torch.allclose(da, a.grad, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(dw, wq.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_which_pointwise_weight_gradients_ride():
+    """wgrad_rides as planned for a GPU (BLOCK_M 64), ResNet-50's bottleneck
+    shapes at batch 2: the adds (⌈M/64⌉ · C_out · C_in) against what the
+    wgrad would read again.  Each conv with a deferred BN backward on its
+    output gradient (grad_in)."""
+    from types import SimpleNamespace
+
+    class Plan:
+        gpu_tiles = staticmethod(lambda x: True)
+        wgrad_add = staticmethod(lambda: True)
+        combo = staticmethod(lambda: True)
+
+    def rides(cout, cin, hw, shared=True, **kw):
+        dy, x = torch.empty(2, cout, hw, hw), torch.empty(2, cin, hw, hw)
+        out = SimpleNamespace(x=x if shared else torch.empty_like(x))
+        kw = dict(dict(grad_in=object(), grad_out=out, pointwise=True), **kw)
+        return kconv.wgrad_rides(Plan, dy, x, torch.empty(cout, cin, 1, 1), 64, **kw)
+
+    # conv3, whose dgrad's epilogue loads its input for BN2's sums: layer1, layer2 (1024 adds a pixel
+    # against 2·512 + 128 reads); not layer3 (4096 against 2304) or layer4
+    assert [rides(4 * c, c, hw) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))] == [True, True, False, False]
+    # conv1 reads a block output its dgrad does not load: 64·256 adds against 2·64 reads
+    assert not rides(64, 256, 56, shared=False)
+    assert not rides(256, 64, 56, pointwise=False)  # (a 3×3, or strided: the caller says)
+    assert not rides(256, 64, 56, dbias=torch.empty(256))
+    assert not rides(256, 64, 56, groups=2)

@@ -53,17 +53,23 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     assert sum(bool(meta.get("STATS")) for _, _, meta in launches) == 53
     assert sum(bool(meta.get("MERGE")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 53
     assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_bn")) == 32 + 15
-    assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 32
+    # 9 weight gradients ride in their 1×1 convs' dgrads (WGRAD_ADD, kernels/conv.py's wgrad_rides): layer1's 3
+    # conv3s, its stride-1 downsample and its first conv1 (the max pool's output), and layer2's 4 conv3s; each
+    # conv3's dgrad applies its deferred input BN (bn2's) to the input tile it adds from, as the wgrad would
+    rides = [(tuple(args[1].shape[:2]), bool(meta["WX_BN"])) for k, args, meta in launches if meta.get("WGRAD_ADD")]
+    assert rides == [((512, 128), True)] * 4 + [((256, 64), True)] * 3 + [((256, 64), False), ((64, 64), False)]
+    assert sum(bool(meta.get("IN_BN")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 25
     # backward: each deferred BN's sums come from its consumer's dgrad epilogue (channel_grad merges them),
     # and its apply rides in its producer's dgrad and wgrad.  So do 15 bn3s' (the block's output feeds the next
     # block; the next block's conv1 or downsample dgrad runs last, adds the shortcut's gradient and takes relu'
     # from the stored output).  The stem's BN takes its sums from the max pool's backward epilogue, as a
     # consumer conv's dgrad would.  The last bn3 takes its sums from a reduction pass that writes
     # g = dy·relu'; a downsample BN's from one over its block's g.
-    # No BN applies at all (the stem conv's input needs no gradient: 52 dgrads, 53 wgrads)
+    # No BN applies at all (the stem conv's input needs no gradient: 52 dgrads, 53 weight gradients, 9 of them
+    # in the dgrads)
     flagged = {f: [k.fn.__name__ for k, _, meta in launches if meta.get(f)]
                for f in ("OUT_BNG", "IN_BNG", "G_BNG", "OUT_MASK")}
-    assert len(flagged["OUT_BNG"]) == 48 and len(flagged["IN_BNG"]) == 52 and len(flagged["G_BNG"]) == 53, flagged
+    assert len(flagged["OUT_BNG"]) == 48 and len(flagged["IN_BNG"]) == 52 and len(flagged["G_BNG"]) == 53 - 9, flagged
     assert len(flagged["OUT_MASK"]) == 15 and set(flagged["OUT_MASK"]) <= set(flagged["OUT_BNG"])
     # ... reading only the sign bits of that output, which the conv1 that made it stored beside it (and the
     # last block's apply kernel beside its own)
@@ -225,7 +231,9 @@ def test_a_pool_takes_its_producer_convs_batch_norm_and_activation(tmp_path):
     assert [(meta["OUT_AFFINE"], meta["OUT_CBIAS"]) for meta in backs] == \
         [(True, False), (True, True), (False, False), (True, False)][::-1]  # (backward runs last layer first)
     assert "channel_grad" not in names  # (the linear's bias: summed by its wgrad)
-    assert sum(bool(meta.get("G_BNG")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 4
+    # (the two 1×1 convs' weight gradients ride in their dgrads, WGRAD_ADD: their wgrad programs do not run)
+    assert sum(bool(meta.get("G_BNG")) for k, _, meta in launches if k.fn.__name__.startswith("conv_wgrad")) == 2
+    assert sum(bool(meta.get("WGRAD_ADD") and meta["IN_BNG"]) for _, _, meta in launches) == 2
     assert sum(bool(meta.get("IN_BNG")) for k, _, meta in launches if k.fn.__name__.startswith("conv_dgrad")) == 3
 
 

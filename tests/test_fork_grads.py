@@ -44,9 +44,10 @@ def test_resnet50_step_sums_no_forked_gradients_apart():
     summed = [k.fn.__name__ for k, _, meta in backward if meta.get("HAS_RES")]
     # 16 bottlenecks: the block input's two gradients meet in the dgrad of conv1 or of the downsample conv
     assert adds == [] and len(summed) == 16 and all(n.startswith("conv_dgrad") for n in summed), summed
-    # 53 wgrads (and fc's: it sums the bias too), 52 dgrads, 5 BN reductions (47 more finished by dgrads'
-    # last programs, and the stem's by the max pool's backward), 2 pools: no BN apply
-    assert len(backward) == 114 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
+    # 44 wgrads (and fc's: it sums the bias too; 9 more ride in 1×1 convs' dgrads, WGRAD_ADD), 52 dgrads, 5 BN
+    # reductions (47 more finished by dgrads' last programs, and the stem's by the max pool's backward), 2 pools:
+    # no BN apply
+    assert len(backward) == 105 and not any(k.fn.__name__ == "channel_grad_apply" for k, _, _ in backward)
     # launched: each conv's dgrad and wgrad as one (see launches.parts)
     assert len({id(args) for _, args, _ in backward}) == 114 - 53
 

@@ -356,17 +356,18 @@ _TRANSPOSE_PARAMS = """\
     ix_ptr, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr, in_coef_ptr,
     ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr, oy_ptr,
     count_ptr, out_w_ptr, out_dw_ptr, out_db_ptr, out_dcb_ptr, out_coef_ptr,
+    wx_ptr, wx_center_ptr, wx_scale_ptr, wx_shift_ptr, dw_ptr,
     # sizes
-    N, H, W, C_in, Ho, Wo, C_out, in_slope, out_slope,
+    N, H, W, C_in, Ho, Wo, C_out, in_slope, out_slope, wx_slope,
     # strides
     sxn, sxc, sxh, sxw, swi, swo, swh, sww, srn, src, srh, srw, syn, syc, syh, syw, sin, sic, sih, siw,
-    son, soc, soh, sow, sfn, sfc, sfh, sfw,
+    son, soc, soh, sow, sfn, sfc, sfh, sfw, swxn, swxc, swxh, swxw, sdwi, sdwo,
     # meta-parameters
     ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
     OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr, OUT_MASK: tl.constexpr,
     MASK_BITS: tl.constexpr, MERGE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_TRAIN: tl.constexpr, OUT_CBIAS: tl.constexpr,
-    IN_ACTG: tl.constexpr,
+    IN_ACTG: tl.constexpr, WGRAD_ADD: tl.constexpr, WX_BN: tl.constexpr, WX_CENTER: tl.constexpr, WX_ACT: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 """
@@ -394,6 +395,12 @@ CONV_TRANSPOSE_TILE = (
     # MERGE does its statistics, and the last merger finishes that BN's
     # backward (bn_grad_finish): its parameter gradients, and the
     # coefficients of its input gradient.
+    # WGRAD_ADD (a 1×1, stride-1, ungrouped conv's dgrad): the weight gradient
+    # rides along.  Each K step's gradient chunk a (this conv's output
+    # gradient, the BN backward applied) meets the tile of the conv's input
+    # wx at the same pixels (WX_BN: its deferred BN + act applied), and
+    # aᵀ·wx is atomically added to dw (zeroed before the launch): the wgrad
+    # would read a's tensors again, these programs already have them.
     cin_g = C_in // G
     cout_g = C_out // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -406,6 +413,16 @@ CONV_TRANSPOSE_TILE = (
     oh = (offs_m // Wo) % Ho
     n = offs_m // (Wo * Ho)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if WGRAD_ADD:
+        tl.static_assert((KH == 1) & (KW == 1) & (SH == 1) & (SW == 1) & (PH == 0) & (PW == 0) & (G == 1),
+                         "the weight gradient rides only in a 1×1, stride-1, ungrouped conv's dgrad")
+        wx_mask = m_mask[:, None] & n_mask[None, :]
+        wx = tl.load(wx_ptr + (n * swxn + oh * swxh + ow * swxw)[:, None] + offs_n[None, :] * swxc, mask=wx_mask,
+                     other=0.0)
+        if WX_BN:
+            wx = bn_act_prologue(wx, wx_mask, offs_n, n_mask, wx_center_ptr, wx_scale_ptr, wx_shift_ptr,
+                                 WX_CENTER, WX_ACT, wx_slope, ACC)
+        wx = wx.to(x_ptr.dtype.element_ty)
     c_blocks = tl.cdiv(cin_g, BLOCK_K)
     for it in tl.range(0, KH * KW * c_blocks, num_stages=STAGES):
         tap = it // c_blocks
@@ -432,6 +449,10 @@ CONV_TRANSPOSE_TILE = (
         b = tl.load(w_ptr + ci[:, None] * swi + offs_n[None, :] * swo + kh * swh + kw * sww,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
+        if WGRAD_ADD:  # (a is zero outside the pixels and channels, wx outside the pixels)
+            dw_part = tl.dot(tl.trans(a), wx, input_precision=PRECISION)
+            tl.atomic_add(dw_ptr + ci[:, None] * sdwi + offs_n[None, :] * sdwo, dw_part,
+                          mask=k_mask[:, None] & n_mask[None, :], sem="relaxed")
     co = g * cout_g + offs_n
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + co, mask=n_mask, other=0.0).to(ACC)[None, :]
@@ -889,12 +910,12 @@ def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None
 
 
 def _backward_site(dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None, grad_out=None,
-                   residual=None, out_mask=None, merge=None, dbias=None, only=None):
+                   residual=None, out_mask=None, merge=None, dbias=None, only=None, pointwise=False):
     return (dy, weight, x), _flags(dx=dx is not None, dw=dw is not None, gin=_grad_in_flag(grad_in),
                                    prologue=prologue is not None and 1 + ACT_CODES[prologue[3]],
                                    gout=grad_out is not None, res=residual is not None,
                                    mask=_mask_flag(out_mask), merge=merge is not None,
-                                   dbias=dbias is not None)
+                                   dbias=dbias is not None, pointwise=pointwise)
 
 
 def _mask_bits(out_mask) -> bool:
@@ -910,9 +931,44 @@ def _part_config(config, prefix):
     return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
+def _same_view(a, b) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def wgrad_rides(rt, dy, x, dw, BM, groups=1, grad_in=None, grad_out=None, dbias=None, pointwise=False) -> bool:
+    """Does a conv's weight gradient ride in its dgrad (WGRAD_ADD)?  Only a
+    1×1 stride-1 ungrouped conv's (pointwise: the caller knows its geometry),
+    without a bias gradient, and only where the adds cost less than what the
+    wgrad would read again.  Each of the dgrad's ⌈M/BM⌉ rows of tiles adds a
+    whole C_out × C_in into dw; the wgrad's own programs would read dy (and,
+    under a BN backward, the tensor it normalised) and, unless the dgrad
+    already loads it for its epilogue's BN sums, the input x.  In ResNet-50
+    that is the bottlenecks' conv3 in layer1 and layer2 (at BM = 64);
+    layer3's adds would outweigh the reads."""
+    if not (pointwise and groups == 1 and dbias is None and rt.wgrad_add() and rt.combo()
+            and dw.dtype in (torch.float32, torch.float64)):
+        return False
+    M, cout, cin = dy.shape[0] * dy.shape[2] * dy.shape[3], dy.shape[1], x.shape[1]
+    reread = cout * (1 + (grad_in is not None)) + cin * (grad_out is not None and _same_view(grad_out.x, x))
+    return triton.cdiv(M, BM) * cout * cin <= M * reread
+
+
+def backward_rides(rt, dy, weight, x, dx=None, dw=None, groups=1, grad_in=None, grad_out=None, dbias=None, pointwise=False,
+                   config=None, **_) -> bool:
+    """Does conv2d_backward's weight gradient ride in its dgrad (wgrad_rides, at the dgrad's BLOCK_M)?
+    Its arguments, as conv2d_backward's (then a tuner has no wgrad part to tune)."""
+    if dx is None or dw is None:
+        return False
+    M = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    BM = (config or {}).get("d_BLOCK_M") or conv_blocks(M, x.shape[1] // groups, dy.shape[1] // groups,
+                                                        rt.gpu_tiles(x))[0]
+    return wgrad_rides(rt, dy, x, dw, BM, groups, grad_in, grad_out, dbias, pointwise)
+
+
 @tunable("conv_backward", _backward_site)
 def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None,
-                    grad_out=None, residual=None, out_mask=None, merge=None, dbias=None, only=None, config=None):
+                    grad_out=None, residual=None, out_mask=None, merge=None, dbias=None, only=None, config=None,
+                    pointwise=False):
     """A conv's input gradient dx (given dx) and weight gradient dw (given
     dw; as conv2d_wgrad's: prologue and dbias are its) in one launch of
     CONV2D_BACKWARD; two with NETDSL_COMBO=0 (rt.combo()).  x is the conv's
@@ -930,14 +986,20 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     dx·act'(y) (grad_out's act must be None).
     Otherwise returns None.  config: a tuned
     {d_BLOCK_*, d_STAGES, w_BLOCK_*, w_STAGES, num_warps} (tuning.py); only
-    ("d" or "w", for the tuner): launch that part alone."""
+    ("d" or "w", for the tuner): launch that part alone.  pointwise: the
+    conv is 1×1, stride 1, unpadded; where wgrad_rides, dw is summed by the
+    dgrad's programs (WGRAD_ADD) and the wgrad's do not run."""
     assert dx is not None or dw is not None
     # a part that does not run still fills its arguments: x stands in for dx, weight for dw (neither is written)
+    dconfig = _part_config(config, "d_")
+    rides = only != "w" and backward_rides(rt, dy, weight, x, dx, dw, groups, grad_in, grad_out, dbias, pointwise,
+                                           config)
     d = _transpose_part(rt, dy, weight, dx if dx is not None else x, groups=groups, grad_in=grad_in,
                         **(dict(grad_out=grad_out, residual=residual, out_mask=out_mask, merge=merge)
-                           if dx is not None else {}), config=_part_config(config, "d_"))
+                           if dx is not None else {}), config=dconfig,
+                        wgrad=(x, dw, prologue) if rides else None)
     w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias,
-                    _part_config(config, "w_"),
+                    dict(_part_config(config, "w_"), **({"SPLIT": 1} if rides else {})),
                     count_offset=merge_counters(d.grid, d.meta["BLOCK_M"]) if d.meta["MERGE"] else 0)
     n_d, n_w = (d.grid[0] * d.grid[1] * d.grid[2]), (w.grid[0] * w.grid[1] * w.grid[2])
     options = _config_options(rt, x, dict(d.options, **w.options), config)  # (8 warps; the wgrad's cap lifted)
@@ -954,7 +1016,10 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
                   **{"d_" + k: v for k, v in d.meta.items()}, **{"w_" + k: v for k, v in wmeta.items()},
                   DGRAD=dgrad, WGRAD=wgrad, **options)
 
-    if only is not None:
+    if rides:  # the adds start from zero
+        dw.zero_()
+        run(True, False)
+    elif only is not None:
         run(only == "d" and dx is not None, only == "w" and dw is not None)
     elif rt.combo() or dx is None or dw is None:
         run(dx is not None, dw is not None)
@@ -981,7 +1046,9 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
 
 
 def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
-                    out_mask=None, merge=None, config=None):
+                    out_mask=None, merge=None, config=None, wgrad=None):
+    """wgrad = (the conv's input, dw, its prologue): a 1×1 stride-1 conv's
+    dgrad that also adds its weight gradient into dw (WGRAD_ADD)."""
     config = config or {}
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
@@ -1007,16 +1074,21 @@ def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_
         mmeta = dict(MERGE=True, OUT_AFFINE=merge.dgamma is not None, OUT_TRAIN=merge.train,
                      OUT_CBIAS=merge.dcbias is not None)
     bits = _mask_bits(out_mask)
+    wx, dw, wprologue = wgrad if wgrad is not None else (out, out, None)
+    wptrs, wslope, wmeta = _prologue_args(wprologue, out)
     args = (x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx, fy, *mptrs,
-            N, H, W, C_in, Ho, Wo, C_out, islope, oslope,
+            wx, *wptrs, dw,
+            N, H, W, C_in, Ho, Wo, C_out, islope, oslope, wslope,
             *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides,
-            *((0, 0, 0, 0) if bits else fy.stride()))
+            *((0, 0, 0, 0) if bits else fy.stride()), *wx.stride(), *dw.stride()[:2])
     meta = dict(ACC=rt.acc(x), HAS_SHIFT=bias is not None, HAS_RES=residual is not None,
                 **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
                 **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact],
                 MASK_BITS=bits, **mmeta,
-                IN_ACTG=_actg(grad_in),
-                IDX64=rt.needs_int64(x, weight, out, r, fy, *(b[0] for b in (grad_in, grad_out) if b is not None)),
+                IN_ACTG=_actg(grad_in), WGRAD_ADD=wgrad is not None, WX_BN=wmeta["IN_BN"],
+                WX_CENTER=wmeta["IN_CENTER"], WX_ACT=wmeta["IN_ACT"],
+                IDX64=rt.needs_int64(x, weight, out, r, fy, wx,
+                                     *(b[0] for b in (grad_in, grad_out) if b is not None)),
                 PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=config.get("STAGES", 3))
     # (3 stages: Triton's default for these loops before they were tile functions)
     options = dict(gpu_options(rt, x))
