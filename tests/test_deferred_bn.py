@@ -404,3 +404,51 @@ def test_a_conv_that_makes_a_block_output_compiles_for_sm90_and_sm80_without_spi
         for arch in (90, 80):
             info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
             assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)
+
+
+def test_weight_gradients_that_ride_in_dgrads_under_autocast(tmp_path, monkeypatch):
+    """fp16 under autocast (the interpreter has no bf16): a conv's weight
+    gradient is fp16 there, so the dgrad adds into an fp32 buffer, rounded
+    once at the end; the gradients match the wgrad's own (NETDSL_WGRAD_ADD=0)
+    to fp16's rounding."""
+    from twin import rel_err
+
+    tri, _ = twins(_bottlenecks(tmp_path), "N")
+    tri.train()
+    x = torch.randn(4, 16, 8, 8)
+    state = {k: v.clone() for k, v in tri.state_dict().items()}
+
+    def grads():  # (from the same state: a train-mode forward moves the running statistics)
+        tri.load_state_dict(state)
+        tri.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = tri(x)
+        y.float().square().mean().backward()
+        return {k: p.grad.clone() for k, p in tri.named_parameters()}
+
+    with rt.plan_launches() as plan, torch.autocast("cpu", dtype=torch.float16):
+        tri(x).float().sum().backward()
+    rides = [meta for _, _, meta in plan if meta.get("d_WGRAD_ADD")]
+    assert len(rides) == 7, len(rides)  # (the bottlenecks' 1×1 convs with dgrads, at BLOCK_M 64: all of them)
+    added = grads()
+    monkeypatch.setenv("NETDSL_WGRAD_ADD", "0")
+    own = grads()
+    assert added.keys() == own.keys()
+    for k in own:
+        assert rel_err(added[k], own[k]) < 2e-3, (k, rel_err(added[k], own[k]))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_dgrad_with_its_weight_gradient_compiles_for_sm90_and_sm80_without_spills(tmp_path, bf16):
+    from netdsl import aot
+
+    m = netdsl.build(_bottlenecks(tmp_path), "N")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        variants = [v for v in aot.signatures(m, torch.randn(16, 16, 8, 8), train=True, backward=True)
+                    if v[2].get("d_WGRAD_ADD")]
+    assert variants
+    for kernel, sig, meta in variants:
+        assert not meta["WGRAD"]
+        for arch in (90, 80):
+            info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
+            assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)

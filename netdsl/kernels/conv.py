@@ -945,8 +945,7 @@ def wgrad_rides(rt, dy, x, dw, BM, groups=1, grad_in=None, grad_out=None, dbias=
     already loads it for its epilogue's BN sums, the input x.  In ResNet-50
     that is the bottlenecks' conv3 in layer1 and layer2 (at BM = 64);
     layer3's adds would outweigh the reads."""
-    if not (pointwise and groups == 1 and dbias is None and rt.wgrad_add() and rt.combo()
-            and dw.dtype in (torch.float32, torch.float64)):
+    if not (pointwise and groups == 1 and dbias is None and rt.wgrad_add() and rt.combo()):
         return False
     M, cout, cin = dy.shape[0] * dy.shape[2] * dy.shape[3], dy.shape[1], x.shape[1]
     reread = cout * (1 + (grad_in is not None)) + cin * (grad_out is not None and _same_view(grad_out.x, x))
@@ -994,10 +993,16 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     dconfig = _part_config(config, "d_")
     rides = only != "w" and backward_rides(rt, dy, weight, x, dx, dw, groups, grad_in, grad_out, dbias, pointwise,
                                            config)
+    # the adds start from zero, and in fp32 where dw is a half type (autocast's): rounded once, at the end,
+    # as the wgrad rounds its fp32 sums
+    dsum = None
+    if rides:
+        dsum = dw.zero_() if dw.dtype in (torch.float32, torch.float64) else \
+            torch.zeros(dw.shape, device=dw.device, dtype=torch.float32)
     d = _transpose_part(rt, dy, weight, dx if dx is not None else x, groups=groups, grad_in=grad_in,
                         **(dict(grad_out=grad_out, residual=residual, out_mask=out_mask, merge=merge)
                            if dx is not None else {}), config=dconfig,
-                        wgrad=(x, dw, prologue) if rides else None)
+                        wgrad=(x, dsum, prologue) if rides else None)
     w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias,
                     dict(_part_config(config, "w_"), **({"SPLIT": 1} if rides else {})),
                     count_offset=merge_counters(d.grid, d.meta["BLOCK_M"]) if d.meta["MERGE"] else 0)
@@ -1016,9 +1021,10 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
                   **{"d_" + k: v for k, v in d.meta.items()}, **{"w_" + k: v for k, v in wmeta.items()},
                   DGRAD=dgrad, WGRAD=wgrad, **options)
 
-    if rides:  # the adds start from zero
-        dw.zero_()
+    if rides:
         run(True, False)
+        if dsum is not dw:
+            dw.copy_(dsum)
     elif only is not None:
         run(only == "d" and dx is not None, only == "w" and dw is not None)
     elif rt.combo() or dx is None or dw is None:
