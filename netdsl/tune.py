@@ -267,18 +267,24 @@ def tune_site(site, timer, result: Result, jobs: int = 1) -> Result:
     if site.kind == "conv_backward":
         dx, dw = site.kwargs.get("dx") is not None, site.kwargs.get("dw") is not None
         parts = [p for p, on in (("d", dx), ("w", dw)) if on]
-        if kconv.backward_rides(site.rt, *site.args, **site.kwargs):
-            parts = ["d"]  # (its weight gradient rides in the dgrad's programs: no wgrad part to tune)
-        best = {}
-        for p in parts:  # each part alone first: the joint space is too big to time whole
-            only = p if len(parts) == 2 else None
-            got = _time_each(site, timer, part_candidates(site, p), work, result, jobs, only=only)
-            if got and p == "w":  # then the chunk count of a split-K wgrad, around its heuristic's
-                got += _time_each(site, timer, split_candidates(site, min(got, key=lambda t: t[0])[1], "w_"), work,
-                                  result, jobs, only=only)
-            if got:
-                best.update(min(got, key=lambda t: t[0])[1])
-        timed = _time_each(site, timer, [dict(best, num_warps=w) for w in WARPS], work, result, jobs)
+        # where its weight gradient can ride in the dgrad's programs (WGRAD_ADD), both ways are timed: the
+        # parts apart (WGRAD_ADD 0), and the dgrad's candidates carrying the weight gradient (1)
+        ways = [{"WGRAD_ADD": 0}, {"WGRAD_ADD": 1}] if dx and dw and kconv.wgrad_can_ride(
+            site.rt, site.kwargs.get("groups", 1), site.kwargs.get("dbias"), site.kwargs.get("pointwise", False)) \
+            else [{}]
+        timed = []
+        for way in ways:
+            best = dict(way)
+            for p in parts if not way.get("WGRAD_ADD") else ["d"]:  # each part alone first: the joint space
+                only = p if len(parts) == 2 and not way.get("WGRAD_ADD") else None  # is too big to time whole
+                got = _time_each(site, timer, [dict(c, **way) for c in part_candidates(site, p)], work, result, jobs,
+                                 only=only)
+                if got and p == "w":  # then the chunk count of a split-K wgrad, around its heuristic's
+                    got += _time_each(site, timer, split_candidates(site, min(got, key=lambda t: t[0])[1], "w_"),
+                                      work, result, jobs, only=only)
+                if got:
+                    best.update(min(got, key=lambda t: t[0])[1])
+            timed += _time_each(site, timer, [dict(best, num_warps=w) for w in WARPS], work, result, jobs)
     else:
         timed = _time_each(site, timer, candidates(site), work, result, jobs)
         if timed and site.kind == "conv_wgrad":

@@ -41,7 +41,7 @@ _hashes: dict = {}
 # what a config may set, and the values each may take
 _BLOCKS = {"BLOCK_M", "BLOCK_N", "BLOCK_K"}
 _LIMITS = {"num_warps": (1, 2, 4, 8, 16), "num_stages": range(1, 9), "STAGES": range(1, 9),
-           "SPLIT": range(1, 65536)}
+           "SPLIT": range(1, 65536), "WGRAD_ADD": (0, 1)}
 
 
 def file_path() -> Path:

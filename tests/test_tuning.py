@@ -107,6 +107,18 @@ def test_a_training_step_records_every_conv_launch_once_per_shape(tuned):
         assert r.best_ms <= r.default_ms and (r.config == {}) == (r.best_ms == r.default_ms), r
 
 
+def test_a_pointwise_convs_backward_is_timed_with_and_without_its_weight_gradient_in_the_dgrad(tuned):
+    """Where a conv's weight gradient can ride in its dgrad (a 1×1 stride-1
+    conv's, kernels/conv.py's WGRAD_ADD), the tuner times both ways and the
+    pick says which (WGRAD_ADD).  The interpreter's tiles let every such
+    weight gradient ride by default; the stand-in timer favours the most
+    programs, the wgrad's own beside the dgrad's, so each pick turns it off."""
+    ways = [r.config.get("WGRAD_ADD") for r in tuned.results if r.kind == "conv_backward"]
+    # b1.conv1 (16→16 at 8×8), b2.conv1 (32→16) and the conv3s (16→32 at 4×4, one site); not the downsample
+    # (stride 2), the 3×3s, the stem (no dgrad) or fc (its bias's gradient is the wgrad's)
+    assert sorted(ways, key=str) == [0, 0, 0] + [None] * 5, ways
+
+
 def test_tuning_leaves_the_module_as_it_was(tuned):
     after = tuned.tri.state_dict()
     for k, v in tuned.before.items():
@@ -129,7 +141,10 @@ def _carries(kernel, args, meta, config):
     """Whether a planned launch carries config in full: its constexprs, and a
     split-K wgrad's chunk count (a runtime argument: w_SPLIT -> w_n_split)."""
     for c, v in config.items():
-        if c.endswith("SPLIT"):
+        if c == "WGRAD_ADD":  # (whether the weight gradient rides in the dgrad: the dgrad part's flag)
+            if bool(meta["d_WGRAD_ADD"]) != bool(v):
+                return False
+        elif c.endswith("SPLIT"):
             if args[kernel.arg_names.index(c[:-len("SPLIT")] + "n_split")] != v:
                 return False
         elif meta.get(c) != v:
@@ -234,6 +249,8 @@ def test_a_broken_tuning_file_is_ignored_with_a_warning(tmp_path, monkeypatch):
     ({"BLOCK_M": 48}, False),  # not a power of two
     ({"BLOCK_M": "64"}, False),
     ({"num_warps": 3}, False),
+    ({"WGRAD_ADD": 1, "d_BLOCK_M": 64, "num_warps": 8}, True),
+    ({"WGRAD_ADD": 2}, False),  # (0 or 1: whether a weight gradient rides in its dgrad)
     ({"GRID": 4}, False),  # not a tunable
     (["BLOCK_M", 64], False),
 ])

@@ -935,6 +935,11 @@ def _same_view(a, b) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
+def wgrad_can_ride(rt, groups=1, dbias=None, pointwise=False) -> bool:
+    """Could a conv's weight gradient ride in its dgrad at all (see wgrad_rides)?"""
+    return pointwise and groups == 1 and dbias is None and rt.wgrad_add() and rt.combo()
+
+
 def wgrad_rides(rt, dy, x, dw, BM, groups=1, grad_in=None, grad_out=None, dbias=None, pointwise=False) -> bool:
     """Does a conv's weight gradient ride in its dgrad (WGRAD_ADD)?  Only a
     1×1 stride-1 ungrouped conv's (pointwise: the caller knows its geometry),
@@ -945,7 +950,7 @@ def wgrad_rides(rt, dy, x, dw, BM, groups=1, grad_in=None, grad_out=None, dbias=
     already loads it for its epilogue's BN sums, the input x.  In ResNet-50
     that is the bottlenecks' conv3 in layer1 and layer2 (at BM = 64);
     layer3's adds would outweigh the reads."""
-    if not (pointwise and groups == 1 and dbias is None and rt.wgrad_add() and rt.combo()):
+    if not wgrad_can_ride(rt, groups, dbias, pointwise):
         return False
     M, cout, cin = dy.shape[0] * dy.shape[2] * dy.shape[3], dy.shape[1], x.shape[1]
     reread = cout * (1 + (grad_in is not None)) + cin * (grad_out is not None and _same_view(grad_out.x, x))
@@ -954,13 +959,17 @@ def wgrad_rides(rt, dy, x, dw, BM, groups=1, grad_in=None, grad_out=None, dbias=
 
 def backward_rides(rt, dy, weight, x, dx=None, dw=None, groups=1, grad_in=None, grad_out=None, dbias=None, pointwise=False,
                    config=None, **_) -> bool:
-    """Does conv2d_backward's weight gradient ride in its dgrad (wgrad_rides, at the dgrad's BLOCK_M)?
-    Its arguments, as conv2d_backward's (then a tuner has no wgrad part to tune)."""
-    if dx is None or dw is None:
+    """Does conv2d_backward's weight gradient ride in its dgrad?  Its
+    arguments, as conv2d_backward's.  Where it can (wgrad_can_ride), a tuned
+    config's WGRAD_ADD (0 or 1, netdsl tune times both) says; else
+    wgrad_rides, at the dgrad's BLOCK_M."""
+    config = config or {}
+    if dx is None or dw is None or not wgrad_can_ride(rt, groups, dbias, pointwise):
         return False
+    if "WGRAD_ADD" in config:
+        return bool(config["WGRAD_ADD"])
     M = dy.shape[0] * dy.shape[2] * dy.shape[3]
-    BM = (config or {}).get("d_BLOCK_M") or conv_blocks(M, x.shape[1] // groups, dy.shape[1] // groups,
-                                                        rt.gpu_tiles(x))[0]
+    BM = config.get("d_BLOCK_M") or conv_blocks(M, x.shape[1] // groups, dy.shape[1] // groups, rt.gpu_tiles(x))[0]
     return wgrad_rides(rt, dy, x, dw, BM, groups, grad_in, grad_out, dbias, pointwise)
 
 
@@ -984,7 +993,7 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     + r), as stored (or only y > 0, as norm.relu_bits holds it); dx leaves as
     dx·act'(y) (grad_out's act must be None).
     Otherwise returns None.  config: a tuned
-    {d_BLOCK_*, d_STAGES, w_BLOCK_*, w_STAGES, num_warps} (tuning.py); only
+    {d_BLOCK_*, d_STAGES, w_BLOCK_*, w_STAGES, num_warps, WGRAD_ADD} (tuning.py); only
     ("d" or "w", for the tuner): launch that part alone.  pointwise: the
     conv is 1×1, stride 1, unpadded; where wgrad_rides, dw is summed by the
     dgrad's programs (WGRAD_ADD) and the wgrad's do not run."""
