@@ -55,7 +55,12 @@ def distinct_tensors(values):
 def launch_bytes(kernel, args, meta):
     """A launch's distinct tensor operands.  A conv's backward launch
     (conv_backward: its dgrad's and wgrad's programs in one grid) counts each
-    part that runs on its own: both read dy, so it moves twice."""
+    part that runs on its own: both read dy, so it moves twice.  A weight
+    gradient that rides in the dgrad (WGRAD_ADD) is one of the dgrad's
+    operands, counted once as the weights its programs all read are: its
+    atomic adds, ⌈M/BLOCK_M⌉ · |dW| in all, land in L2 (wgrad_rides weighs
+    them against the reads they save); zeroing it is an op the step's
+    dispatch count sees."""
     if not kernel.fn.__name__.startswith("conv_backward"):
         return sum(nbytes(t) for t in distinct_tensors(args))
     named = list(zip(kernel.arg_names, args))  # (its pointers, sizes and strides come before its constexprs)
