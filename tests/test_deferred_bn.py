@@ -392,15 +392,20 @@ def test_a_block_output_made_by_the_next_conv_under_autocast(tmp_path):
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_a_conv_that_makes_a_block_output_compiles_for_sm90_and_sm80_without_spills(tmp_path, bf16):
+@pytest.mark.parametrize("flag", ["IN_RES", "d_WGRAD_ADD"], ids=["block-output", "dgrad-with-wgrad"])
+def test_bottleneck_fusions_compile_for_sm90_and_sm80_without_spills(tmp_path, bf16, flag):
+    """The convs that make a block output as they load it (IN_RES), and the
+    dgrads that carry their conv's weight gradient (d_WGRAD_ADD, no wgrad
+    programs alongside)."""
     from netdsl import aot
 
     m = netdsl.build(_bottlenecks(tmp_path), "N")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         variants = [v for v in aot.signatures(m, torch.randn(16, 16, 8, 8), train=True, backward=True)
-                    if v[2].get("IN_RES")]
+                    if v[2].get(flag)]
     assert variants
     for kernel, sig, meta in variants:
+        assert flag != "d_WGRAD_ADD" or not meta["WGRAD"]
         for arch in (90, 80):
             info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
             assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)
@@ -436,19 +441,3 @@ def test_weight_gradients_that_ride_in_dgrads_under_autocast(tmp_path, monkeypat
     assert added.keys() == own.keys()
     for k in own:
         assert rel_err(added[k], own[k]) < 2e-3, (k, rel_err(added[k], own[k]))
-
-
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_a_dgrad_with_its_weight_gradient_compiles_for_sm90_and_sm80_without_spills(tmp_path, bf16):
-    from netdsl import aot
-
-    m = netdsl.build(_bottlenecks(tmp_path), "N")
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        variants = [v for v in aot.signatures(m, torch.randn(16, 16, 8, 8), train=True, backward=True)
-                    if v[2].get("d_WGRAD_ADD")]
-    assert variants
-    for kernel, sig, meta in variants:
-        assert not meta["WGRAD"]
-        for arch in (90, 80):
-            info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
-            assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)
