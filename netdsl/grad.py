@@ -418,14 +418,21 @@ class ConvFn(torch.autograd.Function):
                 if block is not None else None
         if nw:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
-        got = None
+        got = rsums = None
+        pointwise = _pointwise(layer, ctx.linear)
+        # the deferred shortcut BN's backward sums, over the same gradient (dres is draw): in the dgrad's loads
+        res_sums = (rt.as4d(rraw), rdef.mean, rdef.rstd) \
+            if rdef is not None and dres is not None and dx is not None and pointwise and not ctx.linear \
+            and _conv.same_view(rt.as4d(dres), draw) else None
         if dx is not None or dw is not None:  # both gradients in one launch
             got = _conv.conv2d_backward(
                 _rt, bw.backward, draw, w4, rt.as4d(x), dx=rt.as4d(dx) if dx is not None else None,
                 dw=(dw.view(*dw.shape, 1, 1) if ctx.linear else dw) if dw is not None else None, groups=groups,
                 prologue=inp.prologue() if inp is not None else None, grad_in=grad_in, grad_out=grad_out,
-                residual=sibling, out_mask=out_mask, merge=merge, dbias=wgrad_db,
-                pointwise=_pointwise(layer, ctx.linear))
+                residual=sibling, out_mask=out_mask, merge=merge, dbias=wgrad_db, pointwise=pointwise,
+                **(dict(res_sums=res_sums) if res_sums is not None else {}))
+            if res_sums is not None:
+                got, rsums = got
         if need_dx:
             if pass_back:
                 din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got)
@@ -444,7 +451,8 @@ class ConvFn(torch.autograd.Function):
             xfork.offer(dx)
         dres_w = dres_b = None
         if rdef is not None and dres is not None:  # dres is the deferred shortcut BN's output gradient
-            dres_w, dres_b = _deferred_bn_sums(K, rdef, rt.as4d(rraw), dy4=rt.as4d(dres))
+            dres_w, dres_b = _deferred_bn_sums(K, rdef, rt.as4d(rraw), partials=rsums) if rsums is not None \
+                else _deferred_bn_sums(K, rdef, rt.as4d(rraw), dy4=rt.as4d(dres))
             dres_w, dres_b = (dres_w, dres_b) if nres_w or nres_b else (None, None)
         if dres is not None and ctx.linear:
             dres = dres.view(dy.shape)

@@ -80,12 +80,16 @@ def test_resnet50_defers_two_batch_norms_per_bottleneck_and_the_downsample_bns()
     assert all(n.startswith("conv_dgrad") for n in flagged["IN_BNG"])
     assert all(n.startswith("conv_wgrad") for n in flagged["G_BNG"])
     # every dgrad (and the pool's backward) that takes a BN's sums also finishes that BN's backward in its last
-    # programs (MERGE): the 5 BNs whose sums need a pass of their own are the only channel_grad launches left
+    # programs (MERGE): the 5 BNs whose sums need a pass of their own are the only channel_grad launches left.
+    # The 4 downsample BNs' sums come from their blocks' conv3 dgrads too, per tile (RES_SUMS: the gradient it
+    # loads is that BN's output gradient as well), so their channel_grads only merge partials (PARTIALS)
     merged = [k.fn.__name__ for k, _, meta in launches
               if meta.get("MERGE") and k.fn.__name__.startswith(("conv_dgrad", "pool_backward"))]
     assert merged == flagged["OUT_BNG"]
     grads = [meta for k, _, meta in launches if k.fn.__name__ == "channel_grad" and meta["NORM"]]  # (not fc's bias)
-    assert len(grads) == 5 and not any(meta.get("PARTIALS") for meta in grads)
+    assert len(grads) == 5 and sum(bool(meta.get("PARTIALS")) for meta in grads) == 4
+    assert sum(bool(meta.get("RES_SUMS")) for _, _, meta in launches) == 4
+    assert not any(meta.get("STORE_G") for meta in grads if meta["PARTIALS"])
     assert sum(bool(meta.get("STORE_G")) for meta in grads) == 1
     assert names.count("channel_grad_apply") == 0
 
@@ -369,6 +373,10 @@ def test_a_block_output_made_by_the_next_conv_matches_torch(tmp_path, monkeypatc
         y = tri(x)
         y.backward(torch.empty_like(y))
     assert sum(bool(meta.get("IN_RES")) for _, _, meta in launches) == (0 if fallback else 3)
+    # block 3's conv3 dgrad also takes its downsample BN's sums (RES_SUMS), and 7 1×1 convs' dgrads their weight
+    # gradients (WGRAD_ADD): both are in the gradients compared below
+    assert sum(bool(meta.get("d_RES_SUMS")) for _, _, meta in launches) == 1
+    assert sum(bool(meta.get("d_WGRAD_ADD")) for _, _, meta in launches) == 7
     assert sum(k.fn.__name__ == "channel_affine" for k, _, _ in launches) == (5 if fallback else 2)
     compare(tri, ref, x)
     grad_compare(tri, ref, x)
@@ -392,11 +400,12 @@ def test_a_block_output_made_by_the_next_conv_under_autocast(tmp_path):
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("flag", ["IN_RES", "d_WGRAD_ADD"], ids=["block-output", "dgrad-with-wgrad"])
+@pytest.mark.parametrize("flag", ["IN_RES", "d_WGRAD_ADD", "d_RES_SUMS"],
+                         ids=["block-output", "dgrad-with-wgrad", "dgrad-with-shortcut-sums"])
 def test_bottleneck_fusions_compile_for_sm90_and_sm80_without_spills(tmp_path, bf16, flag):
-    """The convs that make a block output as they load it (IN_RES), and the
+    """The convs that make a block output as they load it (IN_RES), the
     dgrads that carry their conv's weight gradient (d_WGRAD_ADD, no wgrad
-    programs alongside)."""
+    programs alongside), and those that take a downsample BN's sums (d_RES_SUMS)."""
     from netdsl import aot
 
     m = netdsl.build(_bottlenecks(tmp_path), "N")

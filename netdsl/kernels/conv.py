@@ -356,18 +356,19 @@ _TRANSPOSE_PARAMS = """\
     ix_ptr, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr, in_coef_ptr,
     ox_ptr, out_mean_ptr, out_rstd_ptr, out_scale_ptr, out_shift_ptr, pg_ptr, pgx_ptr, oy_ptr,
     count_ptr, out_w_ptr, out_dw_ptr, out_db_ptr, out_dcb_ptr, out_coef_ptr,
-    wx_ptr, wx_center_ptr, wx_scale_ptr, wx_shift_ptr, dw_ptr,
+    wx_ptr, wx_center_ptr, wx_scale_ptr, wx_shift_ptr, dw_ptr, rx_ptr, rx_mean_ptr, rx_rstd_ptr, rpg_ptr, rpgx_ptr,
     # sizes
     N, H, W, C_in, Ho, Wo, C_out, in_slope, out_slope, wx_slope,
     # strides
     sxn, sxc, sxh, sxw, swi, swo, swh, sww, srn, src, srh, srw, syn, syc, syh, syw, sin, sic, sih, siw,
-    son, soc, soh, sow, sfn, sfc, sfh, sfw, swxn, swxc, swxh, swxw, sdwi, sdwo,
+    son, soc, soh, sow, sfn, sfc, sfh, sfw, swxn, swxc, swxh, swxw, sdwi, sdwo, srxn, srxc, srxh, srxw,
     # meta-parameters
     ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     IN_BNG: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr, IN_TRAIN: tl.constexpr,
     OUT_BNG: tl.constexpr, OUT_CENTER: tl.constexpr, OUT_ACT: tl.constexpr, OUT_MASK: tl.constexpr,
     MASK_BITS: tl.constexpr, MERGE: tl.constexpr, OUT_AFFINE: tl.constexpr, OUT_TRAIN: tl.constexpr, OUT_CBIAS: tl.constexpr,
     IN_ACTG: tl.constexpr, WGRAD_ADD: tl.constexpr, WX_BN: tl.constexpr, WX_CENTER: tl.constexpr, WX_ACT: tl.constexpr,
+    RES_SUMS: tl.constexpr,
     IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 """
@@ -401,6 +402,11 @@ CONV_TRANSPOSE_TILE = (
     # wx at the same pixels (WX_BN: its deferred BN + act applied), and
     # aᵀ·wx is atomically added to dw (zeroed before the launch): the wgrad
     # would read a's tensors again, these programs already have them.
+    # RES_SUMS (a 1×1, stride-1 dgrad too): x is also the output gradient of
+    # another deferred BN without an activation, on rx (a residual block's
+    # downsample BN, whose output the block added to this conv's): the first
+    # column of programs stores per tile and channel Σ x and Σ x·x̂ of that BN
+    # (rpg, rpgx), so its backward's sums need no pass over x and rx.
     cin_g = C_in // G
     cout_g = C_out // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -439,6 +445,18 @@ CONV_TRANSPOSE_TILE = (
         ci = g * cin_g + offs_k
         a_mask = pix_ok[:, None] & k_mask[None, :]
         a = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc, mask=a_mask, other=0.0)
+        if RES_SUMS:
+            tl.static_assert((KH == 1) & (KW == 1) & (SH == 1) & (SW == 1) & (PH == 0) & (PW == 0) & (G == 1),
+                             "a residual BN's sums ride only in a 1×1, stride-1, ungrouped conv's dgrad")
+            if pid_n == 0:  # (one column of programs: each pixel and channel once)
+                rx = tl.load(rx_ptr + (n * srxn + ih * srxh + iw * srxw)[:, None] + ci[None, :] * srxc, mask=a_mask,
+                             other=0.0)
+                PS = rpg_ptr.dtype.element_ty
+                rg = a.to(PS)  # (zero outside the tile's pixels and channels: so is rg·x̂)
+                rxh = (rx.to(PS) - channel_vector(rx_mean_ptr, ci, k_mask, PS, 1)) \
+                    * channel_vector(rx_rstd_ptr, ci, k_mask, PS, 1)
+                tl.store(rpg_ptr + pid_m * C_in + ci, tl.sum(rg, axis=0), mask=k_mask)
+                tl.store(rpgx_ptr + pid_m * C_in + ci, tl.sum(rg * rxh, axis=0), mask=k_mask)
         if IN_BNG:
             ix = tl.load(ix_ptr + (n * sin + ih * sih + iw * siw)[:, None] + ci[None, :] * sic, mask=a_mask, other=0.0)
             a = bn_grad_prologue(a, ix, a_mask, ci, k_mask, in_mean_ptr, in_rstd_ptr, in_scale_ptr, in_shift_ptr,
@@ -910,12 +928,12 @@ def _wgrad_part(rt, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None
 
 
 def _backward_site(dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None, grad_out=None,
-                   residual=None, out_mask=None, merge=None, dbias=None, only=None, pointwise=False):
+                   residual=None, out_mask=None, merge=None, dbias=None, only=None, pointwise=False, res_sums=None):
     return (dy, weight, x), _flags(dx=dx is not None, dw=dw is not None, gin=_grad_in_flag(grad_in),
                                    prologue=prologue is not None and 1 + ACT_CODES[prologue[3]],
                                    gout=grad_out is not None, res=residual is not None,
                                    mask=_mask_flag(out_mask), merge=merge is not None,
-                                   dbias=dbias is not None, pointwise=pointwise)
+                                   dbias=dbias is not None, pointwise=pointwise, rsums=res_sums is not None)
 
 
 def _mask_bits(out_mask) -> bool:
@@ -931,7 +949,7 @@ def _part_config(config, prefix):
     return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
-def _same_view(a, b) -> bool:
+def same_view(a, b) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
@@ -953,7 +971,7 @@ def wgrad_rides(rt, dy, x, dw, BM, groups=1, grad_in=None, grad_out=None, dbias=
     if not wgrad_can_ride(rt, groups, dbias, pointwise):
         return False
     M, cout, cin = dy.shape[0] * dy.shape[2] * dy.shape[3], dy.shape[1], x.shape[1]
-    reread = cout * (1 + (grad_in is not None)) + cin * (grad_out is not None and _same_view(grad_out.x, x))
+    reread = cout * (1 + (grad_in is not None)) + cin * (grad_out is not None and same_view(grad_out.x, x))
     return triton.cdiv(M, BM) * cout * cin <= M * reread
 
 
@@ -976,7 +994,7 @@ def backward_rides(rt, dy, weight, x, dx=None, dw=None, groups=1, grad_in=None, 
 @tunable("conv_backward", _backward_site)
 def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None,
                     grad_out=None, residual=None, out_mask=None, merge=None, dbias=None, only=None, config=None,
-                    pointwise=False):
+                    pointwise=False, res_sums=None):
     """A conv's input gradient dx (given dx) and weight gradient dw (given
     dw; as conv2d_wgrad's: prologue and dbias are its) in one launch of
     CONV2D_BACKWARD; two with NETDSL_COMBO=0 (rt.combo()).  x is the conv's
@@ -996,8 +1014,12 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     {d_BLOCK_*, d_STAGES, w_BLOCK_*, w_STAGES, num_warps, WGRAD_ADD} (tuning.py); only
     ("d" or "w", for the tuner): launch that part alone.  pointwise: the
     conv is 1×1, stride 1, unpadded; where wgrad_rides, dw is summed by the
-    dgrad's programs (WGRAD_ADD) and the wgrad's do not run."""
+    dgrad's programs (WGRAD_ADD) and the wgrad's do not run.  res_sums
+    (pointwise, with dx) = (rx, mean, rstd): dy is also the output gradient
+    of a deferred act-free BN on rx; the dgrad takes that BN's per-tile sums
+    (RES_SUMS), and returns (what it returns otherwise, (Σg, Σg·x̂, tile))."""
     assert dx is not None or dw is not None
+    assert res_sums is None or (pointwise and groups == 1 and dx is not None), "RES_SUMS: a 1×1 stride-1 dgrad's"
     # a part that does not run still fills its arguments: x stands in for dx, weight for dw (neither is written)
     dconfig = _part_config(config, "d_")
     rides = only != "w" and backward_rides(rt, dy, weight, x, dx, dw, groups, grad_in, grad_out, dbias, pointwise,
@@ -1011,7 +1033,8 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     d = _transpose_part(rt, dy, weight, dx if dx is not None else x, groups=groups, grad_in=grad_in,
                         **(dict(grad_out=grad_out, residual=residual, out_mask=out_mask, merge=merge)
                            if dx is not None else {}), config=dconfig,
-                        wgrad=(x, dsum, prologue) if rides else None)
+                        wgrad=(x, dsum, prologue) if rides else None,
+                        **(dict(res_sums=res_sums) if res_sums is not None else {}))
     w = _wgrad_part(rt, dy, x, dw if dw is not None else weight, groups, prologue, grad_in, dbias,
                     dict(_part_config(config, "w_"), **({"SPLIT": 1} if rides else {})),
                     count_offset=merge_counters(d.grid, d.meta["BLOCK_M"]) if d.meta["MERGE"] else 0)
@@ -1041,9 +1064,9 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     else:
         run(True, False)
         run(False, True)
-    if dx is not None and grad_out is not None:
-        return d.result[1]
-    return None
+    result, rsums = d.result if res_sums is not None else (d.result, None)
+    got = result[1] if dx is not None and grad_out is not None else None
+    return got if res_sums is None else (got, rsums)
 
 
 def _transpose_site(x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None, out_mask=None,
@@ -1061,14 +1084,20 @@ def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=No
 
 
 def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
-                    out_mask=None, merge=None, config=None, wgrad=None):
+                    out_mask=None, merge=None, config=None, wgrad=None, res_sums=None):
     """wgrad = (the conv's input, dw, its prologue): a 1×1 stride-1 conv's
-    dgrad that also adds its weight gradient into dw (WGRAD_ADD)."""
+    dgrad that also adds its weight gradient into dw (WGRAD_ADD).
+    res_sums = (rx, mean, rstd): it also takes the per-tile sums of x's other
+    deferred BN (RES_SUMS); the result is then (result, (Σg, Σg·x̂, tile))."""
     config = config or {}
     N, C_in, H, W = x.shape
     C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
     M = N * Ho * Wo
     BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, rt.gpu_tiles(x))
+    if res_sums is not None and rt.gpu_tiles(x):
+        # with the shortcut BN's sums along, ptxas spilled 16 bytes at 255 registers (sm_80, Triton 3.9, ResNet-50's
+        # layer3/4 conv3 dgrads beside their wgrads); 16 channels a K step: 205
+        BK = min(BK, 16)
     BM, BN, BK = config.get("BLOCK_M", BM), config.get("BLOCK_N", BN), config.get("BLOCK_K", BK)
     grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
     iptrs, islope, istrides, iflags = _bng_args(grad_in, out)
@@ -1091,18 +1120,22 @@ def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_
     bits = _mask_bits(out_mask)
     wx, dw, wprologue = wgrad if wgrad is not None else (out, out, None)
     wptrs, wslope, wmeta = _prologue_args(wprologue, out)
+    rx, rmean, rrstd = res_sums if res_sums is not None else (out, out, out)
+    rpg = rpgx = out
+    if res_sums is not None:
+        rpg, rpgx = (torch.empty((grid[0], C_in), device=x.device, dtype=reduce_dtype(rt, x)) for _ in range(2))
     args = (x, weight, bias if bias is not None else out, r, out, *iptrs, *optrs[:5], pg, pgx, fy, *mptrs,
-            wx, *wptrs, dw,
+            wx, *wptrs, dw, rx, rmean, rrstd, rpg, rpgx,
             N, H, W, C_in, Ho, Wo, C_out, islope, oslope, wslope,
             *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *istrides, *ostrides,
-            *((0, 0, 0, 0) if bits else fy.stride()), *wx.stride(), *dw.stride()[:2])
+            *((0, 0, 0, 0) if bits else fy.stride()), *wx.stride(), *dw.stride()[:2], *rx.stride())
     meta = dict(ACC=rt.acc(x), HAS_SHIFT=bias is not None, HAS_RES=residual is not None,
                 **dict(zip(("IN_BNG", "IN_CENTER", "IN_ACT", "IN_TRAIN"), iflags)),
                 **dict(zip(("OUT_BNG", "OUT_CENTER", "OUT_ACT"), oflags[:3])), OUT_MASK=ACT_CODES[mact],
                 MASK_BITS=bits, **mmeta,
                 IN_ACTG=_actg(grad_in), WGRAD_ADD=wgrad is not None, WX_BN=wmeta["IN_BN"],
-                WX_CENTER=wmeta["IN_CENTER"], WX_ACT=wmeta["IN_ACT"],
-                IDX64=rt.needs_int64(x, weight, out, r, fy, wx,
+                WX_CENTER=wmeta["IN_CENTER"], WX_ACT=wmeta["IN_ACT"], RES_SUMS=res_sums is not None,
+                IDX64=rt.needs_int64(x, weight, out, r, fy, wx, rx,
                                      *(b[0] for b in (grad_in, grad_out) if b is not None)),
                 PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=config.get("STAGES", 3))
     # (3 stages: Triton's default for these loops before they were tile functions)
@@ -1111,6 +1144,5 @@ def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_
     if rt.gpu_tiles(x) and (grad_in is not None or grad_out is not None):
         options["maxnreg"] = 255
     _config_options(rt, x, options, config)
-    if grad_out is None:
-        return _Part(grid, args, meta, options, out)
-    return _Part(grid, args, meta, options, (out, merge if merge is not None else (pg, pgx, BM)))
+    result = out if grad_out is None else (out, merge if merge is not None else (pg, pgx, BM))
+    return _Part(grid, args, meta, options, result if res_sums is None else (result, (rpg, rpgx, BM)))
