@@ -139,7 +139,8 @@ def correctness(rows):
     theirs = grads(ref)
     # the weight gradients some 1×1 convs' dgrads sum by atomic adds (the default): their last bits vary
     ours, again = grads(tri), grads(tri)
-    rows.append(("check", f"{net} train grads worst rel err (wgrad adds)", max(rel(a, b) for a, b in zip(ours, theirs))))
+    rows.append(("check", f"{net} train grads worst rel err (wgrad adds)",
+                 max(rel(a, b) for a, b in zip(ours, theirs))))
     rows.append(("check", f"{net} train grads repeat max abs diff (wgrad adds)",
                  max((a - b).abs().max().item() for a, b in zip(again, ours))))
     # without them, the BN statistics and BN-backward sums, merged by each conv's (dgrad's) last

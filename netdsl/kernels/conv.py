@@ -975,8 +975,8 @@ def wgrad_rides(rt, dy, x, dw, BM, groups=1, grad_in=None, grad_out=None, dbias=
     return triton.cdiv(M, BM) * cout * cin <= M * reread
 
 
-def backward_rides(rt, dy, weight, x, dx=None, dw=None, groups=1, grad_in=None, grad_out=None, dbias=None, pointwise=False,
-                   config=None, **_) -> bool:
+def backward_rides(rt, dy, weight, x, dx=None, dw=None, groups=1, grad_in=None, grad_out=None, dbias=None,
+                   pointwise=False, config=None, **_) -> bool:
     """Does conv2d_backward's weight gradient ride in its dgrad?  Its
     arguments, as conv2d_backward's.  Where it can (wgrad_can_ride), a tuned
     config's WGRAD_ADD (0 or 1, netdsl tune times both) says; else
