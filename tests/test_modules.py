@@ -148,10 +148,11 @@ def test_kernel_log_records_every_launch():
 
 
 class _NoTorchCompute(TorchDispatchMode):
-    """Fails on any torch op outside a kernel launch except allocation and views."""
+    """Fails on any torch op outside a kernel launch except allocation, views
+    and zeroing (a memset: the weight gradient a dgrad adds into, WGRAD_ADD)."""
 
     ALLOWED = {"empty.memory_format", "empty_strided.default", "view.default", "slice.Tensor", "as_strided.default",
-               "detach.default", "alias.default", "_unsafe_view.default", "empty_like.default",
+               "detach.default", "alias.default", "_unsafe_view.default", "empty_like.default", "zero_.default",
                "set_.source_Storage_storage_offset"}  # a dense block's concatenations share one buffer
 
     def __enter__(self):
