@@ -2,6 +2,7 @@
 hash, import it and return a network instance."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .compiler import compile_program
-from .parser import load
+from .parser import grammar_path, load
 
 
 def cache_dir() -> Path:
@@ -19,9 +20,18 @@ def cache_dir() -> Path:
     return d / "modules"
 
 
-def _kernel_sources() -> str:
-    here = Path(__file__).resolve().parent
-    return "".join(p.read_text() for p in sorted((here / "kernels").glob("*.py")) + sorted((here / "codegen").glob("*.py")))
+@functools.lru_cache(maxsize=1)
+def compiler_digest(root: Path | None = None) -> str:
+    """A hash of every source file of the compiler, runtime and grammar: a
+    changed pass, template or launcher gives a new module, never a stale one
+    from the cache."""
+    here = root or Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    files = [(str(p.relative_to(here)), p) for p in sorted(here.rglob("*.py"))]
+    files.append(("netdsl.lark", grammar_path()))
+    for name, p in files:
+        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _key(prog, net, overrides, target) -> str:
@@ -29,7 +39,7 @@ def _key(prog, net, overrides, target) -> str:
     for name in sorted(prog.sources):
         h.update(name.encode() + b"\0" + prog.sources[name].encode() + b"\0")
     h.update(repr((net, sorted((overrides or {}).items()), target, __version__)).encode())
-    h.update(_kernel_sources().encode())
+    h.update(compiler_digest().encode())
     return h.hexdigest()[:20]
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import runtime as rt
+from . import launch as rt
 from .kernels import conv as _conv
 from .kernels import elementwise as _ew
 from .kernels import norm as _norm
@@ -294,17 +294,17 @@ class ConvFn(torch.autograd.Function):
         out4, res4 = rt.as4d(out), rt.as4d(residual) if residual is not None else None
         raw = mean = rstd = block = None
         if bn is None:
-            _conv.conv2d(_rt, kernel, x4, w4, out4, shift=bias, residual=res4, act=act, slope=slope, **kw)
+            rt.tuned.conv2d(_rt, kernel, x4, w4, out4, shift=bias, residual=res4, act=act, slope=slope, **kw)
         else:
             raw = out if defer is not None else rt.empty(out_shape, x)
             raw4 = rt.as4d(raw)
             batch_stats = bn.training or bn.running_mean is None
             partials = None
             if batch_stats:
-                _, partials = _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, stats=True,
+                _, partials = rt.tuned.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, stats=True,
                                            merge=rt.grid_merge(bn), **kw)
             else:
-                _conv.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, **kw)
+                rt.tuned.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, **kw)
             if defer is not None:
                 defer.set_stats(batch_stats, *rt._bn_scale_shift(K, bn, raw4, batch_stats, cache=False,
                                                                  partials=partials))
@@ -425,7 +425,7 @@ class ConvFn(torch.autograd.Function):
             if rdef is not None and dres is not None and dx is not None and pointwise and not ctx.linear \
             and _conv.same_view(rt.as4d(dres), draw) else None
         if dx is not None or dw is not None:  # both gradients in one launch
-            got = _conv.conv2d_backward(
+            got = rt.tuned.conv2d_backward(
                 _rt, bw.backward, draw, w4, rt.as4d(x), dx=rt.as4d(dx) if dx is not None else None,
                 dw=(dw.view(*dw.shape, 1, 1) if ctx.linear else dw) if dw is not None else None, groups=groups,
                 prologue=inp.prologue() if inp is not None else None, grad_in=grad_in, grad_out=grad_out,
@@ -522,7 +522,7 @@ class ConvTransposeFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spec):
         K, kernel, layer, out_shape = spec
         out = rt.empty(out_shape, x)
-        _conv.conv_transpose2d(_rt, kernel, x, weight, out, bias=bias, groups=layer.groups)
+        rt.tuned.conv_transpose2d(_rt, kernel, x, weight, out, bias=bias, groups=layer.groups)
         ctx.save_for_backward(x, weight)
         ctx.spec = spec
         return out
@@ -537,11 +537,11 @@ class ConvTransposeFn(torch.autograd.Function):
         dx = dw = db = None
         if nx:  # the adjoint of a transposed conv is the conv with its geometry
             dx = _grad_like(x)
-            _conv.conv2d(_rt, bw.dgrad, dy, weight, dx, stride=layer.stride, padding=layer.padding,
+            rt.tuned.conv2d(_rt, bw.dgrad, dy, weight, dx, stride=layer.stride, padding=layer.padding,
                          dilation=layer.dilation, groups=layer.groups)
         if nw:  # roles swap: x plays the conv's output gradient, dy its input
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
-            _conv.conv2d_wgrad(_rt, bw.wgrad, x, dy, dw, groups=layer.groups)
+            rt.tuned.conv2d_wgrad(_rt, bw.wgrad, x, dy, dw, groups=layer.groups)
         if nb:
             db = torch.empty_like(layer.bias)
             _norm.channel_grad(_rt, K.channel_grad, dy, dcbias=db)
@@ -752,8 +752,15 @@ class ForkFn(torch.autograd.Function):
             return None, None, None
         total = live[0]
         for g in live[1:]:
-            total = rt.add(ctx.K, total, g)
+            total = _sum(ctx.K, total, g)
         return total, None, None
+
+
+def _sum(K, a, b):
+    """a + b, a fresh tensor in a's layout (a forked tensor's gradients)."""
+    out = rt.empty(tuple(a.shape), a, channels_last=rt._is_cl(a))
+    _ew.elementwise(_rt, K.elementwise, 1, rt.as4d(a), rt.as4d(out), other4=rt.as4d(b))
+    return out
 
 
 class CastFn(torch.autograd.Function):

@@ -1,7 +1,8 @@
 """Tuned launch configurations: which block sizes, warps and stages a conv's
 kernels launch with, per layer shape and device.
 
-A launcher marked `@tunable(kind, site)` (kernels/conv.py) looks its
+The launchers in kernels/conv.py's TUNABLE take a config and know nothing
+of this table; `launchers()` wraps each (`tunable`) so that it looks its
 configuration up here before each launch, keyed by the kernel's source (its
 name left out, so equal layers of other networks share an entry), the shapes,
 layouts and dtypes of its tensors, and the fusion flags that change the
@@ -210,6 +211,16 @@ def forget() -> None:
 
 
 # ------------------------------------------------------------------ launchers
+
+
+def launchers():
+    """The tunable launchers of kernels/conv.py, each looking its configuration
+    up here (the runtime launches these)."""
+    from types import SimpleNamespace
+
+    from .kernels import conv as kconv
+
+    return SimpleNamespace(**{fn.__name__: tunable(kind, site)(fn) for kind, (fn, site) in kconv.TUNABLE.items()})
 
 
 def tunable(kind: str, site):

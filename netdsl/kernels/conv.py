@@ -25,7 +25,6 @@ import torch
 import triton
 
 from . import ACT_CODES
-from ..tuning import tunable
 from . import norm
 from .norm import merge_counters, reduce_dtype
 
@@ -695,7 +694,6 @@ def _config_options(rt, x, options, config):
     return options
 
 
-@tunable("conv", _conv_site)
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
            stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None,
            block=None, config=None):
@@ -713,6 +711,7 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     (and its bits).  config: a
     tuned {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages} (tuning.py) over
     the defaults below; None: the tuned one for this shape, if any."""
+    config = config or {}
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     Ho, Wo = out.shape[2], out.shape[3]
@@ -855,7 +854,6 @@ def _wgrad_site(dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None):
                                gin=_grad_in_flag(grad_in), dbias=dbias is not None)
 
 
-@tunable("conv_wgrad", _wgrad_site)
 def conv2d_wgrad(rt, kernel, dy, x, dw, groups=1, prologue=None, grad_in=None, dbias=None, config=None):
     """dw[C_out, C_in/groups, KH, KW] = the weight gradient of CONV2D given dy
     and its input x (with prologue: as conv2d's, x before its deferred BN + act).
@@ -991,7 +989,6 @@ def backward_rides(rt, dy, weight, x, dx=None, dw=None, groups=1, grad_in=None, 
     return wgrad_rides(rt, dy, x, dw, BM, groups, grad_in, grad_out, dbias, pointwise)
 
 
-@tunable("conv_backward", _backward_site)
 def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prologue=None, grad_in=None,
                     grad_out=None, residual=None, out_mask=None, merge=None, dbias=None, only=None, config=None,
                     pointwise=False, res_sums=None):
@@ -1018,6 +1015,7 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
     (pointwise, with dx) = (rx, mean, rstd): dy is also the output gradient
     of a deferred act-free BN on rx; the dgrad takes that BN's per-tile sums
     (RES_SUMS), and returns (what it returns otherwise, (Σg, Σg·x̂, tile))."""
+    config = config or {}
     assert dx is not None or dw is not None
     assert res_sums is None or (pointwise and groups == 1 and dx is not None), "RES_SUMS: a 1×1 stride-1 dgrad's"
     # a part that does not run still fills its arguments: x stands in for dx, weight for dw (neither is written)
@@ -1076,7 +1074,6 @@ def _transpose_site(x, weight, out, bias=None, groups=1, grad_in=None, grad_out=
                                     merge=merge is not None)
 
 
-@tunable("conv_transpose", _transpose_site)
 def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
                      out_mask=None, merge=None, config=None):
     return _launch(rt, kernel, _transpose_part(rt, x, weight, out, bias, groups, grad_in, grad_out, residual,
@@ -1146,3 +1143,15 @@ def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_
     _config_options(rt, x, options, config)
     result = out if grad_out is None else (out, merge if merge is not None else (pg, pgx, BM))
     return _Part(grid, args, meta, options, result if res_sums is None else (result, (rpg, rpgx, BM)))
+
+
+# The launchers a tuner may configure, by kind: (launcher, site).  site(*args,
+# **kwargs) -> (tensors, flags): what besides the kernel decides a launch's
+# configuration.  tuning.py wraps them; a launcher called directly takes the
+# config it is given, or its defaults.
+TUNABLE = {
+    "conv": (conv2d, _conv_site),
+    "conv_wgrad": (conv2d_wgrad, _wgrad_site),
+    "conv_backward": (conv2d_backward, _backward_site),
+    "conv_transpose": (conv_transpose2d, _transpose_site),
+}
