@@ -55,7 +55,7 @@ def test_weight_and_input_gradients(tmp_path, seed):
     assert torch.allclose(dx, expect_x, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("combo", ["1", "0"])
+@pytest.mark.parametrize("combo", ["1", pytest.param("0", marks=pytest.mark.slow)])
 def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
     """conv2d_backward: the input and weight gradients (and the bias's) from
     one launch of the combined kernel (NETDSL_COMBO=0: two launches of it, one
@@ -92,7 +92,7 @@ def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
     assert grids[True, False] == [(32,)] and grids[False, True] == [(18,)]
 
 
-@pytest.mark.parametrize("split", [3, 7])
+@pytest.mark.parametrize("split", [3, pytest.param(7, marks=pytest.mark.slow)])
 def test_split_k_weight_gradient(tmp_path, monkeypatch, split):
     """Where a wgrad has few tiles (a first layer; a 1×1 conv of 64 channels),
     its pixels are split into chunks too, one program each, and the last of a

@@ -277,6 +277,7 @@ def test_pool_deferred_activation_is_not_kept_for_backward(tmp_path):
     grad_compare(tri, ref, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", ["1", "0"])
 def test_pool_deferred_batch_norm_compiles_for_sm90_and_sm80_without_spills(tmp_path, monkeypatch, merge):
     """The pools that apply a deferred BN + act, and their backwards that take
@@ -399,7 +400,7 @@ def test_a_block_output_made_by_the_next_conv_under_autocast(tmp_path):
     assert sum(bool(meta.get("IN_RES")) for _, _, meta in launches) == 3
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("flag", ["IN_RES", "d_WGRAD_ADD", "d_RES_SUMS"],
                          ids=["block-output", "dgrad-with-wgrad", "dgrad-with-shortcut-sums"])
 def test_bottleneck_fusions_compile_for_sm90_and_sm80_without_spills(tmp_path, bf16, flag):

@@ -144,6 +144,7 @@ def test_dense_block_gradients_match_torch(tmp_path):
     grad_compare(tri, ref, torch.randn(3, 3, 8, 8))
 
 
+@pytest.mark.slow
 def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path, monkeypatch):
     """The interpreter accepts what ptxas may not: the dgrad and apply
     variants that add a sibling's gradient (and the deferred BN backward's

@@ -20,6 +20,9 @@ from netdsl.cache import import_file
 from test_cli import run
 from twin import grad_compare, twins
 
+# one worker runs this file: the module's tuned fixture is made once, not once a worker
+pytestmark = pytest.mark.xdist_group("tuning")
+
 SMALL = """
 block Bottleneck(inplanes, planes, stride = 1) {
     residual {
