@@ -3,8 +3,8 @@ PyTorch (cuDNN) and torch.compile, one table printed last.
 
     python bench/gpu.py [--quick] [--max-autotune] [--layer-compile] [--tune SECONDS] [--json OUT.json]
 
-NOT YET RUN ON A GPU: written in a session without one (see BENCHMARKS.md).
-The first GPU session should run it, fix what breaks, and record the table.
+Its results go in BENCHMARKS.md; rows it has not produced there read "not
+measured (needs an NVIDIA GPU)".
 
 Rows (median of CUDA-event timings after warm-up, milliseconds):
 - every distinct conv→BN→ReLU layer shape of ResNet-50 at batch 256, forward
@@ -23,8 +23,8 @@ kernels in parallel, and a note row says how long that took.
 
 --smoke runs the same script on the CPU (Triton's interpreter) with a small
 ResNet-18 and two small layer shapes, fp32 only, wall-clock timing and no
-torch.compile: a check that the script itself runs end to end, so that a GPU
-session's few minutes are not lost to a bug in it (tests/test_bench.py).
+torch.compile: a check that the script itself runs end to end, so that a bug
+in the script shows up without a GPU (tests/test_bench.py).
 Its times mean nothing.
 """
 import argparse

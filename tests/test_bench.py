@@ -1,5 +1,5 @@
-"""bench/gpu.py runs end to end (--smoke: on the CPU, small), so that a GPU
-session's few minutes are not lost to a bug in the script itself."""
+"""bench/gpu.py runs end to end (--smoke: on the CPU, small), so that a bug in
+the script itself shows up without a GPU."""
 import os
 import re
 import subprocess
