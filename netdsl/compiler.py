@@ -48,7 +48,7 @@ def front(prog: ir.Program, net: str, diags: Diagnostics, overrides=None, input_
 def check_program_nets(prog: ir.Program, net: str | None = None, overrides: dict | None = None,
                        input_shape=None) -> Checked:
     diags = Diagnostics()
-    check_program(prog, diags)  # unknown names, duplicates, recursion
+    check_program(prog, diags)  # unknown names, duplicates
     names = networks(prog)
     if net is not None:
         if net not in names:

@@ -20,6 +20,28 @@ from .ops import OPS, REQUIRED, ArgError, show, stateless
 
 _COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 
+# Blocks may recurse (pix2pix's UnetSkipConnectionBlock, a U-Net written as
+# the block it is), each level choosing with `if` whether to go deeper; a
+# chain of block calls deeper than this is an error, not a hang.
+MAX_DEPTH = 64
+
+
+class _TooDeep(Exception):
+    """Block calls nested past MAX_DEPTH: ends the network's elaboration (a
+    recursion that branches would otherwise report the same error at every
+    leaf of an exponential tree)."""
+
+    def __init__(self, pos, message, trace):
+        super().__init__(message)
+        self.pos, self.message, self.trace = pos, message, trace
+
+
+def _chain(names) -> str:
+    """A call chain, its middle elided: A -> B -> A -> ... -> B -> A."""
+    names = list(names)
+    shown = names if len(names) <= 8 else names[:4] + ["..."] + names[-3:]
+    return " -> ".join(shown)
+
 # ------------------------------------------------------------------ static checks
 
 
@@ -46,7 +68,9 @@ def _item_calls(it):
 
 
 def check_program(prog: ir.Program, diags: Diagnostics) -> None:
-    """File-wide checks: duplicate definitions, unknown layers/blocks, recursion."""
+    """File-wide checks: duplicate definitions, unknown layers and blocks.
+    (A block may call itself, directly or through others: elaboration
+    bounds the depth, MAX_DEPTH.)"""
     seen: dict[str, ir.Pos] = {}
     for d in (*prog.blocks, *prog.nets):
         if d.name in OPS:
@@ -62,24 +86,6 @@ def check_program(prog: ir.Program, diags: Diagnostics) -> None:
         for c in _calls(body):
             if c.name not in OPS and c.name not in blocks:
                 diags.error(c.pos, f"unknown layer or block '{c.name}'{did_you_mean(c.name, known)}")
-    # recursion: depth-first search over the block call graph
-    state: dict[str, int] = {}
-
-    def visit(name: str, path: list[str]):
-        state[name] = 1
-        for c in _calls(blocks[name].body):
-            if c.name not in blocks:
-                continue
-            if state.get(c.name) == 1:
-                cycle = path[path.index(c.name):] + [c.name] if c.name in path else [name, c.name]
-                diags.error(c.pos, f"block '{c.name}' is recursive: {' -> '.join(cycle)}")
-            elif c.name not in state:
-                visit(c.name, path + [c.name])
-        state[name] = 2
-
-    for b in prog.blocks:
-        if b.name not in state:
-            visit(b.name, [b.name])
 
 
 # ------------------------------------------------------------------ scopes
@@ -205,8 +211,15 @@ class _Elaborator:
             except EvalError as e:
                 self.err(e.pos, e.message, trace)
                 return None
+            except _TooDeep as e:
+                self.err(e.pos, e.message, e.trace)
+                return None
         else:
-            nodes = self.stmts(nd.body, env, scope, trace)
+            try:
+                nodes = self.stmts(nd.body, env, scope, trace)
+            except _TooDeep as e:
+                self.err(e.pos, e.message, e.trace)
+                return None
         return ir.Net(nd.name, shape, ir.Seq(tuple(nodes)), nd.pos, dict(env))
 
     # -- bodies
@@ -362,8 +375,11 @@ class _Elaborator:
 
     def block_call(self, call: ir.Call, env, scope, trace, label=None, inline=False) -> list:
         block = self.blocks[call.name]
-        if any(name == block.name for _, name in trace):  # reported once by check_program
-            return [self.poison(call, scope, trace)]
+        if len(trace) >= MAX_DEPTH:
+            chain = _chain([name for _, name in trace] + [block.name])
+            # at the call that went too deep, with a note at the network's first call (not 64 of them)
+            raise _TooDeep(call.pos, f"block calls nest deeper than {MAX_DEPTH}: {chain} "
+                                     f"(a recursive block needs an `if` that stops it)", trace[:1])
         given = self.bind(block.params, call.args, f"block '{block.name}'", env)
         benv: dict = {}
         for p in block.params:

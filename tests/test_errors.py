@@ -112,15 +112,57 @@ def test_block_argument_errors():
     assert (4, 11, "block 'B' takes at most 2 positional arguments, got 3") in errs
 
 
-def test_recursive_blocks():
+def test_unbounded_recursion_is_an_error_at_the_call_that_goes_too_deep():
     text = "block A() { B() }\nblock B() { A() }\nnet N input(1, 4, 4) { A() }"
-    line, col, msg = only(text)
-    assert (line, col) == (2, 13) and msg == "block 'A' is recursive: A -> B -> A"
+    res = check_text(text, "e.net")
+    (d,) = res.diagnostics
+    assert (d.pos.line, d.pos.col) == (2, 13)  # the 65th call, A() in B; the chain shows both blocks
+    assert d.message == ("block calls nest deeper than 64: A -> B -> A -> B -> ... -> A -> B -> A "
+                         "(a recursive block needs an `if` that stops it)")
+    assert [(p.line, p.col, note) for p, note in d.notes] == [(3, 24, "in block 'A' used here")]
 
 
-def test_self_recursion():
-    line, col, msg = only("block A() { relu -> A() }\nnet N input(1, 4, 4) { A() }")
-    assert (line, col) == (1, 21) and "recursive" in msg
+def test_self_recursion_that_branches_is_reported_once_and_quickly():
+    # 2^64 leaves if every branch recursed to the limit: the first one ends the network's elaboration
+    text = "block A() { concat { relu -> A() ; A() } }\nnet N input(1, 4, 4) { A() }\nnet M input(1, 4, 4) { A() }"
+    (line, col, msg) = only(text)  # (both networks stop at the same call: one error)
+    assert (line, col) == (1, 30) and msg.startswith("block calls nest deeper than 64: A -> A -> A")
+
+
+def test_bounded_recursion_elaborates():
+    """Each level decides with `if` whether to go deeper (a U-Net's levels)."""
+    text = ("block Level(depth, c) {\n"
+            "    if depth > 0 {\n"
+            "        concat {\n"
+            "            identity\n"
+            "            conv(c, 3, padding=1) -> Level(depth - 1, 2 * c)\n"
+            "        }\n"
+            "    } else { relu }\n"
+            "}\n"
+            "net U(depth = 3) input(2, 8, 8) { Level(depth, 4) }\n")
+    res = check_text(text, "u.net")
+    assert res.ok, res.diagnostics
+    (net,) = res.nets
+    # depth 0: relu keeps c; each level above concatenates its input with the level below's output
+    # c_out(d, c_in, c) = c_in + c_out(d - 1, c, 2c), c_out(0, c_in, _) = c_in
+    assert net.body.out_shape == (2 + 4 + 8 + 16, 8, 8)
+    names = [l.name for l in _layers(net.body)]
+    # (a concat's branches number their items in its scope, as a chain does: identity 0, conv 1, Level 2)
+    assert names == ["0.0", "0.1", "0.2.0", "0.2.1", "0.2.2.0", "0.2.2.1", "0.2.2.2.0"], names
+    # 64 nested calls are allowed, 65 are not (constant widths: 2^64 channels would be an error of their own)
+    flat = text.replace("2 * c", "c")
+    assert check_text(flat.replace("depth = 3", "depth = 63"), "u.net").ok
+    (d,) = check_text(flat.replace("depth = 3", "depth = 64"), "u.net").diagnostics
+    assert (d.pos.line, d.pos.col) == (5, 38) and "nest deeper than 64: Level -> Level" in d.message
+
+
+def _layers(node):
+    from netdsl import ir
+
+    if isinstance(node, ir.Layer):
+        yield node
+    for child in ir.children(node):
+        yield from _layers(child)
 
 
 def test_groups_must_divide_channels():

@@ -374,3 +374,27 @@ def test_no_torch_compute_in_a_training_step(file, net, overrides):
     with _NoTorchCompute():
         m(x).backward(g)
     assert all(p.grad is not None for p in m.parameters())
+
+
+RECURSIVE = """block Level(depth, c) {
+    if depth > 0 {
+        concat {
+            identity
+            conv(c, 3, padding=1, bias=false) -> bn -> relu -> Level(depth - 1, 2 * c)
+        }
+    } else { relu }
+}
+net U(depth = 2) input(3, 6, 6) { Level(depth, 4) -> conv(5, 1) }
+"""
+
+
+def test_a_recursive_block_against_its_torch_twin(spec_file):
+    """A block that calls itself (to a depth its `if` chooses) runs as the
+    network it unrolls to: outputs in eval and train mode, and gradients."""
+    from twin import grad_compare
+
+    tri, ref = twins(spec_file(RECURSIVE, "u.net"), "U")
+    assert sum(1 for k in tri.state_dict() if k.endswith(".weight")) == 2 + 2 + 1  # two conv+bn levels, the head
+    x = torch.randn(2, 3, 6, 6)
+    compare(tri, ref, x)
+    grad_compare(tri, ref, x)
