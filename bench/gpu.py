@@ -78,16 +78,26 @@ def rel(a, b):
 def twins(path, net, **overrides):
     dev = RUN["device"]
     tri = netdsl.build(str(path), net, **overrides).to(dev).to(memory_format=torch.channels_last)
+    tri.spec = (str(path), net)
     ref = netdsl.build(str(path), net, target="torch", **overrides).to(dev).to(memory_format=torch.channels_last)
     tri.load_state_dict(ref.state_dict())
     return tri, ref
 
 
+def variant(m, *disable):
+    """m (from twins) compiled without the fusions named (netdsl.switches), with m's state."""
+    path, net = m.spec
+    v = netdsl.build(path, net, disable=disable).to(RUN["device"]).to(memory_format=torch.channels_last)
+    v.load_state_dict(m.state_dict())
+    return v
+
+
 def precompiled(rows, label, m, x, dtype=torch.float32, trains=(False, True), env=None):
     """Compile m's kernels for inference and a training step on x (trains), in
-    parallel (netdsl.precompile), with env's variables set (NETDSL_COMBO=0:
-    other kernels), and note how long that took.  --smoke: for an sm_90 this
-    machine does not have (aot.jit_target), as the tests do."""
+    parallel (netdsl.precompile), with env's variables set (NETDSL_TUNED=0:
+    the default launch configurations), and note how long that took.
+    --smoke: for an sm_90 this machine does not have (aot.jit_target), as the
+    tests do."""
     import contextlib
 
     from netdsl import aot
@@ -120,11 +130,14 @@ def correctness(rows):
     x = torch.randn(RUN["check_batch"], 3, RUN["size"], RUN["size"], device=RUN["device"])
     x = x.to(memory_format=torch.channels_last)
     label = f"{net} fp32(ieee) b{RUN['check_batch']}"
+    # the other ways of merging and of launching a conv's backward, checked below: modules compiled without
+    # those fusions (combo's without wgrad_add too: a weight gradient only rides in the combined launch)
+    merge0, combo0, add0 = variant(tri, "grid_merge"), variant(tri, "combo", "wgrad_add"), variant(tri, "wgrad_add")
+    merge0_add0 = variant(tri, "grid_merge", "wgrad_add")
     precompiled(rows, label, tri, x)
-    # (the other ways of merging and of launching a conv's backward, checked below, have kernels of their own)
-    precompiled(rows, label + " merge=0", tri, x, trains=(True,), env={"NETDSL_GRID_MERGE": "0"})
-    precompiled(rows, label + " combo=0", tri, x, trains=(True,), env={"NETDSL_COMBO": "0"})
-    precompiled(rows, label + " wgrad_add=0", tri, x, trains=(True,), env={"NETDSL_WGRAD_ADD": "0"})
+    precompiled(rows, label + " merge=0", merge0, x, trains=(True,))
+    precompiled(rows, label + " combo=0", combo0, x, trains=(True,))
+    precompiled(rows, label + " wgrad_add=0", add0, x, trains=(True,))
     for mode in ("eval", "train"):
         tri.train(mode == "train"), ref.train(mode == "train")
         with torch.no_grad():
@@ -145,22 +158,18 @@ def correctness(rows):
                  max((a - b).abs().max().item() for a, b in zip(again, ours))))
     # without them, the BN statistics and BN-backward sums, merged by each conv's (dgrad's) last
     # programs (an atomic count per channel block), and by separate launches
-    os.environ["NETDSL_WGRAD_ADD"] = "0"
-    for merge in ("1", "0"):
-        os.environ["NETDSL_GRID_MERGE"] = merge
-        ours = grads(tri)
+    for merge, m in (("1", add0), ("0", merge0_add0)):
+        m.train()
+        ours = grads(m)
         rows.append(("check", f"{net} train grads worst rel err (merge={merge}, wgrad_add=0)",
                      max(rel(a, b) for a, b in zip(ours, theirs))))
-        again = grads(tri)  # same inputs, same order of every sum: bit for bit
+        again = grads(m)  # same inputs, same order of every sum: bit for bit
         rows.append(("check", f"{net} train grads repeat max abs diff (merge={merge}, wgrad_add=0)",
                      max((a - b).abs().max().item() for a, b in zip(again, ours))))
-    os.environ.pop("NETDSL_GRID_MERGE")
-    os.environ.pop("NETDSL_WGRAD_ADD")
     # each conv's dgrad and wgrad in one launch (the default), and in one launch each
-    os.environ["NETDSL_COMBO"] = "0"
+    combo0.train()
     rows.append(("check", f"{net} train grads worst rel err (combo=0)",
-                 max(rel(a, b) for a, b in zip(grads(tri), theirs))))
-    os.environ.pop("NETDSL_COMBO")
+                 max(rel(a, b) for a, b in zip(grads(combo0), theirs))))
     from netdsl import runtime as rt
 
     rows.append(("check", "grid-merge counters left nonzero", sum(int(c.ne(0).sum()) for c in rt._COUNTERS.values())))
@@ -228,10 +237,10 @@ def net_rows(rows, batch, compile_modes):
         y = torch.randint(0, 1000, (batch,), device=dev)
         for dtype in RUN["dtypes"]:
             dname = "fp32(tf32)" if dtype == torch.float32 else "bf16"
+            combo0, add0 = variant(tri, "combo", "wgrad_add"), variant(tri, "wgrad_add")
             precompiled(rows, f"{net} {dname} b{batch}", tri, x, dtype)
-            precompiled(rows, f"{net} {dname} b{batch} combo=0", tri, x, dtype, (True,), {"NETDSL_COMBO": "0"})
-            precompiled(rows, f"{net} {dname} b{batch} wgrad_add=0", tri, x, dtype, (True,),
-                        {"NETDSL_WGRAD_ADD": "0"})
+            precompiled(rows, f"{net} {dname} b{batch} combo=0", combo0, x, dtype, (True,))
+            precompiled(rows, f"{net} {dname} b{batch} wgrad_add=0", add0, x, dtype, (True,))
             if TUNED:
                 precompiled(rows, f"{net} {dname} b{batch} untuned", tri, x, dtype, env={"NETDSL_TUNED": "0"})
 
@@ -265,12 +274,9 @@ def net_rows(rows, batch, compile_modes):
             rows.append(("net", f"{net} inference {dname} b{batch}", t, None, None))
             tri.train(), ref.train()
             t = {"netdsl": timed(step(tri), reps=5), "eager": timed(step(ref), reps=5)}
-            os.environ["NETDSL_COMBO"] = "0"  # each conv's dgrad and wgrad launched apart, to compare
-            t["netdsl-combo0"] = timed(step(tri), reps=5)
-            os.environ.pop("NETDSL_COMBO")
-            os.environ["NETDSL_WGRAD_ADD"] = "0"  # every weight gradient by its wgrad's programs, to compare
-            t["netdsl-add0"] = timed(step(tri), reps=5)
-            os.environ.pop("NETDSL_WGRAD_ADD")
+            combo0.train(), add0.train()
+            t["netdsl-combo0"] = timed(step(combo0), reps=5)  # each conv's dgrad and wgrad launched apart
+            t["netdsl-add0"] = timed(step(add0), reps=5)  # every weight gradient by its wgrad's programs
             if TUNED:
                 t["netdsl-untuned"] = timed(untuned(step(tri)), reps=5)
             for cm in compile_modes:

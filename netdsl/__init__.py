@@ -10,17 +10,18 @@ __all__ = ["build", "check_file", "check_text", "checked_net", "compile_to_modul
            "Diagnostic", "NetdslError"]
 
 
-def build(path, net: str, target: str = "triton", **overrides):
-    """Compile (or fetch from the cache) and instantiate one network of a spec file."""
+def build(path, net: str, target: str = "triton", disable=(), **overrides):
+    """Compile (or fetch from the cache) and instantiate one network of a spec
+    file; disable: fusions to compile it without (netdsl.switches.SWITCHES)."""
     from .cache import build as _build
 
-    return _build(path, net, target, **overrides)
+    return _build(path, net, target, disable, **overrides)
 
 
-def compile_to_module(path, net=None, target: str = "triton", **overrides):
+def compile_to_module(path, net=None, target: str = "triton", disable=(), **overrides):
     from .cache import compile_to_module as _compile
 
-    return _compile(path, net, target, **overrides)
+    return _compile(path, net, target, disable, **overrides)
 
 
 def precompile(module, x, *, train: bool = True, jobs=None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .compiler import compile_program
 from .parser import grammar_path, load
+from .switches import check as check_switches
 
 
 def cache_dir() -> Path:
@@ -34,11 +35,11 @@ def compiler_digest(root: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def _key(prog, net, overrides, target) -> str:
+def _key(prog, net, overrides, target, disable=frozenset()) -> str:
     h = hashlib.sha256()
     for name in sorted(prog.sources):
         h.update(name.encode() + b"\0" + prog.sources[name].encode() + b"\0")
-    h.update(repr((net, sorted((overrides or {}).items()), target, __version__)).encode())
+    h.update(repr((net, sorted((overrides or {}).items()), target, sorted(disable), __version__)).encode())
     h.update(compiler_digest().encode())
     return h.hexdigest()[:20]
 
@@ -56,20 +57,23 @@ def import_file(path: str | os.PathLike, name: str | None = None):
     return mod
 
 
-def compile_to_module(path, net: str | None = None, target: str = "triton", **overrides):
-    """The generated module for a spec file, from the cache when the content is unchanged."""
+def compile_to_module(path, net: str | None = None, target: str = "triton", disable=(), **overrides):
+    """The generated module for a spec file, from the cache when the content is
+    unchanged; disable: fusions to switch off (switches.py), part of the key."""
     prog = load(path)
-    key = _key(prog, net, overrides, target)
+    disable = check_switches(disable) if target == "triton" else frozenset()
+    key = _key(prog, net, overrides, target, disable)
     out = cache_dir() / f"{Path(str(path)).stem}_{key}.py"
     if not out.exists():
-        source, _ = compile_program(prog, net, overrides, target=target)
+        source, _ = compile_program(prog, net, overrides, target=target, disable=disable)
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(source)
         os.replace(tmp, out)
     return import_file(out, f"netdsl_gen_{key}")
 
 
-def build(path, net: str, target: str = "triton", **overrides):
-    """A ready module instance: `netdsl.build("specs/resnet.net", net="ResNet18", num_classes=10)`."""
-    mod = compile_to_module(path, net, target, **overrides)
+def build(path, net: str, target: str = "triton", disable=(), **overrides):
+    """A ready module instance: `netdsl.build("specs/resnet.net", net="ResNet18", num_classes=10)`;
+    `disable=["grid_merge"]` compiles it without that fusion (switches.py)."""
+    mod = compile_to_module(path, net, target, disable, **overrides)
     return mod.NETWORKS[net]()

@@ -7,6 +7,8 @@ import json
 import sys
 
 from .diagnostics import NetdslError, render_all
+from .switches import SWITCHES, SwitchError
+from .switches import check as check_switches
 
 EXIT_OK, EXIT_INVALID, EXIT_INTERNAL = 0, 2, 3
 
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch", type=int, default=32, help="batch size the --report launches are planned for (default 32)")
     k.add_argument("--tuned", action="store_true",
                    help="bake in the launch configurations `netdsl tune` saved for these kernels (every device)")
+    k.add_argument("--disable", action="append", default=[], metavar="NAME",
+                   help="compile without this fusion (repeatable): " + ", ".join(SWITCHES))
     u = sub.add_parser("tune", help="time launch configurations of a network's conv kernels on the GPU; keep the fastest")
     u.add_argument("file")
     u.add_argument("--net", required=True, help="the network to tune")
@@ -216,7 +220,12 @@ def cmd_compile(args) -> int:
     from .parser import load
     from .codegen.triton_module import kernel_names
 
-    source, nets = compile_program(load(args.file), args.net, dict(args.set), target=args.target)
+    try:
+        disable = check_switches(args.disable)
+    except SwitchError as e:  # one line, before the spec is even read
+        sys.stderr.write(f"netdsl: error: {e}\n")
+        return EXIT_INVALID
+    source, nets = compile_program(load(args.file), args.net, dict(args.set), target=args.target, disable=disable)
     stem = os.path.splitext(os.path.basename(args.file))[0]
     out = args.output or f"{stem}{'_torch' if args.target == 'torch' else ''}.py"
     with open(out, "w") as f:

@@ -91,10 +91,15 @@ def checked_net(path_or_prog, net: str, overrides=None, input_shape=None) -> ir.
 
 
 def compile_program(prog: ir.Program, net: str | None = None, overrides=None, input_shape=None,
-                    target: str = "triton") -> tuple[str, list[ir.Net]]:
+                    target: str = "triton", disable=()) -> tuple[str, list[ir.Net]]:
     """Spec -> Python source for every network of the file (or only `net`).
 
-    front -> fuse (triton target) -> generate; raises NetdslError on any problem."""
+    front -> fuse (triton target) -> generate; raises NetdslError on any
+    problem of the spec, switches.SwitchError on a bad `disable` (the fusions
+    to switch off, switches.py; the torch target has none and ignores them)."""
+    from .switches import check as check_switches
+
+    disable = check_switches(disable)
     from .codegen import torch_module, triton_module
     from .fusion import fuse
 
@@ -107,4 +112,4 @@ def compile_program(prog: ir.Program, net: str | None = None, overrides=None, in
     if target == "torch":
         return torch_module.generate(res.nets, source), res.nets
     fused = [fuse(n) for n in res.nets]  # conv+bn+act, linear+act, bn+act, residual epilogues
-    return triton_module.generate(fused, source), fused
+    return triton_module.generate(fused, source, disable), fused

@@ -302,7 +302,7 @@ class ConvFn(torch.autograd.Function):
             partials = None
             if batch_stats:
                 _, partials = rt.tuned.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, stats=True,
-                                           merge=rt.grid_merge(bn), **kw)
+                                           merge=rt.grid_merge(bn, K.rt), **kw)
             else:
                 rt.tuned.conv2d(_rt, kernel, x4, w4, raw4, shift=bias, **kw)
             if defer is not None:
@@ -411,7 +411,7 @@ class ConvFn(torch.autograd.Function):
             # (a deferred BN's sums come from the epilogue whoever produced its input: no pass over dx for them;
             # the dgrad's last programs also finish that BN's backward)
             rec = inp if inp is not None else block
-            if rec is not None and rt.grid_merge(rec.bn) is not None:
+            if rec is not None and rt.grid_merge(rec.bn, K.rt) is not None:
                 merge = _bn_sums_empty(rec.bn, x, rec.mean, rec.batch_stats, _bias_wanting_grad(rec.back))
             grad_out = inp.bn_grad(rt.as4d(x)) if inp is not None else block.bn_grad() if block is not None else None
             out_mask = (block.bits if block.bits is not None else rt.as4d(x), block.act, block.slope) \
@@ -426,7 +426,7 @@ class ConvFn(torch.autograd.Function):
             and _conv.same_view(rt.as4d(dres), draw) else None
         if dx is not None or dw is not None:  # both gradients in one launch
             got = rt.tuned.conv2d_backward(
-                _rt, bw.backward, draw, w4, rt.as4d(x), dx=rt.as4d(dx) if dx is not None else None,
+                K.rt, bw.backward, draw, w4, rt.as4d(x), dx=rt.as4d(dx) if dx is not None else None,
                 dw=(dw.view(*dw.shape, 1, 1) if ctx.linear else dw) if dw is not None else None, groups=groups,
                 prologue=inp.prologue() if inp is not None else None, grad_in=grad_in, grad_out=grad_out,
                 residual=sibling, out_mask=out_mask, merge=merge, dbias=wgrad_db, pointwise=pointwise,
@@ -876,7 +876,7 @@ class PoolFn(torch.autograd.Function):
         grad_out = merge = None
         if inp is not None:
             grad_out = inp.bn_grad(rt.as4d(raw))
-            if rt.grid_merge(inp.bn) is not None:
+            if rt.grid_merge(inp.bn, K.rt) is not None:
                 merge = _bn_sums_empty(inp.bn, raw, inp.mean, inp.batch_stats, _bias_wanting_grad(inp.back))
         got = _pool.pool2d_backward(_rt, _backward_of(kernel).backward, dy, idx, dx, grad_out=grad_out, merge=merge)
         din_w = din_b = None

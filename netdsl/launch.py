@@ -268,27 +268,12 @@ def stat_empty(C, like):
     return torch.empty(C, device=like.device, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
-def grid_merge(bn):
+def grid_merge(bn, rt):
     """bn, where a conv's programs merge its batch statistics (and a dgrad's
-    its backward's sums): the default; None with NETDSL_GRID_MERGE=0, which
-    leaves them to bn_stats / channel_grad launches over the same partials
-    (to rule the merges out when hunting a bug)."""
-    return bn if os.environ.get("NETDSL_GRID_MERGE", "1") != "0" else None
-
-
-def combo() -> bool:
-    """True where a conv's input and weight gradients share one launch
-    (kernels/conv.py's CONV2D_BACKWARD): the default; NETDSL_COMBO=0 gives
-    each its own launch of the same kernel, one part on (to compare)."""
-    return os.environ.get("NETDSL_COMBO", "1") != "0"
-
-
-def wgrad_add() -> bool:
-    """True where a 1×1 stride-1 conv's weight gradient may ride in its dgrad
-    as atomic adds (kernels/conv.py's WGRAD_ADD): the default, except under
-    torch.use_deterministic_algorithms (the adds' order varies, and so do the
-    sums' last bits); NETDSL_WGRAD_ADD=0 keeps the wgrad's own programs."""
-    return os.environ.get("NETDSL_WGRAD_ADD", "1") != "0" and not torch.are_deterministic_algorithms_enabled()
+    its backward's sums): the default; None where the module was compiled
+    with grid_merge off, which leaves them to bn_stats / channel_grad launches
+    over the same partial sums.  rt: the module's _RT (K.rt)."""
+    return bn if "grid_merge" not in rt.disabled else None
 
 
 def batch_stats_empty(C, like):
@@ -360,7 +345,9 @@ def channel_range(buf, c0: int, c1: int):
 
 
 class _RT:
-    """What kernel launchers call back into (keeps kernels/ free of torch state)."""
+    """What kernel launchers call back into (keeps kernels/ free of torch
+    state), with the fusions a generated module was compiled without
+    (switches.py): each module's K.rt."""
 
     launch = staticmethod(launch)
     acc = staticmethod(acc)
@@ -369,11 +356,25 @@ class _RT:
     gpu_tiles = staticmethod(gpu_tiles)
     batch_stats_empty = staticmethod(batch_stats_empty)
     counters = staticmethod(counters)
-    combo = staticmethod(combo)
-    wgrad_add = staticmethod(wgrad_add)
+
+    def __init__(self, disabled=frozenset()):
+        self.disabled = frozenset(disabled)
+
+    def combo(self) -> bool:
+        """True where a conv's input and weight gradients share one launch
+        (kernels/conv.py's CONV2D_BACKWARD); with combo off, each gets its own
+        launch of the same kernel, one part on."""
+        return "combo" not in self.disabled
+
+    def wgrad_add(self) -> bool:
+        """True where a 1×1 stride-1 conv's weight gradient may ride in its
+        dgrad as atomic adds (kernels/conv.py's WGRAD_ADD): not with wgrad_add
+        off, nor under torch.use_deterministic_algorithms (the adds' order
+        varies, and so do the sums' last bits)."""
+        return "wgrad_add" not in self.disabled and not torch.are_deterministic_algorithms_enabled()
 
 
-_rt = _RT()
+_rt = _RT()  # every fusion on: for the launchers' own tests and the tools
 
 
 # the conv launchers, each with the tuned configuration for its shape where there is one
@@ -385,10 +386,12 @@ tuned = tuning.launchers()
 
 class Kernels:
     """The generic kernels of a generated file (BN statistics, folding, apply,
-    elementwise, adaptive pooling), handed to the ops below."""
+    elementwise, adaptive pooling), handed to the ops; disable: the fusions
+    the file was compiled without (switches.py), as `self.rt`."""
 
-    def __init__(self, **kernels):
+    def __init__(self, disable=(), **kernels):
         self.__dict__.update(kernels)
+        self.rt = _RT(frozenset(disable))
 
 
 _FOLDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

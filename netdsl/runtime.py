@@ -15,9 +15,8 @@ from .kernels import norm as _norm
 from .kernels import pool as _pool
 from .launch import (  # noqa: F401  (the generated modules' and the tools' rt.*)
     _COUNTERS, ChannelStats, Kernels, TensorInfo, _bn_scale_shift, _is_cl, _rt, acc, as4d, batch_stats_empty,
-    channel_range, combo, compile_only, concat_buffer, copy, counters, dry, empty, gpu_tiles, grid_merge,
-    in_launch, kernel_log, launch, needs_int64, plan_launches, precision, shuffled_grid, stat_empty, tuned,
-    wgrad_add)
+    channel_range, compile_only, concat_buffer, copy, counters, dry, empty, gpu_tiles, grid_merge,
+    in_launch, kernel_log, launch, needs_int64, plan_launches, precision, shuffled_grid, stat_empty, tuned)
 from .ops import window_out
 from .tuning import register as register_tuned  # noqa: F401  (generated modules' baked-in tables)
 
@@ -188,7 +187,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
                             act=act, slope=slope, **kw)
     if bn.training or bn.running_mean is None:
         raw = empty((N, layer.out_channels, Ho, Wo), x)
-        _, partials = tuned.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, stats=True, merge=grid_merge(bn),
+        _, partials = tuned.conv2d(_rt, kernel, x, weight, raw, shift=layer.bias, stats=True,
+                                   merge=grid_merge(bn, K.rt),
                                    **kw)
         scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True, partials=partials)
         _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)

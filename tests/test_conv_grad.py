@@ -58,11 +58,11 @@ def test_weight_and_input_gradients(tmp_path, seed):
 @pytest.mark.parametrize("combo", ["1", pytest.param("0", marks=pytest.mark.slow)])
 def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
     """conv2d_backward: the input and weight gradients (and the bias's) from
-    one launch of the combined kernel (NETDSL_COMBO=0: two launches of it, one
-    part each), or either part alone; against torch.nn.grad, with a grouped
+    one launch of the combined kernel (compiled without combo: two launches of
+    it, one part each), or either part alone; against torch.nn.grad, with a grouped
     strided conv, and with GPU-sized 16×16 tiles so both grids have many
     programs laid end to end."""
-    monkeypatch.setenv("NETDSL_COMBO", combo)
+    launcher_rt = rt._rt if combo == "1" else rt._RT({"combo", "wgrad_add"})  # what a module's K.rt says
     monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
     torch.manual_seed(3)
     consts = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1, GROUPS=2)
@@ -79,7 +79,7 @@ def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
         dw = torch.full_like(w, float("nan")) if want_w else None
         db = torch.full((36,), float("nan")) if want_w else None
         with rt.kernel_log() as log:
-            kconv.conv2d_backward(rt._rt, backward, dy, w, x, dx=dx, dw=dw, groups=2, dbias=db)
+            kconv.conv2d_backward(launcher_rt, backward, dy, w, x, dx=dx, dw=dw, groups=2, dbias=db)
         grids[want_x, want_w] = [grid for _, grid in log]
         if want_x:
             assert torch.allclose(dx, expect_x, rtol=1e-4, atol=1e-4)

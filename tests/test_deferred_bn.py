@@ -244,11 +244,10 @@ def test_a_pool_takes_its_producer_convs_batch_norm_and_activation(tmp_path):
 @pytest.mark.parametrize("merge", ["1", "0"])
 def test_pool_deferred_batch_norm_matches_torch(tmp_path, monkeypatch, merge):
     """Outputs, running statistics and every gradient against the torch twin,
-    in train mode and in eval mode with gradients (frozen statistics); with
-    NETDSL_GRID_MERGE=0 the pool's backward leaves per-tile sums that a
-    channel_grad launch merges instead."""
-    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
-    tri, ref = twins(_pooled(tmp_path), "P")
+    in train mode and in eval mode with gradients (frozen statistics);
+    compiled without grid_merge, the pool's backward leaves per-tile sums that
+    a channel_grad launch merges instead."""
+    tri, ref = twins(_pooled(tmp_path), "P", disable=() if merge == "1" else ("grid_merge",))
     x = torch.randn(4, 3, 12, 12)
     compare(tri, ref, x)
     grad_compare(tri, ref, x)
@@ -285,8 +284,7 @@ def test_pool_deferred_batch_norm_compiles_for_sm90_and_sm80_without_spills(tmp_
     specialises them, in fp32 and in bf16 under autocast, without spills."""
     from netdsl import aot
 
-    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
-    m = netdsl.build(_pooled(tmp_path), "P")
+    m = netdsl.build(_pooled(tmp_path), "P", disable=() if merge == "1" else ("grid_merge",))
     names = set()
     for bf16 in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -424,8 +422,8 @@ def test_bottleneck_fusions_compile_for_sm90_and_sm80_without_spills(tmp_path, b
 def test_weight_gradients_that_ride_in_dgrads_under_autocast(tmp_path, monkeypatch):
     """fp16 under autocast (the interpreter has no bf16): a conv's weight
     gradient is fp16 there, so the dgrad adds into an fp32 buffer, rounded
-    once at the end; the gradients match the wgrad's own (NETDSL_WGRAD_ADD=0)
-    to fp16's rounding."""
+    once at the end; the gradients match the wgrad's own (a module compiled
+    without wgrad_add) to fp16's rounding."""
     from twin import rel_err
 
     tri, _ = twins(_bottlenecks(tmp_path), "N")
@@ -433,21 +431,25 @@ def test_weight_gradients_that_ride_in_dgrads_under_autocast(tmp_path, monkeypat
     x = torch.randn(4, 16, 8, 8)
     state = {k: v.clone() for k, v in tri.state_dict().items()}
 
-    def grads():  # (from the same state: a train-mode forward moves the running statistics)
-        tri.load_state_dict(state)
-        tri.zero_grad(set_to_none=True)
+    def grads(m):  # (from the same state: a train-mode forward moves the running statistics)
+        m.train()
+        m.load_state_dict(state)
+        m.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.float16):
-            y = tri(x)
+            y = m(x)
         y.float().square().mean().backward()
-        return {k: p.grad.clone() for k, p in tri.named_parameters()}
+        return {k: p.grad.clone() for k, p in m.named_parameters()}
 
     with rt.plan_launches() as plan, torch.autocast("cpu", dtype=torch.float16):
         tri(x).float().sum().backward()
     rides = [meta for _, _, meta in plan if meta.get("d_WGRAD_ADD")]
     assert len(rides) == 7, len(rides)  # (the bottlenecks' 1×1 convs with dgrads, at BLOCK_M 64: all of them)
-    added = grads()
-    monkeypatch.setenv("NETDSL_WGRAD_ADD", "0")
-    own = grads()
+    added = grads(tri)
+    without, _ = twins(_bottlenecks(tmp_path), "N", disable=("wgrad_add",))
+    with rt.plan_launches() as plan, torch.autocast("cpu", dtype=torch.float16):
+        without.train()(x).float().sum().backward()
+    assert not any(meta.get("d_WGRAD_ADD") for _, _, meta in plan)
+    own = grads(without)
     assert added.keys() == own.keys()
     for k in own:
         assert rel_err(added[k], own[k]) < 2e-3, (k, rel_err(added[k], own[k]))

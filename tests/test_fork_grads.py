@@ -151,8 +151,8 @@ def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path, 
     prologue and epilogue, a block output's act' in the dgrad (from its sign
     bits, and the apply kernel that stores them), a shortcut's BN
     in the apply, a dense block's cached statistics, the convs' and dgrads'
-    grid-wide merges and the launches that stand in for them with
-    NETDSL_GRID_MERGE=0) compile for real GPUs, without spills."""
+    grid-wide merges and the launches that stand in for them in a module
+    compiled without grid_merge) compile for real GPUs, without spills."""
     from netdsl import aot
 
     p = tmp_path / "f.net"
@@ -162,9 +162,8 @@ def test_the_summing_kernels_compile_for_sm90_and_sm80_without_spills(tmp_path, 
              "PARTIALS")
     variants = {}
     for merge in ("1", "0"):
-        monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
         for net, shape in (("R", (16, 4, 8, 8)), ("Dn", (16, 3, 8, 8))):
-            m = netdsl.build(str(p), net)
+            m = netdsl.build(str(p), net, disable=() if merge == "1" else ("grid_merge",))
             for kernel, sig, meta in aot.signatures(m, torch.randn(*shape), train=True, backward=True):
                 if any(m.get(f) for _, _, m in parts([(kernel, sig, meta)]) for f in names):
                     key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(meta.items())))
@@ -251,18 +250,17 @@ def test_dense_layers_share_their_inputs_batch_statistics(tmp_path):
 @pytest.mark.parametrize("merge", ["1", pytest.param("0", marks=pytest.mark.slow)])
 def test_grid_merges_with_gpu_sized_tiles(tmp_path, monkeypatch, merge):
     """The BN sums a conv's forward and a dgrad's epilogue leave per tile are
-    finished by the kernel's last program of each channel block
-    (NETDSL_GRID_MERGE=1, the default) or by bn_stats / channel_grad launches
-    (0): the same gradients as torch either way.  GPU-sized 16×16 tiles: 23
+    finished by the kernel's last program of each channel block (the default)
+    or, compiled without grid_merge, by bn_stats / channel_grad launches: the
+    same gradients as torch either way.  GPU-sized 16×16 tiles: 23
     tiles of 16 pixels, the last one partial, merged 16 at a time (the last
     block partial)."""
     from netdsl.kernels import conv as kconv
 
-    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
     monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
     p = tmp_path / "r.net"
     p.write_text(BLOCK.format(tail="conv(3, 1)").replace("input(4, 8, 8)", "input(4, 11, 11)"))
-    tri, ref = twins(str(p), "R")
+    tri, ref = twins(str(p), "R", disable=() if merge == "1" else ("grid_merge",))
     x = torch.randn(3, 4, 11, 11)
     forward, backward = _planned_step(tri, x)
     merged = [k.fn.__name__.split("__")[0] for k, _, meta in forward + backward if meta.get("MERGE")]

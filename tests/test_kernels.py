@@ -120,7 +120,7 @@ def test_dropout_in_kernel(tmp_path):
 def test_bn_statistics_from_many_conv_tiles(tmp_path, monkeypatch, merge):
     """Train-mode BN takes its statistics from the conv epilogue's per-tile
     sums (Chan's merge), merged by the conv's last program of each channel
-    block (NETDSL_GRID_MERGE=1, the default) or by a bn_stats launch (0).
+    block (the default) or, compiled without grid_merge, by a bn_stats launch.
     GPU-sized 16×16 tiles: 191 tiles of 16 pixels, the last one partial,
     merged 16 tiles at a time (the last block partial), for 2 channel blocks;
     a mean of ~50 against a spread of ~1, where sums of squares would cancel."""
@@ -128,13 +128,12 @@ def test_bn_statistics_from_many_conv_tiles(tmp_path, monkeypatch, merge):
     from netdsl import runtime as rt
     from netdsl.kernels import conv as kconv
 
-    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
     monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
     p = tmp_path / "tiles.net"
     p.write_text("net Tiles input(8, 39, 39) { conv(32, 1) -> bn -> relu }\n")
 
     def pair():
-        tri, ref = twins(str(p), "Tiles", seed=7)
+        tri, ref = twins(str(p), "Tiles", seed=7, disable=() if merge == "1" else ("grid_merge",))
         with torch.no_grad():
             ref.state_dict()["0.bias"].add_(50.0)
             tri.load_state_dict(ref.state_dict())
@@ -159,10 +158,9 @@ def test_bn_momentum_none_is_a_cumulative_average(tmp_path, monkeypatch, merge):
     """momentum=None set on the module: torch's running statistics are then the
     plain average over the batches seen, 1 / num_batches_tracked a step; so are
     ours, whether the conv's last programs or bn_stats update them."""
-    monkeypatch.setenv("NETDSL_GRID_MERGE", merge)
     p = tmp_path / "m.net"
     p.write_text("net M input(3, 9, 9) { conv(6, 3, padding=1) -> bn -> relu -> maxpool(2) -> bn }\n")
-    tri, ref = twins(str(p), "M", seed=3)
+    tri, ref = twins(str(p), "M", seed=3, disable=() if merge == "1" else ("grid_merge",))
     for m in (tri, ref):
         m.train()
         for mod in m.modules():

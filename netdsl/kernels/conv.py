@@ -994,7 +994,7 @@ def conv2d_backward(rt, kernel, dy, weight, x, dx=None, dw=None, groups=1, prolo
                     pointwise=False, res_sums=None):
     """A conv's input gradient dx (given dx) and weight gradient dw (given
     dw; as conv2d_wgrad's: prologue and dbias are its) in one launch of
-    CONV2D_BACKWARD; two with NETDSL_COMBO=0 (rt.combo()).  x is the conv's
+    CONV2D_BACKWARD; two where the module was compiled without combo (rt.combo()).  x is the conv's
     input (only its shape, where dw is None).
 
     dx is a transposed conv of dy with the same weight and geometry.  grad_in:
