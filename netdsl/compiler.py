@@ -97,12 +97,11 @@ def compile_program(prog: ir.Program, net: str | None = None, overrides=None, in
     front -> fuse (triton target) -> generate; raises NetdslError on any
     problem of the spec, switches.SwitchError on a bad `disable` (the fusions
     to switch off, switches.py; the torch target has none and ignores them)."""
+    from .codegen import torch_module, triton_module
+    from .fusion import fuse
     from .switches import check as check_switches
 
     disable = check_switches(disable)
-    from .codegen import torch_module, triton_module
-    from .fusion import fuse
-
     res = check_program_nets(prog, net, overrides, input_shape)
     if not res.ok:
         raise NetdslError(res.diagnostics, res.sources)

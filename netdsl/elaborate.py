@@ -200,26 +200,22 @@ class _Elaborator:
             self.err(e.pos, e.message, trace)
             return None
         scope = _Scope("")
-        if nd.alias is not None:
-            if nd.alias.name not in self.blocks:
-                if nd.alias.name in OPS:
-                    self.err(nd.alias.pos, f"`net {nd.name} ... = {nd.alias.name}(...)` needs a block, not a builtin layer; "
-                                           "write the layer in a body instead", trace)
-                return None  # an unknown name is reported by check_program
-            try:
+        if nd.alias is not None and nd.alias.name not in self.blocks:
+            if nd.alias.name in OPS:
+                self.err(nd.alias.pos, f"`net {nd.name} ... = {nd.alias.name}(...)` needs a block, not a builtin layer; "
+                                       "write the layer in a body instead", trace)
+            return None  # an unknown name is reported by check_program
+        try:
+            if nd.alias is not None:
                 nodes = self.block_call(nd.alias, env, scope, trace, inline=True)
-            except EvalError as e:
-                self.err(e.pos, e.message, trace)
-                return None
-            except _TooDeep as e:
-                self.err(e.pos, e.message, e.trace)
-                return None
-        else:
-            try:
+            else:
                 nodes = self.stmts(nd.body, env, scope, trace)
-            except _TooDeep as e:
-                self.err(e.pos, e.message, e.trace)
-                return None
+        except EvalError as e:  # (the alias's own arguments: a body reports its errors where they are)
+            self.err(e.pos, e.message, trace)
+            return None
+        except _TooDeep as e:
+            self.err(e.pos, e.message, e.trace)
+            return None
         return ir.Net(nd.name, shape, ir.Seq(tuple(nodes)), nd.pos, dict(env))
 
     # -- bodies

@@ -269,8 +269,8 @@ class _Forward:
         body's apply kernel normalises the shortcut as it loads it."""
         last, end = short.items[-1], body.items[-1] if body.items else None
         return self.seq(short, x, defer_last=(
-            self.autograd and "deferred_bn" not in self.disable and isinstance(last, ir.Fused) and last.kind == "conv" and last.bn is not None
-            and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
+            self.autograd and "deferred_bn" not in self.disable and isinstance(last, ir.Fused)
+            and last.kind == "conv" and last.bn is not None and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
             and end.bn is not None and end.residual))
 
     def fork(self, x: str, n: int) -> list[str]:
