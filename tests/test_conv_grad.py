@@ -62,7 +62,9 @@ def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
     it, one part each), or either part alone; against torch.nn.grad, with a grouped
     strided conv, and with GPU-sized 16×16 tiles so both grids have many
     programs laid end to end."""
-    launcher_rt = rt._rt if combo == "1" else rt._RT({"combo", "wgrad_add"})  # what a module's K.rt says
+    from netdsl.launch import _RT
+
+    launcher_rt = rt._rt if combo == "1" else _RT({"combo", "wgrad_add"})  # what a module's K.rt says
     monkeypatch.setattr(kconv, "conv_blocks", lambda M, cout, cin, on_gpu: (16, 16, 16))
     torch.manual_seed(3)
     consts = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1, GROUPS=2)
