@@ -8,7 +8,6 @@ import sys
 
 from .diagnostics import NetdslError, render_all
 from .switches import SWITCHES, SwitchError
-from .switches import check as check_switches
 
 EXIT_OK, EXIT_INVALID, EXIT_INTERNAL = 0, 2, 3
 
@@ -220,12 +219,8 @@ def cmd_compile(args) -> int:
     from .parser import load
     from .codegen.triton_module import kernel_names
 
-    try:
-        disable = check_switches(args.disable)
-    except SwitchError as e:  # one line, before the spec is even read
-        sys.stderr.write(f"netdsl: error: {e}\n")
-        return EXIT_INVALID
-    source, nets = compile_program(load(args.file), args.net, dict(args.set), target=args.target, disable=disable)
+    source, nets = compile_program(load(args.file), args.net, dict(args.set), target=args.target,
+                                   disable=args.disable)
     stem = os.path.splitext(os.path.basename(args.file))[0]
     out = args.output or f"{stem}{'_torch' if args.target == 'torch' else ''}.py"
     with open(out, "w") as f:
@@ -271,6 +266,9 @@ def main(argv=None) -> int:
         return {"check": cmd_check, "compile": cmd_compile, "train": cmd_train, "tune": cmd_tune}[args.command](args)
     except NetdslError as e:
         sys.stderr.write(render_all(e.diagnostics, e.sources))
+        return EXIT_INVALID
+    except SwitchError as e:  # a bad --disable set: one line
+        sys.stderr.write(f"netdsl: error: {e}\n")
         return EXIT_INVALID
     except BrokenPipeError:
         return EXIT_OK

@@ -11,7 +11,6 @@ every BN op starts from.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 import weakref
