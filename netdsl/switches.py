@@ -15,6 +15,8 @@ SWITCHES = {
                      "block's first 1×1 conv as it loads",
     "grid_merge": "batch-norm statistics and backward sums are merged by separate launches (bn_stats, "
                   "channel_grad) instead of by the last programs of the kernel that made the partial sums",
+    "concat_in_place": "a concatenation's parts (and a dense block's features) are copied into its buffer instead "
+                       "of being stored there by the kernels that make them",
     "combo": "a conv's input and weight gradients run as two launches instead of one",
     "wgrad_add": "a 1×1 stride-1 conv's weight gradient is summed by its own programs instead of added into by "
                  "its dgrad's (atomic adds)",

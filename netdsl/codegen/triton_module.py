@@ -10,6 +10,8 @@ from ..kernels import elementwise as kew
 from ..kernels import norm as knorm
 from ..kernels import pool as kpool
 from ..kernels import ACTIVATION, ACTIVATION_GRAD, render
+from ..plan import inference_plan
+from ..plan.lower import preserves_size
 from .layers import check_class_name, class_lines, where
 
 GENERIC = {  # kernels with nothing spec-specific; one copy per file
@@ -149,29 +151,13 @@ def _last_conv(node):
     return node if isinstance(node, ir.Fused) and node.kind == "conv" else None
 
 
-def _preserves_size(node) -> bool:
-    """True when node's output has its input's spatial size for every input size."""
-    if isinstance(node, ir.Layer):
-        a = node.attrs
-        if node.op in ("conv", "maxpool", "avgpool"):
-            kh, kw = a["kernel_size"]
-            d = a.get("dilation", (1, 1))
-            return a["stride"] == (1, 1) and all(2 * p == dd * (k - 1) for p, k, dd in zip(a["padding"], (kh, kw), d))
-        return node.op not in ("conv_transpose", "upsample", "adaptive_avgpool", "global_avgpool", "flatten", "linear")
-    if isinstance(node, ir.Fused):
-        return all(_preserves_size(l) for l in node.layers)
-    return all(_preserves_size(child) for child in ir.children(node))
-
-
 class _Forward:
-    """Emits one forward as straight-line code.  With autograd=True: the
-    training forward, where every op returns a fresh tensor (autograd
-    Functions) and concats are explicit; without: the inference forward,
-    where branches write straight into slices of shared buffers."""
+    """Emits the training forward as straight-line code: every op returns a
+    fresh tensor (autograd Functions) and concats are explicit.  (The
+    inference forward is printed from its plan: _plan_lines.)"""
 
-    def __init__(self, kernels: _Kernels, autograd: bool = False, disable=frozenset()):
+    def __init__(self, kernels: _Kernels, disable=frozenset()):
         self.k = kernels
-        self.autograd = autograd
         self.disable = disable  # the fusions switched off (switches.py)
         self.lines: list[str] = []
         self.count = 0
@@ -227,7 +213,7 @@ class _Forward:
         (a stem's): its BN apply and activation move into that consumer's
         loads (autograd forward; the inference forward folds BN into the conv
         epilogue instead)."""
-        if not (self.autograd and isinstance(item, ir.Fused) and item.bn is not None and not item.residual
+        if not (isinstance(item, ir.Fused) and item.bn is not None and not item.residual
                 and "deferred_bn" not in self.disable):
             return False
         if isinstance(nxt, ir.Layer) and nxt.op in ("maxpool", "avgpool"):
@@ -241,7 +227,7 @@ class _Forward:
         a downsample shortcut too, and makes the output as it loads the last
         conv's own output, and stores it (autograd forward): no apply kernel
         writes it and nothing reads it back for that conv."""
-        if not (self.autograd and isinstance(item, ir.Join) and item.kind == "residual" and item.fused
+        if not (isinstance(item, ir.Join) and item.kind == "residual" and item.fused
                 and "block_outputs" not in self.disable and self._makes_input(nxt)):
             return False
         end = item.branches[0].items[-1:]
@@ -269,7 +255,7 @@ class _Forward:
         body's apply kernel normalises the shortcut as it loads it."""
         last, end = short.items[-1], body.items[-1] if body.items else None
         return self.seq(short, x, defer_last=(
-            self.autograd and "deferred_bn" not in self.disable and isinstance(last, ir.Fused)
+            "deferred_bn" not in self.disable and isinstance(last, ir.Fused)
             and last.kind == "conv" and last.bn is not None and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
             and end.bn is not None and end.residual))
 
@@ -277,7 +263,7 @@ class _Forward:
         """n names for x, one per consumer.  In the autograd forward they are
         aliases from rt.fork, whose backward sums the consumers' gradients
         with a kernel (autograd's engine would otherwise sum them with torch)."""
-        if not self.autograd or n == 1:
+        if n == 1:
             return [x] * n
         names = [self.var() for _ in range(n)]
         self.put(f"{', '.join(names)} = rt.fork(K, {x}, {n})")
@@ -322,48 +308,11 @@ class _Forward:
         return v
 
     def layer(self, l: ir.Layer, x: str, out: str | None) -> str:
-        a, op, v = l.attrs, l.op, self.var()
-        at = f"{l.name} ({where(l)})"
-        o = self._out(out)
-        if op in ("relu", "sigmoid", "tanh", "leaky_relu"):
-            slope = f", slope={a['negative_slope']!r}" if op == "leaky_relu" else ""
-            self.put(f"{v} = rt.activation(K, {x}, {op!r}{slope}{o})  # {at}")
-        elif op in ("maxpool", "avgpool"):
-            consts = dict(_conv_consts(dict(a, dilation=a.get("dilation", (1, 1)), groups=1)),
-                          IS_MAX=op == "maxpool", COUNT_INCLUDE_PAD=a.get("count_include_pad", True))
-            consts.pop("GROUPS")
-            kern = self.k.get(kpool.POOL2D, op, f"{l.name}  ({where(l)})", l.name, **consts)
-            self.put(f"{v} = rt.pool({kern}, {x}, {tuple(a['kernel_size'])}, {tuple(a['stride'])}, {tuple(a['padding'])}, "
-                     f"{tuple(a.get('dilation', (1, 1)))}, ceil_mode={a['ceil_mode']}, max_pool={op == 'maxpool'}{o}, at={at!r}"
-                     + (", K=K)" if self.autograd else ")"))
-        elif op in ("adaptive_avgpool", "global_avgpool"):
-            self.put(f"{v} = rt.adaptive_avgpool(K, {x}, {tuple(a['output_size'])}{o}, at={at!r})")
-        elif op == "upsample":
-            kern = self.k.get(kpool.UPSAMPLE2D, f"upsample_{a['mode']}", f"{l.name}  ({where(l)})", l.name,
-                              BILINEAR=a["mode"] == "bilinear", ALIGN_CORNERS=a["align_corners"])
-            self.put(f"{v} = rt.upsample({kern}, {x}, {a['scale_factor']!r}, {a['align_corners']}, "
-                     f"bilinear={a['mode'] == 'bilinear'}{o}, at={at!r})")
-        elif op == "flatten":
-            self.put(f"{v} = rt.flatten(K, {x})  # {at}")
-            return self._into(v, out)
-        elif op == "dropout":
-            self.put(f"{v} = rt.dropout(K, {x}, {a['p']!r}, self.training{o})  # {at}")
-        elif op == "lrn":
-            kern = self.k.get(knorm.LRN, "lrn", f"{l.name}  ({where(l)})", l.name, SIZE=a["size"])
-            self.put(f"{v} = rt.lrn({kern}, self.layer({l.name!r}), {x}{o}, at={at!r})")
-        elif op == "softmax":
-            if a["dim"] != 1:
-                raise NetdslError([Diagnostic(l.pos, "the Triton target supports softmax over dim 1 only")])
-            self.put(f"{v} = rt.softmax(K, {x}{o}, at={at!r})")
-        elif op == "identity":
+        if l.op == "identity":
             return self._into(x, out)
-        elif op == "conv_transpose":
-            kern = self.k.get(kconv.CONV_TRANSPOSE2D, "conv_transpose", f"{l.name}  ({where(l)})", l.name,
-                              **_conv_consts(a))
-            self.put(f"{v} = rt.conv_transpose(K, {kern}, self.layer({l.name!r}), {x}{o}, at={at!r})")
-        else:
-            raise AssertionError(f"unfused {op}")
-        return out or v
+        v = self.var()
+        self.put(_layer_line(l, self.k, v, x, self._out(out), train=True))
+        return self._into(v, out) if l.op == "flatten" else (out or v)
 
     def join(self, j: ir.Join, x: str, out: str | None) -> str:
         if j.kind == "concat":
@@ -374,7 +323,7 @@ class _Forward:
             if not short.items:
                 self.residual.append(xs[1])
                 v = self.emit(body, xs[0], out)
-            elif self.autograd and "block_outputs" not in self.disable and self._makes_input(j):
+            elif "block_outputs" not in self.disable and self._makes_input(j):
                 # conv1 first: where x is a block output left to it, conv1 makes it and the shortcut reads it
                 v = self.seq(body, xs[0], out, after_first=lambda: self.residual.append(
                     self.shortcut(short, body, xs[1])))
@@ -395,78 +344,139 @@ class _Forward:
 
     def concat(self, j: ir.Join, x: str, out: str | None) -> str:
         C = j.out_shape[0]
-        if self.autograd:
-            xs = self.fork(x, len(j.branches))
-            buf = None
-            if all(_preserves_size(b) for b in j.branches):
-                # each branch whose last kernel is a conv stores its output in its channels of the buffer
-                buf = self.var()
-                self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # concat {j.name} ({where(j)})")
-            outs, c0 = [], 0
-            for b, xi in zip(j.branches, xs):
-                self.into = (_last_conv(b), f"{buf}, {c0}") if buf is not None else None
-                outs.append(self.emit(b, xi))
-                self.into = None
-                c0 += b.out_shape[0]
-            v = self.var()
-            into = f", into={buf}" if buf is not None else ""
-            self.put(f"{v} = rt.concat(K, [{', '.join(outs)}]{into}, at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
-            return v
-        buf = out or self.var()
-        if all(_preserves_size(b) for b in j.branches):
-            # every branch writes straight into its channel slice: no copies
-            if out is None:
-                self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # concat {j.name} ({where(j)})")
-            c0 = 0
-            for b in j.branches:
-                c1 = c0 + b.out_shape[0]
-                self.emit(b, x, f"{buf}[:, {c0}:{c1}]")
-                c0 = c1
-            return buf
-        outs = [self.emit(b, x) for b in j.branches]
-        if out is None:
-            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {outs[0]}.shape[2], {outs[0]}.shape[3])  # concat ({where(j)})")
-        c0 = 0
-        for b, o in zip(j.branches, outs):
-            c1 = c0 + b.out_shape[0]
-            self.put(f"rt.copy(K, {o}, {buf}[:, {c0}:{c1}])")
-            c0 = c1
-        return buf
+        xs = self.fork(x, len(j.branches))
+        buf = None
+        if all(preserves_size(b) for b in j.branches) and "concat_in_place" not in self.disable:
+            # each branch whose last kernel is a conv stores its output in its channels of the buffer
+            buf = self.var()
+            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # concat {j.name} ({where(j)})")
+        outs, c0 = [], 0
+        for b, xi in zip(j.branches, xs):
+            self.into = (_last_conv(b), f"{buf}, {c0}") if buf is not None else None
+            outs.append(self.emit(b, xi))
+            self.into = None
+            c0 += b.out_shape[0]
+        v = self.var()
+        into = f", into={buf}" if buf is not None else ""
+        self.put(f"{v} = rt.concat(K, [{', '.join(outs)}]{into}, at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
+        return self._into(v, out)
 
     def dense(self, d: ir.Dense, x: str, out: str | None) -> str:
-        if not all(_preserves_size(s) for s in d.steps):
-            raise NetdslError([Diagnostic(d.pos, "a dense block's layers must keep the spatial size")])
+        """Each layer reads the concat of all earlier features, as torchvision's, held in one buffer:
+        each concat copies only the features not in it yet."""
         C = d.out_shape[0]
-        if self.autograd:  # each layer reads the concat of all earlier features, as torchvision's
-            L = len(d.steps)
-            at = f"{d.name} ({where(d)})"
-            # ... held in one buffer: each concat copies only the features not in it yet
-            buf = self.var()
-            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
-            # feature j feeds the steps j..L-1 (all of them for the input) and the final concat
-            aliases = [self.fork(x, L + 1)]
-            c = d.in_shape[0]
-            for k, step in enumerate(d.steps):
-                # (the first layer's input too goes through the buffer: its BN's statistics are kept there)
-                inp = self.var()
-                self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
-                self.into = (_last_conv(step), f"{buf}, {c}")  # the feature is stored in its channels straight away
-                aliases.append(self.fork(self.emit(step, inp), L - (k + 1) + 1))
-                self.into = None
-                c += step.out_shape[0]
-            v = self.var()
-            self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
-            return v
-        buf = out or self.var()
-        if out is None:
-            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
+        L = len(d.steps)
+        at = f"{d.name} ({where(d)})"
+        buf = self.var()
+        self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
+        # feature j feeds the steps j..L-1 (all of them for the input) and the final concat
+        aliases = [self.fork(x, L + 1)]
         c = d.in_shape[0]
-        self.put(f"rt.copy(K, {x}, {buf}[:, 0:{c}])")
-        for step in d.steps:
-            g = step.out_shape[0]
-            self.emit(step, f"{buf}[:, 0:{c}]", f"{buf}[:, {c}:{c + g}]")
-            c += g
-        return buf
+        for k, step in enumerate(d.steps):
+            # (the first layer's input too goes through the buffer: its BN's statistics are kept there)
+            inp = self.var()
+            self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
+            if "concat_in_place" not in self.disable:  # the feature is stored in its channels straight away
+                self.into = (_last_conv(step), f"{buf}, {c}")
+            aliases.append(self.fork(self.emit(step, inp), L - (k + 1) + 1))
+            self.into = None
+            c += step.out_shape[0]
+        v = self.var()
+        self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
+        return self._into(v, out)
+
+
+def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
+    """The inference forward: one line a step of the plan (plan/), in its order."""
+    lines = []
+    for step in plan.steps:
+        v = plan.value(step.out)
+        reads = [plan.ref(r) for r in step.reads]
+        x = reads[0]
+        # a value that is a buffer's channels: the step stores there (out=), the name stays for reading it
+        o = f", out={plan.ref(v.name)}" if v.base is not None else ""
+        u, op = step.unit, step.op
+        if op == "buffer":
+            what = "dense block" if isinstance(u, ir.Dense) else "concat"
+            lines.append(f"{v.name} = rt.concat_buffer({x}, {v.shape[0]}, {x}.shape[2], {x}.shape[3])  "
+                         f"# {what} {u.name} ({where(u)})")
+        elif op == "copy":
+            lines.append(f"rt.copy(K, {x}, {plan.ref(v.name)})")
+        elif op == "add":
+            lines.append(f"{v.name} = rt.add(K, {x}, {reads[1]}{o}, at={(u.name or 'add') + ' (' + where(u) + ')'!r})")
+        elif isinstance(u, ir.Fused):
+            lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o)
+        else:
+            lines.append(_layer_line(u, kernels, v.name, x, o))
+    return lines, plan.ref(plan.result)
+
+
+def _act_args(act) -> str:
+    if act is None:
+        return ""
+    return f", act={act.op!r}" + (f", slope={act.attrs['negative_slope']!r}" if act.op == "leaky_relu" else "")
+
+
+def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o) -> list[str]:
+    main = f.main
+    at = f"{main.name} ({where(main)})"
+    act = _act_args(f.act)
+    res = f", residual={residual}" if residual is not None else ""
+    head = f"# {_chain_text(f)}"
+    if f.kind == "conv":
+        kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
+        bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
+        return [head, f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{o}, at={at!r})"]
+    if f.kind == "linear":
+        kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
+                           KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
+        return [head, f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}{o}, at={at!r})"]
+    return [head, f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{o}, at={at!r})"]
+
+
+def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
+    """train: the autograd forward's (a pool takes the kernels a deferred BN's backward needs)."""
+    a, op = l.attrs, l.op
+    at = f"{l.name} ({where(l)})"
+    if op in ("relu", "sigmoid", "tanh", "leaky_relu"):
+        slope = f", slope={a['negative_slope']!r}" if op == "leaky_relu" else ""
+        return f"{v} = rt.activation(K, {x}, {op!r}{slope}{o})  # {at}"
+    if op in ("maxpool", "avgpool"):
+        kern = kernels.get(kpool.POOL2D, op, f"{l.name}  ({where(l)})", l.name, **_pool_consts(l))
+        return (f"{v} = rt.pool({kern}, {x}, {tuple(a['kernel_size'])}, {tuple(a['stride'])}, {tuple(a['padding'])}, "
+                f"{tuple(a.get('dilation', (1, 1)))}, ceil_mode={a['ceil_mode']}, max_pool={op == 'maxpool'}{o}, "
+                f"at={at!r}" + (", K=K)" if train else ")"))
+    if op in ("adaptive_avgpool", "global_avgpool"):
+        return f"{v} = rt.adaptive_avgpool(K, {x}, {tuple(a['output_size'])}{o}, at={at!r})"
+    if op == "upsample":
+        kern = kernels.get(kpool.UPSAMPLE2D, f"upsample_{a['mode']}", f"{l.name}  ({where(l)})", l.name,
+                           BILINEAR=a["mode"] == "bilinear", ALIGN_CORNERS=a["align_corners"])
+        return (f"{v} = rt.upsample({kern}, {x}, {a['scale_factor']!r}, {a['align_corners']}, "
+                f"bilinear={a['mode'] == 'bilinear'}{o}, at={at!r})")
+    if op == "flatten":
+        return f"{v} = rt.flatten(K, {x})  # {at}"
+    if op == "dropout":
+        return f"{v} = rt.dropout(K, {x}, {a['p']!r}, self.training{o})  # {at}"
+    if op == "lrn":
+        kern = kernels.get(knorm.LRN, "lrn", f"{l.name}  ({where(l)})", l.name, SIZE=a["size"])
+        return f"{v} = rt.lrn({kern}, self.layer({l.name!r}), {x}{o}, at={at!r})"
+    if op == "softmax":
+        if a["dim"] != 1:
+            raise NetdslError([Diagnostic(l.pos, "the Triton target supports softmax over dim 1 only")])
+        return f"{v} = rt.softmax(K, {x}{o}, at={at!r})"
+    if op == "conv_transpose":
+        kern = kernels.get(kconv.CONV_TRANSPOSE2D, "conv_transpose", f"{l.name}  ({where(l)})", l.name,
+                           **_conv_consts(a))
+        return f"{v} = rt.conv_transpose(K, {kern}, self.layer({l.name!r}), {x}{o}, at={at!r})"
+    raise AssertionError(f"unfused {op}")
+
+
+def _pool_consts(l: ir.Layer) -> dict:
+    a = l.attrs
+    consts = dict(_conv_consts(dict(a, dilation=a.get("dilation", (1, 1)), groups=1)),
+                  IS_MAX=l.op == "maxpool", COUNT_INCLUDE_PAD=a.get("count_include_pad", True))
+    consts.pop("GROUPS")
+    return consts
 
 
 def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
@@ -475,11 +485,10 @@ def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
     classes = []
     for net in nets:
         check_class_name(net)
-        fwd = _Forward(kernels)
-        result = fwd.emit(net.body, "x")
-        train = _Forward(kernels, autograd=True, disable=disable)
+        lines, result = _plan_lines(inference_plan(net, disable, fused=True), kernels)
+        train = _Forward(kernels, disable=disable)
         train_result = train.emit(net.body, "x")
-        classes.append((net, (fwd.lines, result), (train.lines, train_result)))
+        classes.append((net, (lines, result), (train.lines, train_result)))
     out = [f'"""Generated by netdsl from {source}: Triton kernels and the nn.Modules that run them.',
            "",
            "On CUDA tensors the kernels run compiled; on CPU tensors through Triton's interpreter.",

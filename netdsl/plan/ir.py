@@ -1,0 +1,96 @@
+"""The kernel plan: the launches of a network's inference forward, in
+order, and the tensors between them.  The compiler makes it (plan/__init__.py
+lists the passes); the code generator prints it as the generated forward,
+and `netdsl plan` prints it with what each launch moves.
+
+Tensors are named as the generated forward names them ("x", "t3").  A value
+may be a channel range of another (a concatenation's buffer): a step that
+writes it stores into that buffer, and nothing copies it there later."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .. import ir
+
+
+@dataclass(frozen=True)
+class Value:
+    name: str
+    shape: tuple  # one sample's: (C, H, W) or (F,)
+    base: str | None = None  # the buffer this is channels [c0, c0 + C) of
+    c0: int = 0
+    nchw: bool = False  # NCHW-contiguous (the caller's input); netdsl's own 4-d tensors are channels-last
+
+
+@dataclass(frozen=True)
+class Step:
+    """One call of the generated forward: a launch, or an allocation (buffer)."""
+
+    op: str  # the runtime function called: conv, linear, batchnorm, activation, add, copy, pool, ..., buffer
+    unit: object  # what it covers: an ir.Fused, ir.Layer, ir.Join or ir.Dense
+    reads: tuple[str, ...]  # the input, then a residual or second operand
+    out: str
+    in_place: bool = False  # a buffer whose parts may be stored in it by their producers (they keep its size)
+
+    @property
+    def layers(self) -> tuple:
+        u = self.unit
+        if isinstance(u, ir.Fused):
+            return u.layers + ((u.act,) if u.act is not None else ())
+        return (u,) if isinstance(u, ir.Layer) else ()
+
+    @property
+    def epilogue(self) -> tuple[str, ...]:
+        """What a fused kernel does after its main operation, in order."""
+        u = self.unit
+        if not isinstance(u, ir.Fused):
+            return ()
+        main = u.main
+        parts = ["bias"] if main.attrs.get("bias") and u.kind != "bn" else []
+        if u.bn is not None and u.kind != "bn":
+            parts.append("bn")
+        if u.residual:
+            parts.append("residual")
+        if u.act is not None:
+            parts.append(u.act.op)
+        return tuple(parts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    net: ir.Net
+    steps: tuple[Step, ...]
+    values: dict = field(hash=False)  # name -> Value
+    result: str
+
+    def value(self, name: str) -> Value:
+        return self.values[name]
+
+    def ref(self, name: str) -> str:
+        """The expression the generated forward reads or writes a value by."""
+        v = self.values[name]
+        if v.base is None:
+            return v.name
+        return f"{self.ref(v.base)}[:, {v.c0}:{v.c0 + v.shape[0]}]"
+
+    def readers(self, name: str) -> list[int]:
+        return [i for i, s in enumerate(self.steps) if name in s.reads]
+
+    def producer(self, name: str) -> int | None:
+        return next((i for i, s in enumerate(self.steps) if s.out == name), None)
+
+    def with_steps(self, steps, values=None) -> "Plan":
+        return replace(self, steps=tuple(steps), values=dict(values if values is not None else self.values))
+
+    def renumbered(self) -> "Plan":
+        """The values named t1, t2, ... in the order steps make them (after passes removed some)."""
+        names = {"x": "x"}
+        for s in self.steps:
+            if s.out not in names and s.op != "copy":  # (a copy's destination is read as its buffer's channels)
+                names[s.out] = f"t{len(names)}"
+        for v in self.values:  # channel ranges no step makes (a dense layer's input)
+            names.setdefault(v, f"t{len(names)}")
+        values = {names[k]: replace(v, name=names[k], base=names[v.base] if v.base else None)
+                  for k, v in self.values.items()}
+        steps = [replace(s, reads=tuple(names[r] for r in s.reads), out=names[s.out]) for s in self.steps]
+        return replace(self, steps=tuple(steps), values=values, result=names[self.result])

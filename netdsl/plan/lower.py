@@ -1,0 +1,128 @@
+"""Lowering: a fused graph -> a plan with one step per kernel, in the order
+the forward runs them.  A concatenation (and a dense block) is lowered the
+plain way: its branches make tensors of their own, which copies then put
+into the buffer; concat_in_place.py removes the copies it can."""
+from __future__ import annotations
+
+from .. import ir
+from ..diagnostics import Diagnostic, NetdslError
+from .ir import Plan, Step, Value
+
+# ops that can be told where to store their output (the generated call's out=)
+STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add", "copy", "pool", "adaptive_avgpool",
+                             "upsample", "lrn", "softmax", "conv_transpose", "dropout", "buffer"})
+
+_LAYER_OPS = {"relu": "activation", "sigmoid": "activation", "tanh": "activation", "leaky_relu": "activation",
+              "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
+              "global_avgpool": "adaptive_avgpool", "upsample": "upsample", "flatten": "flatten",
+              "dropout": "dropout", "lrn": "lrn", "softmax": "softmax", "conv_transpose": "conv_transpose"}
+
+
+def preserves_size(node) -> bool:
+    """True when node's output has its input's spatial size for every input size."""
+    if isinstance(node, ir.Layer):
+        a = node.attrs
+        if node.op in ("conv", "maxpool", "avgpool"):
+            kh, kw = a["kernel_size"]
+            d = a.get("dilation", (1, 1))
+            return a["stride"] == (1, 1) and all(2 * p == dd * (k - 1) for p, k, dd in zip(a["padding"], (kh, kw), d))
+        return node.op not in ("conv_transpose", "upsample", "adaptive_avgpool", "global_avgpool", "flatten", "linear")
+    if isinstance(node, ir.Fused):
+        return all(preserves_size(l) for l in node.layers)
+    return all(preserves_size(child) for child in ir.children(node))
+
+
+class _Lower:
+    def __init__(self, net: ir.Net):
+        self.steps: list[Step] = []
+        self.values = {"x": Value("x", tuple(net.input_shape), nchw=True)}
+        self.count = 0
+        self.residual: list[str] = []
+
+    def new(self, shape, nchw=False, base=None, c0=0) -> str:
+        self.count += 1
+        v = Value(f"t{self.count}", tuple(shape), base, c0, nchw)
+        self.values[v.name] = v
+        return v.name
+
+    def slice(self, buf: str, c0: int, shape) -> str:
+        return self.new(shape, base=buf, c0=c0)
+
+    def put(self, op, unit, reads, shape, nchw=False, in_place=False) -> str:
+        out = self.new(shape, nchw)
+        self.steps.append(Step(op, unit, tuple(reads), out, in_place))
+        return out
+
+    def emit(self, node, x: str) -> str:
+        if isinstance(node, ir.Seq):
+            for item in node.items:
+                x = self.emit(item, x)
+            return x
+        if isinstance(node, ir.Fused):
+            op = {"conv": "conv", "linear": "linear", "bn": "batchnorm"}[node.kind]
+            reads = (x, self.residual[-1]) if node.residual else (x,)
+            return self.put(op, node, reads, node.out_shape)
+        if isinstance(node, ir.Layer):
+            if node.op == "identity":
+                return x
+            op = _LAYER_OPS.get(node.op)
+            if op is None:
+                raise AssertionError(f"unfused {node.op}")
+            # elementwise ops keep their input's layout
+            keeps = op in ("activation", "dropout", "softmax") and self.values[x].nchw
+            return self.put(op, node, (x,), node.out_shape, nchw=keeps or op == "flatten")
+        if isinstance(node, ir.Join):
+            return self.join(node, x)
+        if isinstance(node, ir.Dense):
+            return self.dense(node, x)
+        raise AssertionError(type(node).__name__)
+
+    def join(self, j: ir.Join, x: str) -> str:
+        if j.kind == "concat":
+            return self.concat(j, x)
+        if j.fused:  # the add happens in the epilogue of the body's last kernel
+            body, short = j.branches
+            self.residual.append(self.emit(short, x) if short.items else x)
+            v = self.emit(body, x)
+            self.residual.pop()
+            return v
+        outs = [self.emit(b, x) for b in j.branches]
+        v = self.put("add", j, (outs[0], outs[1]), j.out_shape, nchw=self.values[outs[0]].nchw)
+        for extra in outs[2:]:
+            v = self.put("add", j, (v, extra), j.out_shape, nchw=self.values[v].nchw)
+        return v
+
+    def concat(self, j: ir.Join, x: str) -> str:
+        same = all(preserves_size(b) for b in j.branches)
+        buf = self.put("buffer", j, (x,), j.out_shape, in_place=True) if same else None
+        outs = [self.emit(b, x) for b in j.branches]
+        if buf is None:  # its size is known once a branch has run
+            buf = self.put("buffer", j, (outs[0],), j.out_shape)
+        c0 = 0
+        for b, o in zip(j.branches, outs):
+            self.copy(j, o, self.slice(buf, c0, b.out_shape))
+            c0 += b.out_shape[0]
+        return buf
+
+    def dense(self, d: ir.Dense, x: str) -> str:
+        if not all(preserves_size(s) for s in d.steps):
+            raise NetdslError([Diagnostic(d.pos, "a dense block's layers must keep the spatial size")])
+        buf = self.put("buffer", d, (x,), d.out_shape, in_place=True)
+        c = d.in_shape[0]
+        self.copy(d, x, self.slice(buf, 0, d.in_shape))
+        for step in d.steps:
+            feature = self.emit(step, self.slice(buf, 0, (c,) + tuple(d.in_shape[1:])))
+            g = step.out_shape[0]
+            self.copy(d, feature, self.slice(buf, c, step.out_shape))
+            c += g
+        return buf
+
+    def copy(self, unit, src: str, dst: str):
+        self.steps.append(Step("copy", unit, (src,), dst))
+
+
+def lower(net: ir.Net) -> Plan:
+    """The fused graph of net -> its inference plan, one step per kernel."""
+    lo = _Lower(net)
+    result = lo.emit(net.body, "x")
+    return Plan(net, tuple(lo.steps), lo.values, result)

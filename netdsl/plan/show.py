@@ -1,0 +1,107 @@
+"""`netdsl plan`'s output: a plan as a table (one line a launch) or JSON."""
+from __future__ import annotations
+
+import os
+
+from .. import ir
+from .cost import Figures
+from .ir import Plan, Step
+
+
+def shape_text(s) -> str:
+    return "×".join(str(d) for d in s)
+
+
+def kernel_text(step: Step) -> str:
+    """What a launch does: conv_bn_relu, conv_bn_add_relu, maxpool, copy, ..."""
+    u = step.unit
+    if isinstance(u, ir.Fused):
+        return u.describe()
+    if step.op in ("copy", "add"):
+        return step.op
+    return u.op if isinstance(u, ir.Layer) else step.op
+
+
+def covers(step: Step) -> list[tuple[str, str]]:
+    """(layer, file:line) for each layer a launch covers; a join's own name and line for an add or copy."""
+    if step.layers:
+        return [(l.name, _where(l.pos)) for l in step.layers]
+    u = step.unit
+    return [(u.name or step.op, _where(u.pos))]
+
+
+def _where(pos) -> str:
+    return f"{os.path.basename(pos.file)}:{pos.line}"
+
+
+def _into(plan: Plan, step: Step) -> str:
+    return _ref(plan, step.out)
+
+
+def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: str, disabled=()) -> str:
+    net = plan.net
+    head = (f"{net.name}: inference forward (eval), batch {batch}, {dtype}, input {shape_text(net.input_shape)}"
+            + (f", without {', '.join(sorted(disabled))}" if disabled else ""))
+    rows = [("#", "kernel", "reads", "writes", "MB", "covers")]
+    for i, launch in enumerate(fig.launches, 1):
+        s = launch.step
+        spots = covers(s)
+        lines_at = list(dict.fromkeys(at for _, at in spots))
+        file = lines_at[0].rsplit(":", 1)[0]
+        text = (" → ".join(name for name, _ in spots) + f" ({file}:"
+                + ",".join(at.rsplit(":", 1)[1] for at in lines_at if at.startswith(file + ":")) + ")")
+        rows.append((str(i), kernel_text(s), ", ".join(_ref(plan, r) for r in s.reads),
+                     _into(plan, s), f"{launch.bytes / 1e6:.2f}", text))
+    widths = [max(len(r[k]) for r in rows) for k in range(5)]
+    lines = [head]
+    for r in rows:
+        lines.append("  ".join(c.rjust(w) if k in (0, 4) else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths)))
+                     + "  " + r[5])
+    ops, eb = eager
+    n, nb = len(fig.launches), fig.total_bytes
+    lines.append(f"launches {n} (eager PyTorch: {ops} ops, {n / ops:.2f}×); bytes moved {nb / 1e6:.1f} MB "
+                 f"(eager: {eb / 1e6:.1f} MB, {nb / eb:.2f}×)")
+    if fig.folds:
+        lines.append(f"after a parameter changes, the first forward also runs {fig.folds} bn_fold launches")
+    return "\n".join(lines)
+
+
+def _ref(plan: Plan, name: str) -> str:
+    """A value, or the buffer channels it is: t3[64:96] (a nested concatenation's: of the outermost buffer)."""
+    v = plan.value(name)
+    c0, root = 0, v
+    while root.base is not None:
+        c0 += root.c0
+        root = plan.value(root.base)
+    return f"{root.name}[{c0}:{c0 + v.shape[0]}]" if root is not v else v.name
+
+
+def to_json(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: str, disabled=()) -> dict:
+    launches = []
+    for launch in fig.launches:
+        s = launch.step
+        launches.append({
+            "kernel": kernel_text(s),
+            "epilogue": list(s.epilogue),
+            "covers": [{"layer": name, "at": at} for name, at in covers(s)],
+            "reads": [{"value": r, "shape": [batch, *plan.value(r).shape]} for r in s.reads],
+            "writes": {"value": s.out, "shape": [batch, *plan.value(s.out).shape],
+                       **({"into": plan.value(s.out).base, "channel": plan.value(s.out).c0}
+                          if plan.value(s.out).base is not None else {})},
+            "bytes": launch.bytes,
+        })
+    ops, eb = eager
+    return {"network": plan.net.name, "mode": "inference", "batch": batch, "dtype": dtype,
+            "input": list(plan.net.input_shape), "disabled": sorted(disabled), "launches": launches,
+            "totals": {"launches": len(fig.launches), "bytes": fig.total_bytes, "bn_folds": fig.folds},
+            "eager": {"ops": ops, "bytes": eb}}
+
+
+def listing(plan: Plan) -> str:
+    """The plan's steps, one a line, as the pass tests state them: `t3[0:8] = conv_bn_relu(t1)  b1.conv`."""
+    lines = []
+    for s in plan.steps:
+        kernel = "buffer" if s.op == "buffer" else kernel_text(s)
+        names = " ".join(name for name, _ in covers(s))
+        lines.append(f"{_ref(plan, s.out)} = {kernel}({', '.join(_ref(plan, r) for r in s.reads)})  {names}")
+    return "\n".join(lines + [f"return {_ref(plan, plan.result)}"])

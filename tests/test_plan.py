@@ -1,0 +1,123 @@
+"""The kernel plan of the inference forward (netdsl/plan/): the pass that
+stores a concatenation's parts in place, stated as plan text before and
+after, a plan it leaves alone, and numbers against torch; and the
+generated forward as the plan's own lines."""
+import re
+
+import pytest
+import torch
+
+import netdsl
+from conftest import ROOT
+from netdsl.compiler import checked_net
+from netdsl.plan import inference_plan
+from netdsl.plan.concat_in_place import concat_in_place
+from netdsl.plan.lower import lower
+from netdsl.fusion import fuse
+from netdsl.plan.show import listing
+from twin import rel_err, twins
+
+MIXED = """\
+block Unit(out, k = 1) {
+    conv: conv(out, k, padding=k // 2, bias=false)
+    bn: bn
+    relu
+}
+
+net Mixed input(4, 8, 8) {
+    stem: Unit(8)
+    mix: concat {
+        a: Unit(4)
+        b: { Unit(4) -> Unit(6, 3) }
+        c: { maxpool(3, stride=1, padding=1) -> Unit(2) }
+        d: identity
+        e: concat { Unit(2) ; relu }
+    }
+    head: { global_avgpool -> flatten -> linear(5) }
+}
+"""
+
+BEFORE = """\
+t1 = conv_bn_relu(x)  stem.conv stem.bn stem.2
+t2 = buffer(t1)  mix
+t3 = conv_bn_relu(t1)  mix.a.conv mix.a.bn mix.a.2
+t4 = conv_bn_relu(t1)  mix.b.0.conv mix.b.0.bn mix.b.0.2
+t5 = conv_bn_relu(t4)  mix.b.1.conv mix.b.1.bn mix.b.1.2
+t6 = maxpool(t1)  mix.c.0
+t7 = conv_bn_relu(t6)  mix.c.1.conv mix.c.1.bn mix.c.1.2
+t8 = buffer(t1)  mix.e
+t9 = conv_bn_relu(t1)  mix.e.0.conv mix.e.0.bn mix.e.0.2
+t10 = relu(t1)  mix.e.1
+t8[0:2] = copy(t9)  mix.e
+t8[2:10] = copy(t10)  mix.e
+t2[0:4] = copy(t3)  mix
+t2[4:10] = copy(t5)  mix
+t2[10:12] = copy(t7)  mix
+t2[12:20] = copy(t1)  mix
+t2[20:30] = copy(t8)  mix
+t11 = global_avgpool(t2)  head.0
+t12 = flatten(t11)  head.1
+t13 = linear(t12)  head.2
+return t13"""
+
+# every part but the identity branch (its input feeds the other branches too) is stored in place;
+# the nested concatenation is channels 20:30 of the outer buffer
+AFTER = """\
+t1 = conv_bn_relu(x)  stem.conv stem.bn stem.2
+t2 = buffer(t1)  mix
+t2[0:4] = conv_bn_relu(t1)  mix.a.conv mix.a.bn mix.a.2
+t4 = conv_bn_relu(t1)  mix.b.0.conv mix.b.0.bn mix.b.0.2
+t2[4:10] = conv_bn_relu(t4)  mix.b.1.conv mix.b.1.bn mix.b.1.2
+t6 = maxpool(t1)  mix.c.0
+t2[10:12] = conv_bn_relu(t6)  mix.c.1.conv mix.c.1.bn mix.c.1.2
+t2[20:22] = conv_bn_relu(t1)  mix.e.0.conv mix.e.0.bn mix.e.0.2
+t2[22:30] = relu(t1)  mix.e.1
+t2[12:20] = copy(t1)  mix
+t10 = global_avgpool(t2)  head.0
+t11 = flatten(t10)  head.1
+t12 = linear(t11)  head.2
+return t12"""
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    p = tmp_path_factory.mktemp("plan") / "mixed.net"
+    p.write_text(MIXED)
+    return p
+
+
+def test_concat_in_place_before_and_after(mixed):
+    net = checked_net(str(mixed), "Mixed")
+    before = lower(fuse(net)).renumbered()
+    assert listing(before) == BEFORE
+    assert listing(concat_in_place(before).renumbered()) == AFTER
+    assert listing(inference_plan(net)) == AFTER and listing(inference_plan(net, {"concat_in_place"})) == BEFORE
+
+
+def test_concat_in_place_leaves_a_plan_without_concatenations_alone():
+    net = checked_net(str(ROOT / "specs" / "resnet.net"), "ResNet18")
+    plan = lower(fuse(net))
+    assert concat_in_place(plan) == plan
+    # a spatial-size change in a branch: the buffer is made after its parts, and they are copied
+    net = checked_net(str(ROOT / "specs" / "googlenet.net"), "GoogLeNet")
+    assert listing(inference_plan(net)).count("copy(") == 0
+
+
+@pytest.mark.parametrize("disable", [(), ("concat_in_place",)])
+def test_both_plans_compute_what_torch_does(mixed, disable):
+    tri, ref = twins(str(mixed), "Mixed", disable=list(disable))
+    x = torch.randn(3, 4, 8, 8)
+    tri.eval(), ref.eval()
+    with torch.no_grad():
+        assert rel_err(tri(x), ref(x)) < 1e-4
+
+
+def test_the_generated_forward_is_the_plan_line_by_line(mixed):
+    """One call a step, in plan order, storing where the plan says."""
+    src = netdsl.compile_to_module(str(mixed), "Mixed").__file__
+    text = open(src).read()
+    body = text[text.index("    def forward(self, x):"):text.index("    def forward_autograd")]
+    calls = re.findall(r"rt\.(\w+)\(", body)[1:]  # (after rt.check_input and rt.grad_wanted)
+    plan = inference_plan(checked_net(str(mixed), "Mixed"))
+    assert calls[1:] == [{"buffer": "concat_buffer"}.get(s.op, s.op) for s in plan.steps]
+    assert "out=t2[:, 20:30][:, 2:10]" in body and body.count("rt.copy(") == 1
