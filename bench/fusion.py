@@ -3,9 +3,10 @@ netdsl's plan against eager PyTorch running the --target torch twin.
 
     python bench/fusion.py [--batch B] [--breakdown NET]
 
-netdsl's launches are counted by planning one forward (no kernel runs; the
-tile sizes are a GPU's).  Eval figures are the steady state: batch-norm folds
-run on the first call after a parameter changes, and are left out.  Its bytes are each launch's distinct tensor
+Eval figures are the compiler's kernel plan (`netdsl plan`: nothing runs),
+in the steady state: batch-norm folds run on the first call after a
+parameter changes, and are left out.  Train-mode forwards and training steps
+are counted by planning a run (no kernel runs; the tile sizes are a GPU's).  Its bytes are each launch's distinct tensor
 operands (reads and writes, weights included).  Eager's compute ops and bytes
 are counted with a torch dispatch mode over the twin's forward (each op's
 tensor inputs and outputs).  Both are estimates from tensor sizes: caches are
@@ -24,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import netdsl  # noqa: E402
 from netdsl import runtime as rt  # noqa: E402
+from netdsl.compiler import checked_net  # noqa: E402
+from netdsl.plan import cost as plan_cost, inference_plan  # noqa: E402
 
 NETS = [("resnet.net", "ResNet18"), ("resnet.net", "ResNet50"), ("vgg.net", "VGG16"),
         ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121")]
@@ -82,11 +85,10 @@ class Count(TorchDispatchMode):
         return out
 
 
-def netdsl_plan(model, x):
+def netdsl_forward(model, x):
+    """A train-mode forward, recorded without running: (launches, bytes)."""
     with torch.no_grad(), rt.plan_launches() as plan:
         model(x)
-    if not model.training:
-        plan = [p for p in plan if p[0].fn.__name__ != "bn_fold"]
     return len(plan), sum(launch_bytes(*p) for p in plan)
 
 
@@ -154,11 +156,16 @@ def main():
         tri = netdsl.build(str(ROOT / "specs" / file), name)
         ref = netdsl.build(str(ROOT / "specs" / file), name, target="torch")
         x = torch.randn(args.batch, 3, 224, 224)
+        net = checked_net(str(ROOT / "specs" / file), name)
         for mode in ("eval", "train"):
             tri.train(mode == "train")
             ref.train(mode == "train")
-            launches, nb = netdsl_plan(tri, x)
-            ops, eb = eager(ref, x)
+            if mode == "eval":  # the compiler's plan, and eager's ops traced on the meta device
+                fig = plan_cost.launches(inference_plan(net), args.batch)
+                (launches, nb), (ops, eb) = (len(fig.launches), fig.total_bytes), plan_cost.eager(net, args.batch)
+            else:
+                launches, nb = netdsl_forward(tri, x)
+                ops, eb = eager(ref, x)
             print(f"{name:12} {mode:5} {launches:15d} {ops:9d} {launches / ops:6.2f} "
                   f"{nb / 1e6:10.1f} {eb / 1e6:10.1f} {nb / eb:6.2f}")
         tri.train()

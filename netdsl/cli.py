@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bake in the launch configurations `netdsl tune` saved for these kernels (every device)")
     k.add_argument("--disable", action="append", default=[], metavar="NAME",
                    help="compile without this fusion (repeatable): " + ", ".join(SWITCHES))
+    q = sub.add_parser("plan", help="print a network's kernel plan: each launch, what it fuses and the bytes it moves, "
+                                    "against eager PyTorch (nothing runs)")
+    q.add_argument("file")
+    q.add_argument("--net", required=True, help="the network to plan")
+    q.add_argument("--batch", type=_positive, default=32, help="batch size the bytes are counted at (default 32)")
+    q.add_argument("--input", type=_input_shape, metavar="C,H,W", help="input shape (default: the net's own)")
+    q.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the tensors' dtype (default fp32)")
+    q.add_argument("--disable", action="append", default=[], metavar="NAME",
+                   help="plan without this fusion (repeatable): " + ", ".join(SWITCHES))
+    q.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
+                   help="override a network parameter (repeatable)")
+    q.add_argument("--train", action="store_true", help="a training step's plan (not made by the compiler yet)")
+    q.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     u = sub.add_parser("tune", help="time launch configurations of a network's conv kernels on the GPU; keep the fastest")
     u.add_argument("file")
     u.add_argument("--net", required=True, help="the network to tune")
@@ -256,6 +269,30 @@ def cmd_compile(args) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args) -> int:
+    from .compiler import checked_net
+    from .plan import inference_plan
+    from .plan.cost import eager, launches
+    from .plan.show import table, to_json
+    from .switches import check as check_switches
+
+    disabled = check_switches(args.disable)
+    if args.train:
+        sys.stderr.write("netdsl plan: error: training steps are not planned by the compiler yet: their fusions are "
+                         "decided as the autograd forward runs; `python bench/fusion.py --breakdown NET` counts a "
+                         "recorded step\n")
+        return EXIT_INVALID
+    net = checked_net(args.file, args.net, dict(args.set), args.input)
+    plan = inference_plan(net, disabled)
+    fig = launches(plan, args.batch, args.dtype)
+    base = eager(net, args.batch, args.dtype)
+    if args.json:
+        print(json.dumps(to_json(plan, fig, base, args.batch, args.dtype, disabled)))
+    else:
+        print(table(plan, fig, base, args.batch, args.dtype, disabled))
+    return EXIT_OK
+
+
 def _valid(net, res) -> bool:
     return net.out_shape is not None and None not in net.out_shape and res.ok
 
@@ -263,7 +300,7 @@ def _valid(net, res) -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"check": cmd_check, "compile": cmd_compile, "train": cmd_train, "tune": cmd_tune}[args.command](args)
+        return {"check": cmd_check, "compile": cmd_compile, "plan": cmd_plan, "train": cmd_train, "tune": cmd_tune}[args.command](args)
     except NetdslError as e:
         sys.stderr.write(render_all(e.diagnostics, e.sources))
         return EXIT_INVALID

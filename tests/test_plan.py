@@ -1,21 +1,30 @@
 """The kernel plan of the inference forward (netdsl/plan/): the pass that
 stores a concatenation's parts in place, stated as plan text before and
-after, a plan it leaves alone, and numbers against torch; and the
-generated forward as the plan's own lines."""
+after, a plan it leaves alone, and numbers against torch; the figures
+`netdsl plan` prints, against a recorded run; and the generated forward
+as the plan's own lines."""
+import json
 import re
+import sys
 
 import pytest
 import torch
 
 import netdsl
 from conftest import ROOT
+from netdsl import runtime as rt
 from netdsl.compiler import checked_net
 from netdsl.plan import inference_plan
 from netdsl.plan.concat_in_place import concat_in_place
+from netdsl.plan.cost import eager, launches
 from netdsl.plan.lower import lower
 from netdsl.fusion import fuse
 from netdsl.plan.show import listing
+from test_cli import run
 from twin import rel_err, twins
+
+sys.path.insert(0, str(ROOT / "bench"))
+import fusion as bench  # noqa: E402  (the launch bytes and eager counts bench/fusion.py records)
 
 MIXED = """\
 block Unit(out, k = 1) {
@@ -112,6 +121,39 @@ def test_both_plans_compute_what_torch_does(mixed, disable):
         assert rel_err(tri(x), ref(x)) < 1e-4
 
 
+NETS = [("lenet.net", "LeNet5", None), ("resnet.net", "ResNet18", (3, 64, 64)),
+        ("googlenet.net", "GoogLeNet", (3, 96, 96)), ("densenet.net", "DenseNet121", (3, 64, 64)),
+        ("alexnet.net", "AlexNet", None), ("course.net", "SequentialCNN", None)]
+
+
+@pytest.mark.parametrize("spec,name,size", NETS, ids=[n for _, n, _ in NETS])
+def test_the_figures_are_a_recorded_runs(spec, name, size):
+    """Launches and bytes from the plan, without running, against the launches
+    an eval forward records (and eager's against the torch twin's CPU run)."""
+    path = str(ROOT / "specs" / spec)
+    net = checked_net(path, name, input_shape=size)
+    batch = 3
+    fig = launches(inference_plan(net), batch)
+    model = netdsl.build(path, name).eval()
+    x = torch.randn(batch, *net.input_shape)
+    with torch.no_grad(), rt.plan_launches() as recorded:
+        model(x)
+    # (a planned run caches no batch-norm fold: each forward records them, as a first forward runs them)
+    folds = [r for r in recorded if r[0].fn.__name__ == "bn_fold"]
+    recorded = [r for r in recorded if r[0].fn.__name__ != "bn_fold"]
+    assert len(fig.launches) == len(recorded)
+    assert [l.bytes for l in fig.launches] == [bench.launch_bytes(*r) for r in recorded]
+    assert fig.folds == len(folds) == sum(1 for l in net_layers(net) if l.op == "bn")
+    ref = netdsl.build(path, name, target="torch").eval()
+    assert eager(net, batch) == bench.eager(ref, x)
+
+
+def net_layers(net):
+    from netdsl import ir
+
+    return list(ir.walk_layers(net.body))
+
+
 def test_the_generated_forward_is_the_plan_line_by_line(mixed):
     """One call a step, in plan order, storing where the plan says."""
     src = netdsl.compile_to_module(str(mixed), "Mixed").__file__
@@ -121,3 +163,35 @@ def test_the_generated_forward_is_the_plan_line_by_line(mixed):
     plan = inference_plan(checked_net(str(mixed), "Mixed"))
     assert calls[1:] == [{"buffer": "concat_buffer"}.get(s.op, s.op) for s in plan.steps]
     assert "out=t2[:, 20:30][:, 2:10]" in body and body.count("rt.copy(") == 1
+
+
+def test_netdsl_plan_prints_the_plan_and_its_totals():
+    rc, out, err = run("plan", "specs/resnet.net", "--net", "ResNet18", "--batch", "8")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "ResNet18: inference forward (eval), batch 8, fp32, input 3×224×224"
+    assert re.match(r" 1  conv_bn_relu +x +t1 +30\.55  conv1 → bn1 → relu \(resnet\.net:[\d,]+\)$", lines[2])
+    assert lines[-2] == ("launches 23 (eager PyTorch: 68 ops, 0.34×); bytes moved 253.1 MB "
+                         "(eager: 620.9 MB, 0.41×)")
+    assert lines[-1] == "after a parameter changes, the first forward also runs 20 bn_fold launches"
+    rc, out, _ = run("plan", "specs/googlenet.net", "--net", "GoogLeNet", "--batch", "2", "--json",
+                     "--disable", "concat_in_place")
+    doc = json.loads(out)
+    assert rc == 0 and doc["disabled"] == ["concat_in_place"]
+    with_copies = doc["totals"]["launches"]
+    rc, out, _ = run("plan", "specs/googlenet.net", "--net", "GoogLeNet", "--batch", "2", "--json")
+    doc = json.loads(out)
+    assert doc["totals"]["launches"] == with_copies - 9 * 4  # 9 inceptions, 4 parts each, none copied
+    first = doc["launches"][0]
+    assert first["kernel"] == "conv_bn_relu" and first["epilogue"] == ["bn", "relu"]
+    assert first["reads"][0]["shape"] == [2, 3, 224, 224]
+    assert sum(l["bytes"] for l in doc["launches"]) == doc["totals"]["bytes"]
+
+
+def test_netdsl_plan_errors():
+    rc, _, err = run("plan", "specs/resnet.net", "--net", "ResNet18", "--train")
+    assert rc == 2 and "training steps are not planned by the compiler yet" in err
+    rc, _, err = run("plan", "specs/resnet.net", "--net", "ResNet18", "--disable", "folding")
+    assert rc == 2 and err.startswith("netdsl: error: --disable folding: no such fusion")
+    rc, _, err = run("plan", "specs/resnet.net", "--net", "ResNet9")
+    assert rc == 2 and "no network named 'ResNet9'" in err
