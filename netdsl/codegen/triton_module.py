@@ -173,26 +173,26 @@ class _Forward:
     def put(self, line: str):
         self.lines.append(line)
 
-    def emit(self, node, x: str, out: str | None = None) -> str:
-        """Emit code computing node(x); with `out`, the result lands in that tensor."""
+    def emit(self, node, x: str) -> str:
+        """Emit code computing node(x)."""
         if isinstance(node, ir.Seq):
-            return self.seq(node, x, out)
+            return self.seq(node, x)
         if isinstance(node, ir.Fused):
-            return self.fused(node, x, out)
+            return self.fused(node, x)
         if isinstance(node, ir.Layer):
-            return self.layer(node, x, out)
+            return self.layer(node, x)
         if isinstance(node, ir.Join):
-            return self.join(node, x, out)
+            return self.join(node, x)
         if isinstance(node, ir.Dense):
-            return self.dense(node, x, out)
+            return self.dense(node, x)
         raise AssertionError(type(node).__name__)
 
-    def seq(self, node: ir.Seq, x: str, out: str | None = None, defer_last: bool = False, after_first=None) -> str:
+    def seq(self, node: ir.Seq, x: str, defer_last: bool = False, after_first=None) -> str:
         """The items in order, each deferring its BN + act into the next where it can;
         defer_last: the last one defers too (into whatever consumes the sequence);
         after_first: called once the first item is emitted (there are at least two)."""
         if not node.items:
-            return self._into(x, out)
+            return x
         for i, (item, nxt) in enumerate(zip(node.items, node.items[1:])):
             self.defer = self._can_defer(item, nxt)
             leave = self._can_leave(item, nxt)
@@ -203,7 +203,7 @@ class _Forward:
             if i == 0 and after_first is not None:
                 after_first()
         self.defer = defer_last
-        v = self.emit(node.items[-1], x, out)
+        v = self.emit(node.items[-1], x)
         self.defer = False
         return v
 
@@ -269,16 +269,7 @@ class _Forward:
         self.put(f"{', '.join(names)} = rt.fork(K, {x}, {n})")
         return names[::-1]  # consumers pop from the end: the first consumer gets the first alias
 
-    def _into(self, v: str, out: str | None) -> str:
-        if out is None:
-            return v
-        self.put(f"rt.copy(K, {v}, {out})")
-        return out
-
-    def _out(self, out):
-        return f", out={out}" if out else ""
-
-    def fused(self, f: ir.Fused, x: str, out: str | None) -> str:
+    def fused(self, f: ir.Fused, x: str) -> str:
         v = self.var()
         main = f.main
         at = f"{main.name} ({where(main)})"
@@ -297,52 +288,52 @@ class _Forward:
             if self.leave and f.residual and f.bn is not None:
                 bn += ", leave=True"
                 self.leave = False
-            self.put(f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{self._out(out)}, at={at!r})")
+            self.put(f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}, at={at!r})")
         elif f.kind == "linear":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
                               KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
-            self.put(f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}{self._out(out)}, at={at!r})")
+            self.put(f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}, at={at!r})")
         else:
             defer = ", defer=True" if self.defer else ""
-            self.put(f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{defer}{self._out(out)}, at={at!r})")
+            self.put(f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{defer}, at={at!r})")
         return v
 
-    def layer(self, l: ir.Layer, x: str, out: str | None) -> str:
+    def layer(self, l: ir.Layer, x: str) -> str:
         if l.op == "identity":
-            return self._into(x, out)
+            return x
         v = self.var()
-        self.put(_layer_line(l, self.k, v, x, self._out(out), train=True))
-        return self._into(v, out) if l.op == "flatten" else (out or v)
+        self.put(_layer_line(l, self.k, v, x, "", train=True))
+        return v
 
-    def join(self, j: ir.Join, x: str, out: str | None) -> str:
+    def join(self, j: ir.Join, x: str) -> str:
         if j.kind == "concat":
-            return self.concat(j, x, out)
+            return self.concat(j, x)
         body, short = j.branches if j.kind == "residual" else (j.branches[0], None)
         xs = self.fork(x, len(j.branches))
         if j.fused:
             if not short.items:
                 self.residual.append(xs[1])
-                v = self.emit(body, xs[0], out)
+                v = self.emit(body, xs[0])
             elif "block_outputs" not in self.disable and self._makes_input(j):
                 # conv1 first: where x is a block output left to it, conv1 makes it and the shortcut reads it
-                v = self.seq(body, xs[0], out, after_first=lambda: self.residual.append(
+                v = self.seq(body, xs[0], after_first=lambda: self.residual.append(
                     self.shortcut(short, body, xs[1])))
             else:
                 self.residual.append(self.shortcut(short, body, xs[1]))
-                v = self.emit(body, xs[0], out)
+                v = self.emit(body, xs[0])
             self.residual.pop()
             return v
         outs = [self.emit(b, xi) for b, xi in zip(j.branches, xs)]
         v = self.var()
-        self.put(f"{v} = rt.add(K, {outs[0]}, {outs[1]}{self._out(out if len(outs) == 2 else None)}, "
+        self.put(f"{v} = rt.add(K, {outs[0]}, {outs[1]}, "
                  f"at={(j.name or 'add') + ' (' + where(j) + ')'!r})")
         for extra in outs[2:]:
             w = self.var()
             self.put(f"{w} = rt.add(K, {v}, {extra})")
             v = w
-        return self._into(v, out) if len(outs) > 2 else (out or v)
+        return v
 
-    def concat(self, j: ir.Join, x: str, out: str | None) -> str:
+    def concat(self, j: ir.Join, x: str) -> str:
         C = j.out_shape[0]
         xs = self.fork(x, len(j.branches))
         buf = None
@@ -359,9 +350,9 @@ class _Forward:
         v = self.var()
         into = f", into={buf}" if buf is not None else ""
         self.put(f"{v} = rt.concat(K, [{', '.join(outs)}]{into}, at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
-        return self._into(v, out)
+        return v
 
-    def dense(self, d: ir.Dense, x: str, out: str | None) -> str:
+    def dense(self, d: ir.Dense, x: str) -> str:
         """Each layer reads the concat of all earlier features, as torchvision's, held in one buffer:
         each concat copies only the features not in it yet."""
         C = d.out_shape[0]
@@ -383,7 +374,7 @@ class _Forward:
             c += step.out_shape[0]
         v = self.var()
         self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
-        return self._into(v, out)
+        return v
 
 
 def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:

@@ -73,12 +73,6 @@ class Plan:
             return v.name
         return f"{self.ref(v.base)}[:, {v.c0}:{v.c0 + v.shape[0]}]"
 
-    def readers(self, name: str) -> list[int]:
-        return [i for i, s in enumerate(self.steps) if name in s.reads]
-
-    def producer(self, name: str) -> int | None:
-        return next((i for i, s in enumerate(self.steps) if s.out == name), None)
-
     def with_steps(self, steps, values=None) -> "Plan":
         return replace(self, steps=tuple(steps), values=dict(values if values is not None else self.values))
 

@@ -34,10 +34,6 @@ def _where(pos) -> str:
     return f"{os.path.basename(pos.file)}:{pos.line}"
 
 
-def _into(plan: Plan, step: Step) -> str:
-    return _ref(plan, step.out)
-
-
 def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: str, disabled=()) -> str:
     net = plan.net
     head = (f"{net.name}: inference forward (eval), batch {batch}, {dtype}, input {shape_text(net.input_shape)}"
@@ -51,7 +47,7 @@ def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: s
         text = (" → ".join(name for name, _ in spots) + f" ({file}:"
                 + ",".join(at.rsplit(":", 1)[1] for at in lines_at if at.startswith(file + ":")) + ")")
         rows.append((str(i), kernel_text(s), ", ".join(_ref(plan, r) for r in s.reads),
-                     _into(plan, s), f"{launch.bytes / 1e6:.2f}", text))
+                     _ref(plan, s.out), f"{launch.bytes / 1e6:.2f}", text))
     widths = [max(len(r[k]) for r in rows) for k in range(5)]
     lines = [head]
     for r in rows:
