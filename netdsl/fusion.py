@@ -17,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import ir
-
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh")
+from .ops import ACTIVATIONS
 
 
 def _is(node, op) -> bool:

@@ -484,6 +484,11 @@ _op(OpSpec("leaky_relu", "LeakyReLU", (P("negative_slope", number, 0.01),), _ide
            summary=lambda a: f"slope={a['negative_slope']:g}"))
 _op(OpSpec("sigmoid", "Sigmoid", (), _identity))
 _op(OpSpec("tanh", "Tanh", (), _identity))
+_op(OpSpec("relu6", "ReLU6", (), _identity))
+_op(OpSpec("hardsigmoid", "Hardsigmoid", (), _identity))
+
+# the element-wise activations, which kernels apply in their epilogues (fusion.py)
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "relu6", "hardsigmoid")
 _op(OpSpec("maxpool", "MaxPool2d", (
     P("kernel_size", _pair1), P("stride", optional(_pair1), None), P("padding", _pair0, 0),
     P("dilation", _pair1, 1), P("ceil_mode", boolean, False)), _pool_infer("maxpool"), summary=_pool_summary))
@@ -512,5 +517,5 @@ _op(OpSpec("identity", "Identity", (), _identity))
 
 def stateless(op: str) -> bool:
     """Ops that own no tensors; several of them may share one name (like reusing nn.ReLU)."""
-    return op in ("relu", "leaky_relu", "sigmoid", "tanh", "maxpool", "avgpool", "adaptive_avgpool",
-                  "global_avgpool", "upsample", "flatten", "dropout", "lrn", "softmax", "identity")
+    return op in ACTIVATIONS or op in ("maxpool", "avgpool", "adaptive_avgpool", "global_avgpool", "upsample",
+                                       "flatten", "dropout", "lrn", "softmax", "identity")

@@ -53,6 +53,10 @@ def module_expr(layer: ir.Layer) -> str:
         return "nn.Sigmoid()"
     if op == "tanh":
         return "nn.Tanh()"
+    if op == "relu6":
+        return "nn.ReLU6()"
+    if op == "hardsigmoid":
+        return "nn.Hardsigmoid()"
     if op == "maxpool":
         return (f"nn.MaxPool2d({_pair(a['kernel_size'])}, stride={_pair(a['stride'])}, padding={_pair(a['padding'])}, "
                 f"dilation={_pair(a['dilation'])}, ceil_mode={a['ceil_mode']})")

@@ -10,6 +10,7 @@ from ..kernels import elementwise as kew
 from ..kernels import norm as knorm
 from ..kernels import pool as kpool
 from ..kernels import ACTIVATION, ACTIVATION_GRAD, render
+from ..ops import ACTIVATIONS
 from ..plan import inference_plan
 from ..plan.lower import preserves_size
 from .layers import check_class_name, class_lines, where
@@ -40,7 +41,8 @@ BACKWARD = {
 
 # The @triton.jit helpers the kernels call, by these names: (template, name, doc).
 HELPERS = (
-    (ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh"),
+    (ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh, 5 relu6, "
+                              "6 hardsigmoid"),
     (ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)"),
     (kconv.CHANNEL_VECTOR, "channel_vector",
      "a per-channel vector for a tile's channels, broadcast along its rows or columns"),
@@ -429,7 +431,7 @@ def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
     """train: the autograd forward's (a pool takes the kernels a deferred BN's backward needs)."""
     a, op = l.attrs, l.op
     at = f"{l.name} ({where(l)})"
-    if op in ("relu", "sigmoid", "tanh", "leaky_relu"):
+    if op in ACTIVATIONS:
         slope = f", slope={a['negative_slope']!r}" if op == "leaky_relu" else ""
         return f"{v} = rt.activation(K, {x}, {op!r}{slope}{o})  # {at}"
     if op in ("maxpool", "avgpool"):

@@ -8,7 +8,7 @@ stay `tl.constexpr` flags chosen by the launchers.
 """
 from string import Template
 
-ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}
+ACT_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "relu6": 5, "hardsigmoid": 6}
 
 # The epilogue activation every kernel family shares (ACT is one of ACT_CODES).
 ACTIVATION = r'''
@@ -22,11 +22,18 @@ def $NAME(y, ACT: tl.constexpr, slope):
         y = tl.sigmoid(y)
     elif ACT == 4:
         y = 2.0 * tl.sigmoid(2.0 * y) - 1.0
+    elif ACT == 5:
+        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    elif ACT == 6:
+        y = tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
     return y
 '''
 
 # Its derivative, from the activation's output y (what backward keeps):
-# relu and leaky relu pass where y > 0, as torch's threshold_backward does.
+# relu and leaky relu pass where y > 0, as torch's threshold_backward does;
+# relu6 and hardsigmoid where the input was strictly inside the linear
+# piece, as torch's hardtanh_backward and hardsigmoid_backward do, which the
+# output shows exactly (0 < y < 6, 0 < y < 1).
 ACTIVATION_GRAD = r'''
 @triton.jit
 def $NAME(dy, y, ACT: tl.constexpr, slope):
@@ -38,6 +45,10 @@ def $NAME(dy, y, ACT: tl.constexpr, slope):
         dy = dy * y * (1.0 - y)
     elif ACT == 4:
         dy = dy * (1.0 - y * y)
+    elif ACT == 5:
+        dy = tl.where((y > 0.0) & (y < 6.0), dy, 0.0)
+    elif ACT == 6:
+        dy = tl.where((y > 0.0) & (y < 1.0), dy / 6.0, 0.0)
     return dy
 '''
 

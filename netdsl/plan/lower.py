@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from .. import ir
 from ..diagnostics import Diagnostic, NetdslError
+from ..ops import ACTIVATIONS
 from .ir import Plan, Step, Value
 
 # ops that can be told where to store their output (the generated call's out=)
 STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add", "copy", "pool", "adaptive_avgpool",
                              "upsample", "lrn", "softmax", "conv_transpose", "dropout", "buffer"})
 
-_LAYER_OPS = {"relu": "activation", "sigmoid": "activation", "tanh": "activation", "leaky_relu": "activation",
-              "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
+_LAYER_OPS = {**{act: "activation" for act in ACTIVATIONS}, "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
               "global_avgpool": "adaptive_avgpool", "upsample": "upsample", "flatten": "flatten",
               "dropout": "dropout", "lrn": "lrn", "softmax": "softmax", "conv_transpose": "conv_transpose"}
 

@@ -1,0 +1,45 @@
+"""relu6 and hardsigmoid at every place an activation runs: a conv's and a
+linear's epilogue, a batch norm's apply (and a deferred one, applied as the
+next conv loads), after a residual add, and alone; forward and gradients
+against the torch twin, in train and eval mode."""
+import copy
+
+import pytest
+import torch
+
+from twin import compare, grad_compare, twins
+
+SPEC = """\
+net ConvBN input(3, 8, 8) { conv(8, 3, padding=1) -> bn -> ACT -> conv(6, 3, padding=1) -> bn -> ACT }
+net ConvLinear input(3, 8, 8) { conv(8, 3, padding=1) -> ACT -> maxpool(2) -> flatten -> linear(10) -> ACT }
+net Residual input(8, 6, 6) {
+    residual { conv(8, 3, padding=1, bias=false) -> bn -> ACT -> conv(8, 3, padding=1, bias=false) -> bn }
+    ACT
+}
+net PreAct input(8, 6, 6) { bn -> ACT -> conv(8, 1) -> maxpool(2) -> ACT }
+"""
+
+
+@pytest.mark.parametrize("act", ["relu6", "hardsigmoid"])
+@pytest.mark.parametrize("net", ["ConvBN", "ConvLinear", "Residual", "PreAct"])
+def test_against_torch(tmp_path, act, net):
+    p = tmp_path / "a.net"
+    p.write_text(SPEC.replace("ACT", act))
+    tri, ref = twins(str(p), net, seed=len(net))
+    with torch.no_grad():  # wide enough that the activations' inputs land on both flat pieces and the linear one
+        for name, t in ref.state_dict().items():
+            if name.endswith("weight"):
+                t.mul_(6.0)
+    tri.load_state_dict(ref.state_dict())
+    torch.manual_seed(len(act))
+    x = torch.randn(3, *tri.input_shape) * 4
+    ys, probe = [], copy.deepcopy(ref)  # (a train-mode forward moves the running statistics)
+    for mode in ("train", "eval"):
+        getattr(probe, mode)()
+        with torch.no_grad():
+            ys.append(probe(x))
+    lo, hi = (0.0, 6.0) if act == "relu6" else (0.0, 1.0)
+    y = torch.cat([t.flatten() for t in ys])
+    assert (y == lo).any() and (y == hi).any() and ((y > lo) & (y < hi)).any(), "every piece is exercised"
+    compare(tri, ref, x)
+    grad_compare(tri, ref, x)
