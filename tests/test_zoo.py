@@ -21,8 +21,11 @@ COUNTS = {
     ("resnet.net", "ResNet50"): 25_557_032,
     ("resnet.net", "ResNet101"): 44_549_160,
     ("resnet.net", "ResNet152"): 60_192_808,
+    ("resnet.net", "ResNeXt50_32x4d"): 25_028_904,
+    ("resnet.net", "WideResNet50_2"): 68_883_240,
     ("resnet.net", "CifarResNet"): 9_817_354,
     ("densenet.net", "DenseNet121"): 7_978_856,
+    ("squeezenet.net", "SqueezeNet1_1"): 1_235_496,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -34,8 +37,10 @@ NETWORKS = {
     "vgg.net": ["VGG_A", "VGG_A_LRN", "VGG_B", "VGG_C", "VGG_D", "VGG_E", "VGG11", "VGG13", "VGG16", "VGG19",
                 "VGG11_BN", "VGG13_BN", "VGG16_BN", "VGG19_BN"],
     "googlenet.net": ["GoogLeNet"],
-    "resnet.net": ["ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "CifarResNet"],
+    "resnet.net": ["ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "ResNeXt50_32x4d", "WideResNet50_2",
+                   "CifarResNet"],
     "densenet.net": ["DenseNet121"],
+    "squeezenet.net": ["SqueezeNet1_1"],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }
@@ -68,6 +73,7 @@ def test_vgg_paper_configurations(net):
     ("lenet.net", "LeNet5", (10,)), ("alexnet.net", "AlexNet", (1000,)), ("vgg.net", "VGG16", (1000,)),
     ("googlenet.net", "GoogLeNet", (1000,)), ("resnet.net", "ResNet50", (1000,)),
     ("resnet.net", "CifarResNet", (10,)), ("densenet.net", "DenseNet121", (1000,)),
+    ("squeezenet.net", "SqueezeNet1_1", (1000,)),
     ("course.net", "SequentialCNN", (128, 6, 6)), ("course.net", "TestNet", (10,)), ("course.net", "Net", (2,)),
     ("course.net", "Sharpen", (1, 28, 28)), ("course.net", "Slides", (3, 42, 42)),
 ])

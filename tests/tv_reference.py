@@ -1,5 +1,6 @@
-"""Plain-torch rebuilds of torchvision's module layouts (torchvision itself is
-not installable beside the CPU torch used here).  They reproduce torchvision's
+"""Plain-torch rebuilds of torchvision's module layouts, for the older zoo's
+key tests (the newer networks are compared with torchvision's own model
+files: tests/tv_models.py).  They reproduce torchvision's
 attribute names and layer order, so their state_dict keys, tensor shapes and
 parameter counts are what a torchvision checkpoint holds."""
 from collections import OrderedDict
