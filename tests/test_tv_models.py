@@ -1,6 +1,8 @@
 """The zoo against torchvision's own model files (loaded by tests/tv_models.py):
 the same state_dict keys and shapes, torchvision's weights load strictly, and
-for SqueezeNet 1.1 the same outputs on those weights."""
+the same outputs on those weights: SqueezeNet 1.1 whole, MobileNetV2's and
+MNASNet's inverted residual blocks one at a time (the whole networks'
+depthwise convs are too slow for the interpreter)."""
 import functools
 import os
 import sys
@@ -14,13 +16,15 @@ from netdsl.report import state_keys
 
 from conftest import SPECS
 from tv_models import tv_model, tv_module
-from twin import rel_err
+from twin import compare, grad_compare, randomize, rel_err
 
 # spec file, network, torchvision module, factory
 CASES = [
     ("resnet.net", "ResNeXt50_32x4d", "resnet", "resnext50_32x4d"),
     ("resnet.net", "WideResNet50_2", "resnet", "wide_resnet50_2"),
     ("squeezenet.net", "SqueezeNet1_1", "squeezenet", "squeezenet1_1"),
+    ("mobilenet.net", "MobileNetV2", "mobilenetv2", "mobilenet_v2"),
+    ("mnasnet.net", "MNASNet1_0", "mnasnet", "mnasnet1_0"),
 ]
 IDS = [c[1] for c in CASES]
 
@@ -71,3 +75,41 @@ def test_squeezenet_forward_matches_torchvision():
     assert (yr > 0).sum() > 100  # the final ReLU leaves much of the output non-zero
     assert rel_err(y, yr) < 1e-4
 
+
+def test_batch_norm_settings_match_torchvision():
+    """MNASNet's momentum (1 − 0.9997, as torchvision computes it) and every eps."""
+    for file, net, module, factory in CASES[2:]:
+        ours = {n: m for n, m in netdsl.build(SPECS / file, net).named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        ref = {n: m for n, m in reference(module, factory).named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        assert ours.keys() == ref.keys()
+        assert all((ours[n].momentum, ours[n].eps) == (ref[n].momentum, ref[n].eps) for n in ref), net
+
+
+# (spec file, the block's call, torchvision module, its class, its arguments, input shape, gradients too)
+BLOCKS = [
+    ("mobilenet.net", "InvertedResidual(4, 4, 1, 2)", "mobilenetv2", "InvertedResidual", (4, 4, 1, 2), (4, 5, 5), True),
+    ("mobilenet.net", "InvertedResidual(4, 8, 2, 1)", "mobilenetv2", "InvertedResidual", (4, 8, 2, 1), (4, 5, 5),
+     False),
+    ("mnasnet.net", "InvertedResidual(4, 4, 5, 1, 2, 1 - 0.9997)", "mnasnet", "_InvertedResidual",
+     (4, 4, 5, 1, 2, 1 - 0.9997), (4, 5, 5), False),
+]
+
+
+@pytest.mark.parametrize("file,call,module,cls,args,shape,grads", BLOCKS, ids=[b[1] for b in BLOCKS])
+def test_an_inverted_residual_block_against_torchvision(tmp_path, file, call, module, cls, args, shape, grads):
+    """One block, spec'd with the zoo file's own block, against torchvision's
+    class: outputs and running statistics in eval and train mode; for
+    MobileNetV2's residual block also the train-mode gradients (a depthwise
+    conv's backward is the interpreter's slowest launch: test_grad.py's
+    Depthwise case covers it on its own)."""
+    (tmp_path / file).write_text((SPECS / file).read_text())
+    (tmp_path / "b.net").write_text(f'import "{file}"\nnet B input({", ".join(map(str, shape))}) {{ {call} }}\n')
+    torch.manual_seed(len(call))
+    ref = torch.nn.Sequential(getattr(tv_module(module), cls)(*args))
+    randomize(ref, seed=len(call))
+    ours = netdsl.build(tmp_path / "b.net", "B")
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, *shape)
+    compare(ours, ref, x)
+    if grads:
+        grad_compare(ours, ref, x, modes=("train",))

@@ -26,6 +26,8 @@ COUNTS = {
     ("resnet.net", "CifarResNet"): 9_817_354,
     ("densenet.net", "DenseNet121"): 7_978_856,
     ("squeezenet.net", "SqueezeNet1_1"): 1_235_496,
+    ("mobilenet.net", "MobileNetV2"): 3_504_872,
+    ("mnasnet.net", "MNASNet1_0"): 4_383_312,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -41,6 +43,8 @@ NETWORKS = {
                    "CifarResNet"],
     "densenet.net": ["DenseNet121"],
     "squeezenet.net": ["SqueezeNet1_1"],
+    "mobilenet.net": ["MobileNetV2"],
+    "mnasnet.net": ["MNASNet1_0"],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }
