@@ -30,10 +30,7 @@ from netdsl.plan import cost as plan_cost, inference_plan  # noqa: E402
 
 NETS = [("resnet.net", "ResNet18"), ("resnet.net", "ResNet50"), ("vgg.net", "VGG16"),
         ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121")]
-FREE = {"empty.memory_format", "empty_strided.default", "empty_like.default", "new_empty_strided.default", "view.default", "_unsafe_view.default", "t.default",
-        "detach.default", "alias.default", "slice.Tensor", "as_strided.default", "expand.default",
-        "_reshape_alias.default", "reshape.default", "flatten.using_ints", "unsqueeze.default",
-        "set_.source_Storage_storage_offset"}  # netdsl's dense blocks: a tensor over a buffer's first channels
+FREE = plan_cost.FREE  # allocations and views
 
 
 def nbytes(t):

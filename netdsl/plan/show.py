@@ -1,15 +1,10 @@
 """`netdsl plan`'s output: a plan as a table (one line a launch) or JSON."""
 from __future__ import annotations
 
-import os
-
 from .. import ir
+from ..codegen.layers import shape_text, where
 from .cost import Figures
 from .ir import Plan, Step
-
-
-def shape_text(s) -> str:
-    return "×".join(str(d) for d in s)
 
 
 def kernel_text(step: Step) -> str:
@@ -25,13 +20,9 @@ def kernel_text(step: Step) -> str:
 def covers(step: Step) -> list[tuple[str, str]]:
     """(layer, file:line) for each layer a launch covers; a join's own name and line for an add or copy."""
     if step.layers:
-        return [(l.name, _where(l.pos)) for l in step.layers]
+        return [(l.name, where(l)) for l in step.layers]
     u = step.unit
-    return [(u.name or step.op, _where(u.pos))]
-
-
-def _where(pos) -> str:
-    return f"{os.path.basename(pos.file)}:{pos.line}"
+    return [(u.name or step.op, where(u))]
 
 
 def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: str, disabled=()) -> str:
