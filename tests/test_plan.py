@@ -174,17 +174,21 @@ def test_netdsl_plan_prints_the_plan_and_its_totals():
     assert lines[-2] == ("launches 23 (eager PyTorch: 68 ops, 0.34×); bytes moved 253.1 MB "
                          "(eager: 620.9 MB, 0.41×)")
     assert lines[-1] == "after a parameter changes, the first forward also runs 20 bn_fold launches"
-    rc, out, _ = run("plan", "specs/googlenet.net", "--net", "GoogLeNet", "--batch", "2", "--json",
-                     "--disable", "concat_in_place")
+
+
+def test_netdsl_plan_json(mixed):
+    rc, out, _ = run("plan", str(mixed), "--net", "Mixed", "--batch", "2", "--json", "--disable", "concat_in_place")
     doc = json.loads(out)
     assert rc == 0 and doc["disabled"] == ["concat_in_place"]
     with_copies = doc["totals"]["launches"]
-    rc, out, _ = run("plan", "specs/googlenet.net", "--net", "GoogLeNet", "--batch", "2", "--json")
+    rc, out, _ = run("plan", str(mixed), "--net", "Mixed", "--batch", "2", "--json")
     doc = json.loads(out)
-    assert doc["totals"]["launches"] == with_copies - 9 * 4  # 9 inceptions, 4 parts each, none copied
+    assert doc["totals"]["launches"] == with_copies - 6  # AFTER's six parts stored in place, not copied
     first = doc["launches"][0]
     assert first["kernel"] == "conv_bn_relu" and first["epilogue"] == ["bn", "relu"]
-    assert first["reads"][0]["shape"] == [2, 3, 224, 224]
+    assert first["reads"][0]["shape"] == [2, 4, 8, 8] and first["covers"][0]["layer"] == "stem.conv"
+    assert doc["launches"][1]["writes"] == {"value": "t3", "shape": [2, 4, 8, 8], "into": "t2", "channel": 0}
+    assert doc["totals"] == {"launches": 11, "bytes": 76452, "bn_folds": 6}
     assert sum(l["bytes"] for l in doc["launches"]) == doc["totals"]["bytes"]
 
 
