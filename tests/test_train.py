@@ -179,8 +179,15 @@ def test_backward_saves_no_more_than_eager(file, net, shape, overrides):
 def test_autocast_half_inputs_fp32_master_gradients(small_spec):
     """Under torch.autocast convs and linears run in half precision (fp16 here:
     the CPU interpreter has no bf16; on CUDA bf16 runs the same code), BN
-    statistics stay fp32, and gradients land fp32 on the fp32 parameters."""
+    statistics stay fp32, and gradients land fp32 on the fp32 parameters.
+    Half-precision gradients differ from each other by rounding alone, so
+    ours and torch's are both judged against a float64 twin.  The convs keep
+    their default initialisation, so the global generator is seeded: fp16
+    rounding can flip a max-pool's pick between near-equal values, which
+    moves a whole gradient, and the values must not hang on test order."""
+    torch.manual_seed(0)
     tri, ref = twins(small_spec, "Small")
+    exact = copy.deepcopy(ref).double()
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 3, 12, 12, generator=g)
     y = torch.randint(0, 5, (4,), generator=g)
@@ -192,10 +199,15 @@ def test_autocast_half_inputs_fp32_master_gradients(small_spec):
             loss = F.cross_entropy(out.float(), y) * 1024  # scaled, as GradScaler does: no fp16 underflow
         loss.backward()
         outs.append(out)
+    exact.train()
+    (F.cross_entropy(exact(x.double()), y) * 1024).backward()
     assert outs[0].dtype == outs[1].dtype == torch.float16
     assert rel_err(outs[0], outs[1]) < 1e-2
-    for (n, a), (_, b) in zip(tri.named_parameters(), ref.named_parameters()):
-        assert a.grad.dtype == torch.float32 and rel_err(a.grad, b.grad) < 5e-2, (n, rel_err(a.grad, b.grad))
+    params = zip(tri.named_parameters(), ref.parameters(), exact.parameters())
+    for (n, a), b, e in params:
+        assert a.grad.dtype == torch.float32, n
+        ours, torchs = rel_err(a.grad, e.grad), rel_err(b.grad, e.grad)
+        assert ours < max(2 * torchs, 1e-2), (n, ours, torchs)
     assert all(t.dtype == torch.float32 for k, t in tri.state_dict().items() if "running" in k)
 
 
