@@ -259,8 +259,9 @@ class _Elaborator:
             if isinstance(it, ir.Branches):
                 inner = self.sub(scope, label, "group", _label_pos(it), trace)
                 branches = self.branches(it.body, env, inner, trace)
-                if len(branches) < 2 and it.kind == "add" or not branches:
-                    raise EvalError(it.pos, f"{it.kind} needs at least {2 if it.kind == 'add' else 1} branches, one per line")
+                least = 1 if it.kind == "concat" else 2
+                if len(branches) < least:
+                    raise EvalError(it.pos, f"{it.kind} needs at least {least} branches, one per line")
                 return [ir.Join(it.kind, tuple(branches), inner.prefix, it.pos, trace)]
             if isinstance(it, ir.DenseItem):
                 inner = self.sub(scope, label, "group", _label_pos(it), trace)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import ir
-from .ops import ACTIVATIONS
+from .ops import EPILOGUE_ACTIVATIONS
 
 
 def _is(node, op) -> bool:
@@ -25,7 +25,7 @@ def _is(node, op) -> bool:
 
 
 def _act_at(items, i):
-    return items[i] if i < len(items) and isinstance(items[i], ir.Layer) and items[i].op in ACTIVATIONS else None
+    return items[i] if i < len(items) and isinstance(items[i], ir.Layer) and items[i].op in EPILOGUE_ACTIVATIONS else None
 
 
 def fuse_conv_bn_act(items, i):

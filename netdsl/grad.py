@@ -33,6 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import launch as rt
+from .kernels import FROM_INPUT
 from .kernels import conv as _conv
 from .kernels import elementwise as _ew
 from .kernels import norm as _norm
@@ -554,21 +555,57 @@ class ConvTransposeFn(torch.autograd.Function):
 class ActivationFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec):
-        K, act, slope = spec
+        K, act, slope, bounds = spec
         out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
-        _ew.elementwise(_rt, K.elementwise, 0, rt.as4d(x), rt.as4d(out), act=act, slope=slope)
-        ctx.save_for_backward(out)
+        _ew.elementwise(_rt, K.elementwise, 0, rt.as4d(x), rt.as4d(out), act=act, slope=slope, bounds=bounds)
+        ctx.save_for_backward(x if act in FROM_INPUT else out)  # what the derivative is computed from
         ctx.spec = spec
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        K, act, slope = ctx.spec
-        (out,) = ctx.saved_tensors
-        dx = rt.empty(tuple(dy.shape), out, channels_last=rt._is_cl(out))
-        _ew.elementwise(_rt, K.elementwise, 4, rt.as4d(dy), rt.as4d(dx), other4=rt.as4d(out), act=act, slope=slope)
+        K, act, slope, bounds = ctx.spec
+        (saved,) = ctx.saved_tensors
+        dx = rt.empty(tuple(dy.shape), saved, channels_last=rt._is_cl(saved))
+        _ew.elementwise(_rt, K.elementwise, 5 if act in FROM_INPUT else 4, rt.as4d(dy), rt.as4d(dx),
+                        other4=rt.as4d(saved), act=act, slope=slope, bounds=bounds)
         return dx, None
+
+
+class MulFn(torch.autograd.Function):
+    """a · b with broadcasting; each factor's gradient is dy times the other,
+    summed over the dimensions in which that factor was broadcast."""
+
+    @staticmethod
+    def forward(ctx, a, b, K):
+        shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
+        big = a if tuple(a.shape) == shape else b
+        out = rt.empty(shape, big, channels_last=rt._is_cl(big))
+        o4 = rt.as4d(out)
+        _ew.elementwise(_rt, K.elementwise, 6, rt.as4d(a).expand(o4.shape), o4, other4=rt.as4d(b).expand(o4.shape))
+        ctx.save_for_backward(a, b)
+        ctx.K = K
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        wants = ctx.needs_input_grad
+        return (_mul_grad(ctx.K, dy, b, a) if wants[0] else None,
+                _mul_grad(ctx.K, dy, a, b) if wants[1] else None, None)
+
+
+def _mul_grad(K, dy, other, like):
+    """The gradient of factor `like` in like · other, from the product's gradient dy."""
+    dy4 = rt.as4d(dy)
+    dx = rt.empty(tuple(like.shape), like, channels_last=rt._is_cl(like))
+    if tuple(like.shape) == tuple(dy.shape):
+        _ew.elementwise(_rt, K.elementwise, 6, dy4, rt.as4d(dx), other4=rt.as4d(other).expand(dy4.shape))
+    else:
+        _ew.mul_grad(_rt, K.mul_grad, dy4, rt.as4d(other).expand(dy4.shape), rt.as4d(dx))
+    return dx
 
 
 class AddFn(torch.autograd.Function):

@@ -140,9 +140,9 @@ class Residual:
 
 @dataclass(frozen=True)
 class Branches:
-    """`concat { }` / `add { }`: every statement is a branch fed the same input."""
+    """`concat { }` / `add { }` / `mul { }`: every statement is a branch fed the same input."""
 
-    kind: str  # "concat" | "add"
+    kind: str  # "concat" | "add" | "mul"
     body: tuple["Stmt", ...]
     label: Label | None
     pos: Pos
@@ -273,7 +273,8 @@ class Seq:
 
 @dataclass(frozen=True)
 class Join:
-    """Parallel branches fed the same input, joined by "add", "concat" or
+    """Parallel branches fed the same input, joined by "add", "mul" (with
+    broadcasting: squeeze-and-excitation's x · gate(x)), "concat" or
     "residual" (an add whose second branch is the shortcut, empty = identity).
 
     `fused` (set by the fusion pass): the add happens in the epilogue of the

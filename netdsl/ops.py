@@ -486,9 +486,36 @@ _op(OpSpec("sigmoid", "Sigmoid", (), _identity))
 _op(OpSpec("tanh", "Tanh", (), _identity))
 _op(OpSpec("relu6", "ReLU6", (), _identity))
 _op(OpSpec("hardsigmoid", "Hardsigmoid", (), _identity))
+_op(OpSpec("silu", "SiLU", (), _identity))
+_op(OpSpec("hardswish", "Hardswish", (), _identity))
+_op(OpSpec("gelu", "GELU", (P("approximate", one_of("none", "tanh"), "none"),), _identity,
+           summary=lambda a: "tanh" if a["approximate"] == "tanh" else ""))
 
-# the element-wise activations, which kernels apply in their epilogues (fusion.py)
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "relu6", "hardsigmoid")
+
+def _hardtanh_infer(a, s, err):
+    if a["min_val"] >= a["max_val"]:
+        err(f"hardtanh's min_val must be below its max_val, got {a['min_val']:g} and {a['max_val']:g}")
+    return s, dict(a)
+
+
+_op(OpSpec("hardtanh", "Hardtanh", (P("min_val", number, -1.0), P("max_val", number, 1.0)), _hardtanh_infer,
+           summary=lambda a: f"[{a['min_val']:g}, {a['max_val']:g}]"))
+
+# the element-wise activations; kernels apply the first six in their
+# epilogues (fusion.py), whose derivatives the output determines
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "silu", "hardswish", "gelu", "hardtanh")
+EPILOGUE_ACTIVATIONS = ACTIVATIONS[:6]
+
+
+def act_kernel_args(op: str, attrs: dict) -> tuple[str, dict]:
+    """The kernels' activation name (ACT_CODES) and its runtime arguments."""
+    if op == "leaky_relu":
+        return op, {"slope": attrs["negative_slope"]}
+    if op == "hardtanh":
+        return op, {"bounds": (attrs["min_val"], attrs["max_val"])}
+    if op == "gelu" and attrs["approximate"] == "tanh":
+        return "gelu_tanh", {}
+    return op, {}
 _op(OpSpec("maxpool", "MaxPool2d", (
     P("kernel_size", _pair1), P("stride", optional(_pair1), None), P("padding", _pair0, 0),
     P("dilation", _pair1, 1), P("ceil_mode", boolean, False)), _pool_infer("maxpool"), summary=_pool_summary))

@@ -222,6 +222,9 @@ class _Builder(Transformer):
     def add(self, meta, body):
         return ir.Branches("add", body, None, self._p(meta))
 
+    def mul(self, meta, body):
+        return ir.Branches("mul", body, None, self._p(meta))
+
     def dense(self, meta, body):
         return ir.DenseItem(body, None, self._p(meta))
 

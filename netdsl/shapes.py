@@ -89,9 +89,23 @@ def _join(join: ir.Join, shape, diags) -> ir.Join:
                                           f"but branch {i + 1} gives {fmt_shape(o)}", notes)
                 out = None
                 break
+    elif join.kind == "mul":
+        out = _broadcast(outs, join.pos, notes, diags)
     else:
         out = _concat(outs, join.pos, notes, diags, "branch")
     return dataclasses.replace(join, branches=branches, in_shape=shape, out_shape=out)
+
+
+def _broadcast(shapes, pos, notes, diags):
+    """torch's broadcasting for branches of one rank: each dimension equal, or 1 in all but one branch."""
+    out = list(shapes[0])
+    for i, s in enumerate(shapes[1:], 1):
+        if len(s) != len(out) or not all(a is None or b is None or a == b or 1 in (a, b) for a, b in zip(out, s)):
+            diags.error(pos, f"mul of shapes that do not broadcast: branch 1 gives {fmt_shape(shapes[0])} "
+                             f"but branch {i + 1} gives {fmt_shape(s)}", notes)
+            return None
+        out = [None if a is None or b is None else max(a, b) for a, b in zip(out, s)]
+    return tuple(out)
 
 
 def _concat(shapes, pos, notes, diags, what):

@@ -48,3 +48,59 @@ def test_against_torch(tmp_path, act, net):
     assert (y == lo).any() and (y == hi).any() and ((y > lo) & (y < hi)).any(), "every piece is exercised"
     compare(tri, ref, x)
     grad_compare(tri, ref, x)
+
+
+# silu, hardswish, gelu and hardtanh: their derivative needs the input, which
+# the kernel that applies them keeps for backward (kernels.FROM_INPUT)
+FROM_INPUT = ["silu", "hardswish", "gelu", 'gelu(approximate="tanh")', "hardtanh(-0.5, 2)"]
+INPUT_SPEC = """\
+net Chain input(3, 8, 8) { conv(8, 3, padding=1) -> bn -> ACT -> conv(8, 3, padding=1) -> ACT -> maxpool(2) -> flatten -> linear(10) -> ACT }
+net Alone input(4, 5, 5) { ACT }
+"""
+
+
+def _spec(tmp_path, act):
+    p = tmp_path / "a.net"
+    p.write_text(INPUT_SPEC.replace("ACT", act))
+    return str(p)
+
+
+@pytest.mark.parametrize("act", FROM_INPUT)
+def test_from_input_activations_against_torch(tmp_path, act):
+    tri, ref = twins(_spec(tmp_path, act), "Chain", seed=len(act))
+    torch.manual_seed(len(act))
+    x = torch.randn(3, *tri.input_shape) * 4
+    probe = copy.deepcopy(ref).eval()
+    seen = []
+    getattr(probe, "2").register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        probe(x)
+    z = seen[0]  # the first activation's inputs reach past every kink (hardswish's ±3, hardtanh's bounds)
+    assert (z < -3).any() and (z > 3).any() and ((z > -0.5) & (z < 2)).any()
+    compare(tri, ref, x)
+    grad_compare(tri, ref, x)
+
+
+@pytest.mark.parametrize("act", FROM_INPUT)
+def test_from_input_activations_gradcheck_float64(tmp_path, act):
+    import netdsl
+    m = netdsl.build(_spec(tmp_path, act), "Alone").double()
+    torch.manual_seed(len(act))
+    x = (torch.randn(2, 4, 5, 5, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(m, (x,), atol=1e-6, rtol=1e-4)
+    ref = netdsl.build(_spec(tmp_path, act), "Alone", target="torch").double()
+    assert torch.allclose(m(x), ref(x), rtol=1e-12, atol=1e-12)  # and exactly torch's formula
+
+
+@pytest.mark.parametrize("act", FROM_INPUT)
+def test_from_input_activations_compile_for_sm90_and_sm80(tmp_path, act):
+    import netdsl
+    from netdsl import aot
+    m = netdsl.build(_spec(tmp_path, act), "Alone")
+    kernels = aot.signatures(m, torch.randn(2, 4, 5, 5), train=True, backward=True)
+    ops = sorted(meta["OP"] for k, _, meta in kernels if k.fn.__name__ == "elementwise")
+    assert ops == [0, 5]  # the activation, and its derivative from the input
+    for kernel, sig, meta in kernels:
+        for arch in (90, 80):
+            info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
+            assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (kernel.fn.__name__, arch, info)

@@ -259,3 +259,21 @@ def test_checked_net_raises_with_all_errors():
     with pytest.raises(NetdslError) as ei:
         checked_net(load_text("net N input(3, 8, 8) {\n  cnov\n  conv(4, 3, groups=3)\n}", "e.net"), "N")
     assert len(ei.value.diagnostics) == 2
+
+
+def test_hardtanh_bounds_out_of_order():
+    line, col, msg = only("net N input(3, 8, 8) {\n  conv(4, 3) -> hardtanh(1, -1)\n}")
+    assert (line, col) == (2, 17)
+    assert msg == "hardtanh's min_val must be below its max_val, got 1 and -1"
+    assert only('net N input(3, 8, 8) {\n  gelu(approximate="erf")\n}')[2] == \
+        "gelu's approximate must be one of 'none', 'tanh'; got \"erf\""
+
+
+def test_mul_of_shapes_that_do_not_broadcast():
+    text = "net N input(16, 8, 8) {\n    mul {\n        identity\n        global_avgpool -> conv(4, 1)\n    }\n}"
+    line, col, msg = only(text)
+    assert (line, col) == (2, 5)
+    assert msg == "mul of shapes that do not broadcast: branch 1 gives 16×8×8 but branch 2 gives 4×1×1"
+    assert only("net N input(3, 8, 8) {\n    mul { relu }\n}") == (2, 5, "mul needs at least 2 branches, one per line")
+    # ranks must agree: a flattened branch does not broadcast against a C×H×W one
+    assert "do not broadcast" in only("net N input(3, 1, 1) {\n  mul { identity ; flatten }\n}")[2]

@@ -57,6 +57,14 @@ def module_expr(layer: ir.Layer) -> str:
         return "nn.ReLU6()"
     if op == "hardsigmoid":
         return "nn.Hardsigmoid()"
+    if op == "silu":
+        return "nn.SiLU()"
+    if op == "hardswish":
+        return "nn.Hardswish()"
+    if op == "gelu":
+        return f"nn.GELU(approximate={a['approximate']!r})"
+    if op == "hardtanh":
+        return f"nn.Hardtanh({a['min_val']!r}, {a['max_val']!r})"
     if op == "maxpool":
         return (f"nn.MaxPool2d({_pair(a['kernel_size'])}, stride={_pair(a['stride'])}, padding={_pair(a['padding'])}, "
                 f"dilation={_pair(a['dilation'])}, ceil_mode={a['ceil_mode']})")

@@ -34,7 +34,8 @@ class _Forward:
             if node.kind == "concat":
                 self.lines.append(f"{v} = torch.cat([{', '.join(outs)}], 1)  # {where(node)}")
             else:
-                self.lines.append(f"{v} = {' + '.join(outs)}  # {where(node)}")
+                sign = " * " if node.kind == "mul" else " + "
+                self.lines.append(f"{v} = {sign.join(outs)}  # {where(node)}")
             return v
         if isinstance(node, ir.Dense):
             feats = self.var()

@@ -9,8 +9,8 @@ from ..kernels import conv as kconv
 from ..kernels import elementwise as kew
 from ..kernels import norm as knorm
 from ..kernels import pool as kpool
-from ..kernels import ACTIVATION, ACTIVATION_GRAD, render
-from ..ops import ACTIVATIONS
+from ..kernels import ACTIVATION, ACTIVATION_GRAD, ACTIVATION_GRAD_INPUT, render
+from ..ops import ACTIVATIONS, act_kernel_args
 from ..plan import inference_plan
 from ..plan.lower import preserves_size
 from .layers import check_class_name, class_lines, where
@@ -20,6 +20,7 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "bn_fold": knorm.BN_FOLD,
     "channel_affine": knorm.CHANNEL_AFFINE,
     "elementwise": kew.ELEMENTWISE,
+    "mul_grad": kew.MUL_GRAD,
     "adaptive_avgpool": kpool.ADAPTIVE_AVGPOOL2D,
     "softmax": knorm.SOFTMAX,
     "channel_grad": knorm.CHANNEL_GRAD,
@@ -42,8 +43,10 @@ BACKWARD = {
 # The @triton.jit helpers the kernels call, by these names: (template, name, doc).
 HELPERS = (
     (ACTIVATION, "activation", "the epilogue activation: 0 none, 1 relu, 2 leaky relu, 3 sigmoid, 4 tanh, 5 relu6, "
-                              "6 hardsigmoid"),
+                              "6 hardsigmoid, 7 silu, 8 hardswish, 9 gelu, 10 gelu (tanh)"),
     (ACTIVATION_GRAD, "activation_grad", "its derivative, from the saved output: dy · act'(y)"),
+    (ACTIVATION_GRAD_INPUT, "activation_grad_input",
+     "the derivative of silu, hardswish, gelu and hardtanh (11), from the saved input: dy · act'(x)"),
     (kconv.CHANNEL_VECTOR, "channel_vector",
      "a per-channel vector for a tile's channels, broadcast along its rows or columns"),
     (kconv.BN_ACT_PROLOGUE, "bn_act_prologue", "a deferred batch norm + activation, applied as a conv loads its input"),
@@ -71,7 +74,8 @@ _GENERIC_DOC = {
     "bn_stats": "batch-norm training statistics: per-channel mean, scale/shift and the running-stat update",
     "bn_fold": "batch-norm eval scale/shift from the running statistics, ready to fold into a conv",
     "channel_affine": "y = act(x·scale[c] + shift[c] + residual): batch norm apply",
-    "elementwise": "activations, unfused adds, dropout, copies",
+    "elementwise": "activations, unfused adds, products (with broadcasting), dropout, copies",
+    "mul_grad": "backward of a broadcast product: dy · other summed over the broadcast dimensions",
     "adaptive_avgpool": "adaptive / global average pooling",
     "softmax": "softmax over channels",
     "channel_grad": "backward: per-channel sums of dy·act'(y) (batch-norm and bias gradients)",
@@ -326,12 +330,13 @@ class _Forward:
             self.residual.pop()
             return v
         outs = [self.emit(b, xi) for b, xi in zip(j.branches, xs)]
+        op = "mul" if j.kind == "mul" else "add"
         v = self.var()
-        self.put(f"{v} = rt.add(K, {outs[0]}, {outs[1]}, "
-                 f"at={(j.name or 'add') + ' (' + where(j) + ')'!r})")
+        self.put(f"{v} = rt.{op}(K, {outs[0]}, {outs[1]}, "
+                 f"at={(j.name or op) + ' (' + where(j) + ')'!r})")
         for extra in outs[2:]:
             w = self.var()
-            self.put(f"{w} = rt.add(K, {v}, {extra})")
+            self.put(f"{w} = rt.{op}(K, {v}, {extra})")
             v = w
         return v
 
@@ -395,8 +400,8 @@ def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
                          f"# {what} {u.name} ({where(u)})")
         elif op == "copy":
             lines.append(f"rt.copy(K, {x}, {plan.ref(v.name)})")
-        elif op == "add":
-            lines.append(f"{v.name} = rt.add(K, {x}, {reads[1]}{o}, at={(u.name or 'add') + ' (' + where(u) + ')'!r})")
+        elif op in ("add", "mul"):
+            lines.append(f"{v.name} = rt.{op}(K, {x}, {reads[1]}{o}, at={(u.name or op) + ' (' + where(u) + ')'!r})")
         elif isinstance(u, ir.Fused):
             lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o)
         else:
@@ -432,8 +437,9 @@ def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
     a, op = l.attrs, l.op
     at = f"{l.name} ({where(l)})"
     if op in ACTIVATIONS:
-        slope = f", slope={a['negative_slope']!r}" if op == "leaky_relu" else ""
-        return f"{v} = rt.activation(K, {x}, {op!r}{slope}{o})  # {at}"
+        act, extra = act_kernel_args(op, a)
+        args = "".join(f", {k}={val!r}" for k, val in extra.items())
+        return f"{v} = rt.activation(K, {x}, {act!r}{args}{o})  # {at}"
     if op in ("maxpool", "avgpool"):
         kern = kernels.get(kpool.POOL2D, op, f"{l.name}  ({where(l)})", l.name, **_pool_consts(l))
         return (f"{v} = rt.pool({kern}, {x}, {tuple(a['kernel_size'])}, {tuple(a['stride'])}, {tuple(a['padding'])}, "

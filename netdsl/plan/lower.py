@@ -10,7 +10,7 @@ from ..ops import ACTIVATIONS
 from .ir import Plan, Step, Value
 
 # ops that can be told where to store their output (the generated call's out=)
-STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add", "copy", "pool", "adaptive_avgpool",
+STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add", "mul", "copy", "pool", "adaptive_avgpool",
                              "upsample", "lrn", "softmax", "conv_transpose", "dropout", "buffer"})
 
 _LAYER_OPS = {**{act: "activation" for act in ACTIVATIONS}, "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
@@ -29,6 +29,8 @@ def preserves_size(node) -> bool:
         return node.op not in ("conv_transpose", "upsample", "adaptive_avgpool", "global_avgpool", "flatten", "linear")
     if isinstance(node, ir.Fused):
         return all(preserves_size(l) for l in node.layers)
+    if isinstance(node, ir.Join) and node.kind == "mul":  # the others broadcast to that branch's size
+        return any(preserves_size(b) for b in node.branches)
     return all(preserves_size(child) for child in ir.children(node))
 
 
@@ -87,9 +89,11 @@ class _Lower:
             self.residual.pop()
             return v
         outs = [self.emit(b, x) for b in j.branches]
-        v = self.put("add", j, (outs[0], outs[1]), j.out_shape, nchw=self.values[outs[0]].nchw)
-        for extra in outs[2:]:
-            v = self.put("add", j, (v, extra), j.out_shape, nchw=self.values[v].nchw)
+        op = "mul" if j.kind == "mul" else "add"
+        v = outs[0]
+        for extra in outs[1:]:  # (a product takes the layout of its full-size factor)
+            big = v if self.values[v].shape == j.out_shape or op == "add" else extra
+            v = self.put(op, j, (v, extra), j.out_shape, nchw=self.values[big].nchw)
         return v
 
     def concat(self, j: ir.Join, x: str) -> str:

@@ -12,13 +12,13 @@ def kernel_text(step: Step) -> str:
     u = step.unit
     if isinstance(u, ir.Fused):
         return u.describe()
-    if step.op in ("copy", "add"):
+    if step.op in ("copy", "add", "mul"):
         return step.op
     return u.op if isinstance(u, ir.Layer) else step.op
 
 
 def covers(step: Step) -> list[tuple[str, str]]:
-    """(layer, file:line) for each layer a launch covers; a join's own name and line for an add or copy."""
+    """(layer, file:line) for each layer a launch covers; a join's own name and line for an add, mul or copy."""
     if step.layers:
         return [(l.name, where(l)) for l in step.layers]
     u = step.unit
