@@ -24,6 +24,8 @@ CASES = [
     ("resnet.net", "WideResNet50_2", "resnet", "wide_resnet50_2"),
     ("squeezenet.net", "SqueezeNet1_1", "squeezenet", "squeezenet1_1"),
     ("mobilenet.net", "MobileNetV2", "mobilenetv2", "mobilenet_v2"),
+    ("mobilenet.net", "MobileNetV3Large", "mobilenetv3", "mobilenet_v3_large"),
+    ("mobilenet.net", "MobileNetV3Small", "mobilenetv3", "mobilenet_v3_small"),
     ("mnasnet.net", "MNASNet1_0", "mnasnet", "mnasnet1_0"),
 ]
 IDS = [c[1] for c in CASES]
@@ -110,6 +112,36 @@ def test_an_inverted_residual_block_against_torchvision(tmp_path, file, call, mo
     ours = netdsl.build(tmp_path / "b.net", "B")
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, *shape)
+    compare(ours, ref, x)
+    if grads:
+        grad_compare(ours, ref, x, modes=("train",))
+
+
+# MobileNetV3's bneck rows (torchvision's InvertedResidualConfig arguments):
+# SE and hardswish with the input added back, and SE and relu with stride 2
+BNECKS = [((8, 3, 16, 8, True, "HS", 1), (8, 6, 6), True), ((8, 5, 24, 16, True, "RE", 2), (8, 7, 7), False)]
+
+
+@pytest.mark.parametrize("row,shape,grads", BNECKS, ids=["SE-hardswish-residual", "SE-relu-stride2"])
+def test_a_mobilenet_v3_bneck_against_torchvision(tmp_path, row, shape, grads):
+    """One bneck block (expand, depthwise, squeeze-and-excitation with a hard
+    sigmoid gate, project) against torchvision's InvertedResidual: outputs and
+    running statistics in eval and train mode, and train-mode gradients."""
+    (tmp_path / "mobilenet.net").write_text((SPECS / "mobilenet.net").read_text())
+    args = ", ".join(str(a).lower() if isinstance(a, bool) else f'"{a}"' if isinstance(a, str) else str(a) for a in row)
+    (tmp_path / "b.net").write_text(f'import "mobilenet.net"\nnet B input({", ".join(map(str, shape))}) {{ Bneck({args}) }}\n')
+    v3 = tv_module("mobilenetv3")
+    torch.manual_seed(sum(row[:4]))
+    norm = functools.partial(torch.nn.BatchNorm2d, eps=0.001, momentum=0.01)
+    ref = torch.nn.Sequential(v3.InvertedResidual(v3.InvertedResidualConfig(*row, 1, 1.0), norm))
+    randomize(ref, seed=sum(row[:4]))
+    with torch.no_grad():  # spread the gate's inputs over the hard sigmoid's three pieces
+        for name, p in ref.named_parameters():
+            if ".fc" in name:
+                p.mul_(4.0)
+    ours = netdsl.build(tmp_path / "b.net", "B")
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, *shape) * 2
     compare(ours, ref, x)
     if grads:
         grad_compare(ours, ref, x, modes=("train",))
