@@ -2,6 +2,7 @@
 indexing and a few functions.  Nothing a spec says is ever run as Python."""
 from __future__ import annotations
 
+import math
 import operator
 
 from . import ir
@@ -110,9 +111,11 @@ def _func(e: ir.Func, args):
         if not vals or not all(_num(v) for v in vals):
             raise EvalError(e.pos, f"{n}() takes numbers")
         return (min if n == "min" else max)(vals)
-    if n in ("int", "float"):
+    if n in ("int", "float", "ceil", "floor"):
         if len(args) != 1 or not _num(args[0]):
             raise EvalError(e.pos, f"{n}() takes one number")
+        if n in ("ceil", "floor"):
+            return math.ceil(args[0]) if n == "ceil" else math.floor(args[0])
         return int(args[0]) if n == "int" else float(args[0])
     if n == "range":
         if not 1 <= len(args) <= 3 or not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
@@ -129,4 +132,4 @@ def _func(e: ir.Func, args):
     raise EvalError(e.pos, f"unknown function '{n}'{did_you_mean(n, FUNCTIONS)}")
 
 
-FUNCTIONS = ("len", "min", "max", "int", "float", "range", "type")
+FUNCTIONS = ("len", "min", "max", "int", "float", "ceil", "floor", "range", "type")

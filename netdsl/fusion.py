@@ -11,13 +11,23 @@ sequence, first match wins:
 and after a sequence is rewritten, `fuse_residual_act` moves a residual add
 (and the activation after it) into the epilogue of the body's last kernel:
 conv -> bn -> add -> relu becomes one kernel in eval mode.
+
+Every activation but hardtanh (whose bounds have no slot in the kernels'
+epilogue helper) fuses.  The backward kernels differentiate an epilogue's
+activation from its output, which does not determine the derivative of
+silu, hardswish or gelu: `split_input_activations` gives the training
+forward those as kernels of their own, which keep their input.
 """
 from __future__ import annotations
 
 import dataclasses
 
 from . import ir
-from .ops import EPILOGUE_ACTIVATIONS
+from .kernels import FROM_INPUT
+from .ops import ACTIVATIONS
+
+
+_FUSES = tuple(a for a in ACTIVATIONS if a != "hardtanh")
 
 
 def _is(node, op) -> bool:
@@ -25,7 +35,7 @@ def _is(node, op) -> bool:
 
 
 def _act_at(items, i):
-    return items[i] if i < len(items) and isinstance(items[i], ir.Layer) and items[i].op in EPILOGUE_ACTIVATIONS else None
+    return items[i] if i < len(items) and isinstance(items[i], ir.Layer) and items[i].op in _FUSES else None
 
 
 def fuse_conv_bn_act(items, i):
@@ -111,6 +121,43 @@ def _node(node):
 
 def fuse(net: ir.Net) -> ir.Net:
     return dataclasses.replace(net, body=_seq(net.body))
+
+
+def _input_act(unit) -> bool:
+    return isinstance(unit, ir.Fused) and unit.act is not None and unit.act.op in FROM_INPUT
+
+
+def _split_seq(seq: ir.Seq) -> ir.Seq:
+    out = []
+    for node in seq.items:
+        node = _split_node(node)
+        if _input_act(node):
+            out += [dataclasses.replace(node, act=None), node.act]
+        elif isinstance(node, ir.Join) and node.fused and _input_act(node.branches[0].items[-1]):
+            body, short = node.branches
+            last = body.items[-1]
+            body = dataclasses.replace(body, items=body.items[:-1] + (dataclasses.replace(last, act=None),))
+            out += [dataclasses.replace(node, branches=(body, short)), last.act]
+        else:
+            out.append(node)
+    return dataclasses.replace(seq, items=tuple(out))
+
+
+def _split_node(node):
+    if isinstance(node, ir.Join):
+        return dataclasses.replace(node, branches=tuple(_split_seq(b) for b in node.branches))
+    if isinstance(node, ir.Dense):
+        return dataclasses.replace(node, steps=tuple(_split_seq(s) for s in node.steps))
+    if isinstance(node, ir.Seq):
+        return _split_seq(node)
+    return node
+
+
+def split_input_activations(net: ir.Net) -> ir.Net:
+    """A fused graph -> the same with each fused silu, hardswish or gelu
+    (kernels.FROM_INPUT) as a layer of its own after its kernel: the
+    training forward's graph."""
+    return dataclasses.replace(net, body=_split_seq(net.body))
 
 
 def kernels_of(node):

@@ -631,20 +631,22 @@ class AddFn(torch.autograd.Function):
 
 
 class DropoutFn(torch.autograd.Function):
+    """Dropout (op 2) or stochastic depth (ops 7 and 8: by sample, whole batch)."""
+
     @staticmethod
     def forward(ctx, x, spec):
-        K, p, seed, offset = spec
+        K, op, p, seed, offset = spec
         out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
-        _ew.elementwise(_rt, K.elementwise, 2, rt.as4d(x), rt.as4d(out), p=p, seed=seed, offset=offset)
+        _ew.elementwise(_rt, K.elementwise, op, rt.as4d(x), rt.as4d(out), p=p, seed=seed, offset=offset)
         ctx.spec = spec
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # the same seed and offset draw the same mask
-        K, p, seed, offset = ctx.spec
+        K, op, p, seed, offset = ctx.spec
         dx = rt.empty(tuple(dy.shape), dy, channels_last=rt._is_cl(dy))
-        _ew.elementwise(_rt, K.elementwise, 2, rt.as4d(dy), rt.as4d(dx), p=p, seed=seed, offset=offset)
+        _ew.elementwise(_rt, K.elementwise, op, rt.as4d(dy), rt.as4d(dx), p=p, seed=seed, offset=offset)
         return dx, None
 
 

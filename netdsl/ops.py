@@ -65,6 +65,13 @@ def probability(v, what):
     return v
 
 
+def drop_probability(v, what):
+    v = number(v, what)
+    if not 0.0 <= v <= 1.0:
+        raise ArgError(f"{what} must be in [0, 1], got {show(v)}")
+    return v
+
+
 def positive_number(v, what):
     v = number(v, what)
     if v <= 0:
@@ -501,10 +508,8 @@ def _hardtanh_infer(a, s, err):
 _op(OpSpec("hardtanh", "Hardtanh", (P("min_val", number, -1.0), P("max_val", number, 1.0)), _hardtanh_infer,
            summary=lambda a: f"[{a['min_val']:g}, {a['max_val']:g}]"))
 
-# the element-wise activations; kernels apply the first six in their
-# epilogues (fusion.py), whose derivatives the output determines
+# the element-wise activations, which kernels apply in their epilogues (fusion.py)
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "silu", "hardswish", "gelu", "hardtanh")
-EPILOGUE_ACTIVATIONS = ACTIVATIONS[:6]
 
 
 def act_kernel_args(op: str, attrs: dict) -> tuple[str, dict]:
@@ -535,6 +540,8 @@ _op(OpSpec("linear", "Linear", (
     _linear_infer, _linear_tensors, _linear_macs))
 _op(OpSpec("flatten", "Flatten", (), _flatten_infer))
 _op(OpSpec("dropout", "Dropout", (P("p", probability, 0.5),), _identity, summary=lambda a: f"p={a['p']:g}"))
+_op(OpSpec("stochastic_depth", "StochasticDepth", (P("p", drop_probability), P("mode", one_of("row", "batch"), "row")),
+           _identity, summary=lambda a: f"p={a['p']:g}" + (" batch" if a["mode"] == "batch" else "")))
 _op(OpSpec("lrn", "LocalResponseNorm", (
     P("size", int_at_least(1)), P("alpha", number, 1e-4), P("beta", number, 0.75), P("k", number, 1.0)),
     _lrn_infer, summary=lambda a: f"size={a['size']}"))
@@ -545,4 +552,4 @@ _op(OpSpec("identity", "Identity", (), _identity))
 def stateless(op: str) -> bool:
     """Ops that own no tensors; several of them may share one name (like reusing nn.ReLU)."""
     return op in ACTIVATIONS or op in ("maxpool", "avgpool", "adaptive_avgpool", "global_avgpool", "upsample",
-                                       "flatten", "dropout", "lrn", "softmax", "identity")
+                                       "flatten", "dropout", "stochastic_depth", "lrn", "softmax", "identity")

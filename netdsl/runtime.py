@@ -301,7 +301,8 @@ def _broadcast_shape(a, b, at):
     return tuple(max(x, y) for x, y in zip(a.shape, b.shape))
 
 
-def dropout(K, x, p, training, out=None):
+def dropout(K, x, p, training, out=None, op=2):
+    """op 2: dropout; 7 and 8: stochastic depth by sample and of the whole batch."""
     if not training or p == 0.0:
         return x if out is None else copy(K, x, out)
     global _dropout_calls
@@ -310,11 +311,38 @@ def dropout(K, x, p, training, out=None):
     _dropout_calls += 1
     if _grad.wanted(x):
         _no_out(out)
-        return _grad.DropoutFn.apply(x, (K, p, seed, offset))
+        return _grad.DropoutFn.apply(x, (K, op, p, seed, offset))
     if out is None:
         out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
-    _ew.elementwise(_rt, K.elementwise, 2, as4d(x), as4d(out), p=p, seed=seed, offset=offset)
+    _ew.elementwise(_rt, K.elementwise, op, as4d(x), as4d(out), p=p, seed=seed, offset=offset)
     return out
+
+
+def stochastic_depth(K, x, p, mode, training, out=None):
+    """torchvision's stochastic_depth: in training each sample (mode "row") or
+    the whole batch ("batch") is zeroed with probability p, the rest scaled
+    by 1 / (1 - p); the identity in eval."""
+    return dropout(K, x, p, training, out, op=7 if mode == "row" else 8)
+
+
+class StochasticDepth(nn.Module):
+    """The --target torch twin's stochastic depth: torchvision.ops.StochasticDepth's computation."""
+
+    def __init__(self, p: float, mode: str):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        size = [x.shape[0]] + [1] * (x.dim() - 1) if self.mode == "row" else [1] * x.dim()
+        noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
+        if self.p < 1.0:
+            noise.div_(1.0 - self.p)
+        return x * noise
+
+    def extra_repr(self):
+        return f"p={self.p}, mode={self.mode}"
 
 
 def pool(kernel, x, kernel_size, stride, padding, dilation=(1, 1), ceil_mode=False, *, max_pool, out=None, at="",

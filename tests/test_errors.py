@@ -277,3 +277,8 @@ def test_mul_of_shapes_that_do_not_broadcast():
     assert only("net N input(3, 8, 8) {\n    mul { relu }\n}") == (2, 5, "mul needs at least 2 branches, one per line")
     # ranks must agree: a flattened branch does not broadcast against a C×H×W one
     assert "do not broadcast" in only("net N input(3, 1, 1) {\n  mul { identity ; flatten }\n}")[2]
+
+
+def test_stochastic_depth_rate_out_of_range():
+    assert only("net N input(3, 8, 8) {\n  conv(3, 1) -> stochastic_depth(1.5)\n}") == \
+        (2, 34, "stochastic_depth's p must be in [0, 1], got 1.5")

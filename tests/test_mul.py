@@ -84,7 +84,7 @@ def test_against_torch(spec, net):
     grad_compare(tri, ref, x)
 
 
-@pytest.mark.parametrize("net", ["Gate", "Outer"])
+@pytest.mark.parametrize("net", ["Outer"])  # (both factors broadcast: each reduction of mul_grad)
 def test_gradcheck_float64(spec, net):
     m = netdsl.build(spec, net).double().train()
     names = [n for n, _ in m.named_parameters()]

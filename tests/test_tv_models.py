@@ -27,8 +27,11 @@ CASES = [
     ("mobilenet.net", "MobileNetV3Large", "mobilenetv3", "mobilenet_v3_large"),
     ("mobilenet.net", "MobileNetV3Small", "mobilenetv3", "mobilenet_v3_small"),
     ("mnasnet.net", "MNASNet1_0", "mnasnet", "mnasnet1_0"),
+    *[("efficientnet.net", f"EfficientNetB{b}", "efficientnet", f"efficientnet_b{b}") for b in range(8)],
 ]
-IDS = [c[1] for c in CASES]
+# EfficientNet B1 … B6 differ from B0 and B7 only in their multipliers: their keys and loads run with the slow tests
+SLOW = {f"EfficientNetB{b}" for b in range(1, 7)}
+ZOO = [pytest.param(*c, id=c[1], marks=[pytest.mark.slow] if c[1] in SLOW else []) for c in CASES]
 
 
 @functools.cache
@@ -45,7 +48,7 @@ def test_loader_imports_the_installed_model_files_without_compiled_ops():
     assert "torchvision.io" not in sys.modules and "torchvision.datasets" not in sys.modules
 
 
-@pytest.mark.parametrize("file,net,module,factory", CASES, ids=IDS)
+@pytest.mark.parametrize("file,net,module,factory", ZOO)
 def test_state_dict_keys_and_shapes_match_torchvision(file, net, module, factory):
     ref = reference(module, factory).state_dict()
     res = check_file(SPECS / file, net)
@@ -56,7 +59,7 @@ def test_state_dict_keys_and_shapes_match_torchvision(file, net, module, factory
     assert shapes == {k: tuple(v.shape) for k, v in ref.items()}
 
 
-@pytest.mark.parametrize("file,net,module,factory", CASES, ids=IDS)
+@pytest.mark.parametrize("file,net,module,factory", ZOO)
 def test_torchvision_weights_load_strictly(file, net, module, factory):
     netdsl.build(SPECS / file, net).load_state_dict(reference(module, factory).state_dict(), strict=True)
 
@@ -79,8 +82,9 @@ def test_squeezenet_forward_matches_torchvision():
 
 
 def test_batch_norm_settings_match_torchvision():
-    """MNASNet's momentum (1 − 0.9997, as torchvision computes it) and every eps."""
-    for file, net, module, factory in CASES[2:]:
+    """MNASNet's momentum (1 − 0.9997, as torchvision computes it), MobileNetV3's and EfficientNet-B7's
+    (eps 0.001, momentum 0.01), and every eps."""
+    for file, net, module, factory in [c for c in CASES[2:] if c[1] not in SLOW]:
         ours = {n: m for n, m in netdsl.build(SPECS / file, net).named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
         ref = {n: m for n, m in reference(module, factory).named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
         assert ours.keys() == ref.keys()
@@ -119,10 +123,11 @@ def test_an_inverted_residual_block_against_torchvision(tmp_path, file, call, mo
 
 # MobileNetV3's bneck rows (torchvision's InvertedResidualConfig arguments):
 # SE and hardswish with the input added back, and SE and relu with stride 2
-BNECKS = [((8, 3, 16, 8, True, "HS", 1), (8, 6, 6), True), ((8, 5, 24, 16, True, "RE", 2), (8, 7, 7), False)]
+BNECKS = [pytest.param((8, 3, 16, 8, True, "HS", 1), (8, 6, 6), True, id="SE-hardswish-residual"),
+          pytest.param((8, 5, 24, 16, True, "RE", 2), (8, 7, 7), False, marks=pytest.mark.slow, id="SE-relu-stride2")]
 
 
-@pytest.mark.parametrize("row,shape,grads", BNECKS, ids=["SE-hardswish-residual", "SE-relu-stride2"])
+@pytest.mark.parametrize("row,shape,grads", BNECKS)
 def test_a_mobilenet_v3_bneck_against_torchvision(tmp_path, row, shape, grads):
     """One bneck block (expand, depthwise, squeeze-and-excitation with a hard
     sigmoid gate, project) against torchvision's InvertedResidual: outputs and
@@ -145,3 +150,47 @@ def test_a_mobilenet_v3_bneck_against_torchvision(tmp_path, row, shape, grads):
     compare(ours, ref, x)
     if grads:
         grad_compare(ours, ref, x, modes=("train",))
+
+
+def test_efficientnet_stochastic_depth_rates_match_torchvision():
+    """Each residual MBConv's drop rate, 0.2 · (its index) / (blocks in the
+    network), under torchvision's module name; torchvision's other blocks hold
+    one too, unused."""
+    for b in (0, 7):
+        ref = reference("efficientnet", f"efficientnet_b{b}")
+        theirs = {n: m.p for n, m in ref.named_modules() if type(m).__name__ == "StochasticDepth"}
+        residual = {n for n, m in ref.named_modules() if getattr(m, "use_res_connect", False)}
+        ours = {n: m.p for n, m in netdsl.build(SPECS / "efficientnet.net", f"EfficientNetB{b}").named_modules()
+                if type(m).__name__ == "StochasticDepth"}
+        assert ours == {n: p for n, p in theirs.items() if n.rsplit(".", 1)[0] in residual}
+        assert len(ours) == len(residual) > 8 and max(ours.values()) > 0.17
+
+
+# EfficientNet's MBConv (torchvision's MBConvConfig: expansion, kernel, stride, input, output, layers)
+# (the residual one's gradients through two depthwise convs take the interpreter half a minute: slow run)
+MBCONVS = [pytest.param((2, 3, 1, 8, 8, 1), (8, 5, 5), True, marks=pytest.mark.slow, id="expand2-residual"),
+           pytest.param((1, 5, 2, 8, 16, 1), (8, 7, 7), False, id="expand1-stride2")]
+
+
+@pytest.mark.parametrize("cfg,shape,grads", MBCONVS)
+def test_an_efficientnet_mbconv_against_torchvision(tmp_path, cfg, shape, grads):
+    """One MBConv (expand, depthwise, squeeze-and-excitation with SiLU and a
+    sigmoid gate, project, and stochastic depth on the residual branch)
+    against torchvision's: eval and train mode with the drop rate at 0 (a
+    drawn mask cannot match torch's), eval mode at 0.2."""
+    (tmp_path / "efficientnet.net").write_text((SPECS / "efficientnet.net").read_text())
+    e, k, s, i, o, _ = cfg
+    eff = tv_module("efficientnet")
+    for p in (0.0, 0.2):
+        (tmp_path / "b.net").write_text(f'import "efficientnet.net"\nnet B input({", ".join(map(str, shape))}) '
+                                        f'{{ MBConv({i}, {o}, {e}, {k}, {s}, {p}, [1e-5, 0.1]) }}\n')
+        torch.manual_seed(sum(cfg))
+        ref = torch.nn.Sequential(eff.MBConv(eff.MBConvConfig(*cfg), p, torch.nn.BatchNorm2d))
+        randomize(ref, seed=sum(cfg))
+        ours = netdsl.build(tmp_path / "b.net", "B")
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        x = torch.randn(2, *shape)
+        modes = ("eval", "train") if p == 0.0 else ("eval",)
+        compare(ours, ref, x, modes=modes)
+        if grads:
+            grad_compare(ours, ref, x, modes=modes)

@@ -27,7 +27,11 @@ COUNTS = {
     ("densenet.net", "DenseNet121"): 7_978_856,
     ("squeezenet.net", "SqueezeNet1_1"): 1_235_496,
     ("mobilenet.net", "MobileNetV2"): 3_504_872,
+    ("mobilenet.net", "MobileNetV3Large"): 5_483_032,
+    ("mobilenet.net", "MobileNetV3Small"): 2_542_856,
     ("mnasnet.net", "MNASNet1_0"): 4_383_312,
+    ("efficientnet.net", "EfficientNetB0"): 5_288_548,
+    ("efficientnet.net", "EfficientNetB7"): 66_347_960,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -43,8 +47,9 @@ NETWORKS = {
                    "CifarResNet"],
     "densenet.net": ["DenseNet121"],
     "squeezenet.net": ["SqueezeNet1_1"],
-    "mobilenet.net": ["MobileNetV2"],
+    "mobilenet.net": ["MobileNetV2", "MobileNetV3Large", "MobileNetV3Small"],
     "mnasnet.net": ["MNASNet1_0"],
+    "efficientnet.net": [f"EfficientNetB{b}" for b in range(8)],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }
@@ -77,7 +82,8 @@ def test_vgg_paper_configurations(net):
     ("lenet.net", "LeNet5", (10,)), ("alexnet.net", "AlexNet", (1000,)), ("vgg.net", "VGG16", (1000,)),
     ("googlenet.net", "GoogLeNet", (1000,)), ("resnet.net", "ResNet50", (1000,)),
     ("resnet.net", "CifarResNet", (10,)), ("densenet.net", "DenseNet121", (1000,)),
-    ("squeezenet.net", "SqueezeNet1_1", (1000,)),
+    ("squeezenet.net", "SqueezeNet1_1", (1000,)), ("mobilenet.net", "MobileNetV3Small", (1000,)),
+    ("efficientnet.net", "EfficientNetB7", (1000,)),
     ("course.net", "SequentialCNN", (128, 6, 6)), ("course.net", "TestNet", (10,)), ("course.net", "Net", (2,)),
     ("course.net", "Sharpen", (1, 28, 28)), ("course.net", "Slides", (3, 42, 42)),
 ])

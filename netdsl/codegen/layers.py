@@ -81,6 +81,8 @@ def module_expr(layer: ir.Layer) -> str:
         return "nn.Flatten()"
     if op == "dropout":
         return f"nn.Dropout({a['p']!r})"
+    if op == "stochastic_depth":
+        return f"rt.StochasticDepth({a['p']!r}, {a['mode']!r})"
     if op == "lrn":
         return f"nn.LocalResponseNorm({a['size']}, alpha={a['alpha']!r}, beta={a['beta']!r}, k={a['k']!r})"
     if op == "softmax":

@@ -5,8 +5,10 @@ activation's backward (dy · act'(y), from the saved output y, or from the
 saved input for the activations in FROM_INPUT), and a product with
 broadcasting (`mul`: a size-1 dimension is read with stride 0).  MUL_GRAD is
 the gradient of one factor of a broadcast product: dy times the other factor,
-summed over the dimensions in which the factor was broadcast.  Dropout's
-backward is dropout of dy with the same seed and offset: the same mask."""
+summed over the dimensions in which the factor was broadcast.  Dropout and
+stochastic depth (which drops whole samples, or the whole batch) draw their
+masks in the kernel; their backward applies the same op to dy with the same
+seed and offset: the same mask."""
 import triton
 
 from . import ACT_CODES
@@ -24,7 +26,8 @@ def $NAME(
     ACC: tl.constexpr, OP: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # OP: 0 = act(x), 1 = act(x + other), 2 = dropout(x), 3 = copy, 4 = x · act'(y = other),
-    # 5 = x · act'(input = other), 6 = x · other; hardtanh (ACT 11) clamps to [lo, hi]
+    # 5 = x · act'(input = other), 6 = x · other, 7 = stochastic depth by sample (one draw a row),
+    # 8 = stochastic depth of the whole batch (one draw); hardtanh (ACT 11) clamps to [lo, hi]
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if IDX64:
         offs = offs.to(tl.int64)
@@ -43,7 +46,11 @@ def $NAME(
         if OP == 2:
             keep = tl.rand(seed, offs + offset) >= p
             y = tl.where(keep, y / (1.0 - p), 0.0)
-        if OP >= 4:
+        if OP == 7 or OP == 8:
+            draw = n + offset if OP == 7 else n * 0 + offset
+            keep = tl.rand(seed, draw) >= p
+            y = tl.where(keep, y / (1.0 - p), 0.0)
+        if OP == 4 or OP == 5 or OP == 6:
             other = tl.load(other_ptr + n * son + c * soc + h * soh + w * sow, mask=mask, other=0.0).to(ACC)
             if OP == 4:
                 y = activation_grad(y, other, ACT, slope)

@@ -15,7 +15,7 @@ STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add",
 
 _LAYER_OPS = {**{act: "activation" for act in ACTIVATIONS}, "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
               "global_avgpool": "adaptive_avgpool", "upsample": "upsample", "flatten": "flatten",
-              "dropout": "dropout", "lrn": "lrn", "softmax": "softmax", "conv_transpose": "conv_transpose"}
+              "dropout": "dropout", "stochastic_depth": "dropout", "lrn": "lrn", "softmax": "softmax", "conv_transpose": "conv_transpose"}
 
 
 def preserves_size(node) -> bool:
