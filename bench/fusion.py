@@ -29,7 +29,8 @@ from netdsl.compiler import checked_net  # noqa: E402
 from netdsl.plan import cost as plan_cost, inference_plan  # noqa: E402
 
 NETS = [("resnet.net", "ResNet18"), ("resnet.net", "ResNet50"), ("vgg.net", "VGG16"),
-        ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121")]
+        ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121"), ("mobilenet.net", "MobileNetV3Large"),
+        ("efficientnet.net", "EfficientNetB0")]
 FREE = plan_cost.FREE  # allocations and views
 
 
@@ -147,7 +148,7 @@ def main():
             print(f"{phase:9} {name:28} {count:5d} {total / 1e6:10.1f}")
         return
     print(f"batch {args.batch}, fp32, 3×224×224 inputs; forward passes, and training steps (forward + backward)")
-    print(f"{'network':12} {'mode':5} {'netdsl launches':>15} {'eager ops':>9} {'ratio':>6} "
+    print(f"{'network':16} {'mode':5} {'netdsl launches':>15} {'eager ops':>9} {'ratio':>6} "
           f"{'netdsl MB':>10} {'eager MB':>10} {'ratio':>6}")
     for file, name in NETS:
         tri = netdsl.build(str(ROOT / "specs" / file), name)
@@ -163,13 +164,13 @@ def main():
             else:
                 launches, nb = netdsl_forward(tri, x)
                 ops, eb = eager(ref, x)
-            print(f"{name:12} {mode:5} {launches:15d} {ops:9d} {launches / ops:6.2f} "
+            print(f"{name:16} {mode:5} {launches:15d} {ops:9d} {launches / ops:6.2f} "
                   f"{nb / 1e6:10.1f} {eb / 1e6:10.1f} {nb / eb:6.2f}")
         tri.train()
         ref.train()
         launches, engine_ops, nb = netdsl_step(tri, x)
         ops, eb = eager_step(ref, x)
-        print(f"{name:12} {'step':5} {f'{launches}+{engine_ops}':>15} {ops:9d} {(launches + engine_ops) / ops:6.2f} "
+        print(f"{name:16} {'step':5} {f'{launches}+{engine_ops}':>15} {ops:9d} {(launches + engine_ops) / ops:6.2f} "
               f"{nb / 1e6:10.1f} {eb / 1e6:10.1f} {nb / eb:6.2f}")
 
 
