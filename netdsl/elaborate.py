@@ -18,7 +18,7 @@ from .diagnostics import Diagnostics, Pos, did_you_mean
 from .expr import EvalError, evaluate
 from .ops import OPS, REQUIRED, ArgError, show, stateless
 
-_COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+_COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|[0-9]+")
 
 # Blocks may recurse (pix2pix's UnetSkipConnectionBlock, a U-Net written as
 # the block it is), each level choosing with `if` whether to go deeper; a
@@ -146,7 +146,7 @@ class _Elaborator:
                     raise EvalError(part.pos, f"a label part must be an integer or a string, got {show(v)}")
                 text += str(v)
         if not _COMPONENT.fullmatch(text):
-            raise EvalError(label.pos, f"'{text}' is not a valid layer name (letters, digits and '_')")
+            raise EvalError(label.pos, f"'{text}' is not a valid layer name (letters, digits, '_' and '-')")
         return text
 
     def bind(self, params, args, what: str, env):

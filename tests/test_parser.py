@@ -117,3 +117,13 @@ def test_syntax_errors_are_located(text, line, col, fragment):
     assert (d.pos.file, d.pos.line, d.pos.col) == ("s.net", line, col)
     assert d.message.startswith("syntax error: ")
     assert fragment in d.message
+
+
+def test_labels_may_hold_hyphens_after_their_first_character():
+    from netdsl import check_text
+    res = check_text("net N input(3, 4, 4) {\n  for i in range(2) { block1-{i}: conv(4, 1) -> relu }\n"
+                     "  x-y: conv(4, 1)->relu\n}\n", "h.net")
+    assert not res.diagnostics
+    from netdsl.report import state_keys
+    assert state_keys(res.nets[0]) == ["block1-0.weight", "block1-0.bias", "block1-1.weight", "block1-1.bias",
+                                       "x-y.weight", "x-y.bias"]

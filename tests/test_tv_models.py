@@ -28,6 +28,8 @@ CASES = [
     ("mobilenet.net", "MobileNetV3Small", "mobilenetv3", "mobilenet_v3_small"),
     ("mnasnet.net", "MNASNet1_0", "mnasnet", "mnasnet1_0"),
     *[("efficientnet.net", f"EfficientNetB{b}", "efficientnet", f"efficientnet_b{b}") for b in range(8)],
+    ("regnet.net", "RegNetX_400MF", "regnet", "regnet_x_400mf"),
+    ("regnet.net", "RegNetY_400MF", "regnet", "regnet_y_400mf"),
 ]
 # EfficientNet B1 … B6 differ from B0 and B7 only in their multipliers: their keys and loads run with the slow tests
 SLOW = {f"EfficientNetB{b}" for b in range(1, 7)}
@@ -54,7 +56,10 @@ def test_state_dict_keys_and_shapes_match_torchvision(file, net, module, factory
     res = check_file(SPECS / file, net)
     assert res.ok, res.diagnostics
     ours = res.nets[0]
-    assert state_keys(ours) == list(ref)
+    if module == "regnet":  # torchvision registers a block's projection before its body; a residual names its body first
+        assert sorted(state_keys(ours)) == sorted(ref)
+    else:
+        assert state_keys(ours) == list(ref)
     shapes = {f"{l.name}.{t.suffix}": t.shape for l in ir.walk_layers(ours.body) for t in l.tensors}
     assert shapes == {k: tuple(v.shape) for k, v in ref.items()}
 
@@ -194,3 +199,37 @@ def test_an_efficientnet_mbconv_against_torchvision(tmp_path, cfg, shape, grads)
         compare(ours, ref, x, modes=modes)
         if grads:
             grad_compare(ours, ref, x, modes=modes)
+
+
+# RegNet's ResBottleneckBlock (width in, width out, stride, group width, SE ratio): RegNetY's with a
+# projection and two groups, and RegNetX's with an identity shortcut
+RESBLOCKS = [((8, 16, 2, 8, 0.25), (8, 6, 6)), ((16, 16, 1, 8, None), (16, 5, 5))]
+
+
+@pytest.mark.parametrize("args,shape", RESBLOCKS, ids=["Y-projection", "X-identity"])
+def test_a_regnet_block_against_torchvision(tmp_path, args, shape):
+    (tmp_path / "regnet.net").write_text((SPECS / "regnet.net").read_text())
+    w_in, w_out, stride, gw, se = args
+    (tmp_path / "b.net").write_text(f'import "regnet.net"\nnet B input({", ".join(map(str, shape))}) '
+                                    f'{{ ResBottleneck({w_in}, {w_out}, {stride}, {gw}, {str(se is not None).lower()}) }}\n')
+    rg = tv_module("regnet")
+    torch.manual_seed(w_in + w_out)
+    ref = torch.nn.Sequential(rg.ResBottleneckBlock(w_in, w_out, stride, torch.nn.BatchNorm2d, torch.nn.ReLU, gw, 1.0, se))
+    randomize(ref, seed=w_in + w_out)
+    ours = netdsl.build(tmp_path / "b.net", "B")
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, *shape)
+    compare(ours, ref, x)
+    grad_compare(ours, ref, x, modes=("train",))
+
+
+@pytest.mark.slow
+def test_regnet_y_400mf_forward_matches_torchvision():
+    """The whole network on torchvision's (randomly initialised) weights, eval mode, a 32×32 input."""
+    torch.manual_seed(0)
+    ref = reference("regnet", "regnet_y_400mf").eval()
+    ours = netdsl.build(SPECS / "regnet.net", "RegNetY_400MF").eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x)) < 1e-4

@@ -32,6 +32,8 @@ COUNTS = {
     ("mnasnet.net", "MNASNet1_0"): 4_383_312,
     ("efficientnet.net", "EfficientNetB0"): 5_288_548,
     ("efficientnet.net", "EfficientNetB7"): 66_347_960,
+    ("regnet.net", "RegNetX_400MF"): 5_495_976,
+    ("regnet.net", "RegNetY_400MF"): 4_344_144,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -50,6 +52,7 @@ NETWORKS = {
     "mobilenet.net": ["MobileNetV2", "MobileNetV3Large", "MobileNetV3Small"],
     "mnasnet.net": ["MNASNet1_0"],
     "efficientnet.net": [f"EfficientNetB{b}" for b in range(8)],
+    "regnet.net": ["RegNetX_400MF", "RegNetY_400MF"],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }

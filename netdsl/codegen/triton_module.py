@@ -87,7 +87,7 @@ _GENERIC_DOC = {
 
 
 def mangle(name: str) -> str:
-    return name.replace(".", "_") or "root"
+    return name.replace(".", "_").replace("-", "_") or "root"
 
 
 class _Kernels:
