@@ -367,8 +367,11 @@ class _Elaborator:
                 w = {"shape": w["shape"], "values": tuple(v * attrs["scale"] for v in w["values"])}
             attrs["weight"] = w
             attrs["bias"] = False
-        name = scope.slot(label, call.name, _label_pos(call), self.diags, trace)
-        return ir.Layer(name, call.name, attrs, call.pos, trace)
+        op = call.name
+        if op == "frozen_bn":  # the kernels run it as a batch norm that never leaves eval mode
+            op, attrs = "bn", dict(attrs, momentum=0.0, affine=True, track_running_stats=True, frozen=True)
+        name = scope.slot(label, op, _label_pos(call), self.diags, trace)
+        return ir.Layer(name, op, attrs, call.pos, trace)
 
     def block_call(self, call: ir.Call, env, scope, trace, label=None, inline=False) -> list:
         block = self.blocks[call.name]

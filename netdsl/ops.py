@@ -331,7 +331,9 @@ def _convt_macs(a, i, o):
 
 def _bn_infer(a, s, err):
     a = dict(a)
-    if len(s) not in (1, 3):
+    if a.get("frozen") and len(s) != 3:
+        err(f"frozen_bn needs a C×H×W input, got {fmt_shape(s)}")
+    elif len(s) not in (1, 3):
         err(f"batch norm needs a C or C×H×W input, got {fmt_shape(s)}")
     a["num_features"] = s[0]
     a["dims"] = 1 if len(s) == 1 else 2
@@ -343,6 +345,8 @@ def _bn_tensors(a, i, o):
     if c is None:
         return ()
     ts = []
+    if a.get("frozen"):  # torchvision's FrozenBatchNorm2d: four buffers, nothing trains
+        return tuple(Tensor(n, (c,), "buffer") for n in ("weight", "bias", "running_mean", "running_var"))
     if a["affine"]:
         ts += [Tensor("weight", (c,), "param"), Tensor("bias", (c,), "param")]
     if a["track_running_stats"]:
@@ -485,7 +489,9 @@ _op(OpSpec("conv_transpose", "ConvTranspose2d", (
 _op(OpSpec("bn", "BatchNorm2d", (
     P("eps", positive_number, 1e-5), P("momentum", probability, 0.1), P("affine", boolean, True),
     P("track_running_stats", boolean, True)), _bn_infer, _bn_tensors,
-    summary=lambda a: f"eps={a['eps']:g}" if a["eps"] != 1e-5 else ""))
+    summary=lambda a: ("frozen " if a.get("frozen") else "") + (f"eps={a['eps']:g}" if a["eps"] != 1e-5 else "")))
+# torchvision's FrozenBatchNorm2d; elaboration makes it a bn with frozen=True (fixed statistics, affine buffers)
+_op(OpSpec("frozen_bn", "FrozenBatchNorm2d", (P("eps", positive_number, 1e-5),), _bn_infer, _bn_tensors))
 _op(OpSpec("relu", "ReLU", (), _identity))
 _op(OpSpec("leaky_relu", "LeakyReLU", (P("negative_slope", number, 0.01),), _identity,
            summary=lambda a: f"slope={a['negative_slope']:g}"))

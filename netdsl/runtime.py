@@ -325,6 +325,44 @@ def stochastic_depth(K, x, p, mode, training, out=None):
     return dropout(K, x, p, training, out, op=7 if mode == "row" else 8)
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d: a batch norm whose statistics and
+    affine parameters are all fixed buffers, in eval mode whatever mode the
+    network is in.  The Triton modules run it through the batch-norm kernels
+    (it has a BatchNorm2d's attributes); its forward is the --target torch twin's."""
+
+    affine = True
+    momentum = 0.0
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((num_features,), value))
+        # (a pointer the batch-norm kernels take; not part of the state, as in torchvision)
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long), persistent=False)
+        self.training = False
+
+    @property
+    def track_running_stats(self):
+        return True
+
+    def train(self, mode: bool = True):
+        return self  # never trains
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # as torchvision's: BatchNorm2d checkpoints load
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}"
+
+
 class StochasticDepth(nn.Module):
     """The --target torch twin's stochastic depth: torchvision.ops.StochasticDepth's computation."""
 

@@ -282,3 +282,7 @@ def test_mul_of_shapes_that_do_not_broadcast():
 def test_stochastic_depth_rate_out_of_range():
     assert only("net N input(3, 8, 8) {\n  conv(3, 1) -> stochastic_depth(1.5)\n}") == \
         (2, 34, "stochastic_depth's p must be in [0, 1], got 1.5")
+
+
+def test_frozen_bn_on_a_flat_input():
+    assert only("net N input(3, 4, 4) {\n  flatten -> frozen_bn\n}") == (2, 14, "frozen_bn needs a C×H×W input, got 48")

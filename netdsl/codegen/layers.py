@@ -39,6 +39,8 @@ def module_expr(layer: ir.Layer) -> str:
         return (f"nn.ConvTranspose2d({a['in_channels']}, {a['out_channels']}, {_pair(a['kernel_size'])}, "
                 f"stride={_pair(a['stride'])}, padding={_pair(a['padding'])}, output_padding={_pair(a['output_padding'])}, "
                 f"groups={a['groups']}, bias={a['bias']}, dilation={_pair(a['dilation'])})")
+    if op == "bn" and a.get("frozen"):
+        return f"rt.FrozenBatchNorm2d({a['num_features']}, eps={a['eps']!r})"
     if op == "bn":
         cls = "BatchNorm1d" if a["dims"] == 1 else "BatchNorm2d"
         return (f"nn.{cls}({a['num_features']}, eps={a['eps']!r}, momentum={a['momentum']!r}, affine={a['affine']}, "
