@@ -579,14 +579,9 @@ class MulFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, K):
-        shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
-        big = a if tuple(a.shape) == shape else b
-        out = rt.empty(shape, big, channels_last=rt._is_cl(big))
-        o4 = rt.as4d(out)
-        _ew.elementwise(_rt, K.elementwise, 6, rt.as4d(a).expand(o4.shape), o4, other4=rt.as4d(b).expand(o4.shape))
         ctx.save_for_backward(a, b)
         ctx.K = K
-        return out
+        return mul(K, a, b)
 
     @staticmethod
     @once_differentiable
@@ -595,6 +590,17 @@ class MulFn(torch.autograd.Function):
         wants = ctx.needs_input_grad
         return (_mul_grad(ctx.K, dy, b, a) if wants[0] else None,
                 _mul_grad(ctx.K, dy, a, b) if wants[1] else None, None)
+
+
+def mul(K, a, b, out=None):
+    """out = a · b, of the broadcast shape, in the layout of the full-size factor."""
+    shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
+    if out is None:
+        big = a if tuple(a.shape) == shape else b
+        out = rt.empty(shape, big, channels_last=rt._is_cl(big))
+    o4 = rt.as4d(out)
+    _ew.elementwise(_rt, K.elementwise, 6, rt.as4d(a).expand(o4.shape), o4, other4=rt.as4d(b).expand(o4.shape))
+    return out
 
 
 def _mul_grad(K, dy, other, like):

@@ -283,22 +283,12 @@ def add(K, a, b, act=None, out=None, at=""):
 
 def mul(K, a, b, out=None, at=""):
     """a · b with broadcasting (size-1 dimensions read with stride 0)."""
-    shape = _broadcast_shape(a, b, at)
+    if a.dim() != b.dim() or any(x != y and 1 not in (x, y) for x, y in zip(a.shape, b.shape)):
+        raise ShapeError(f"{at}: mul of shapes that do not broadcast: {list(a.shape)} and {list(b.shape)}")
     if _grad.wanted(a, b):
         _no_out(out)
         return _grad.MulFn.apply(a, b, K)
-    big = a if tuple(a.shape) == shape else b
-    if out is None:
-        out = empty(shape, big, channels_last=_is_cl(big))
-    o4 = as4d(out)
-    _ew.elementwise(_rt, K.elementwise, 6, as4d(a).expand(o4.shape), o4, other4=as4d(b).expand(o4.shape))
-    return out
-
-
-def _broadcast_shape(a, b, at):
-    if a.dim() != b.dim() or any(x != y and 1 not in (x, y) for x, y in zip(a.shape, b.shape)):
-        raise ShapeError(f"{at}: mul of shapes that do not broadcast: {list(a.shape)} and {list(b.shape)}")
-    return tuple(max(x, y) for x, y in zip(a.shape, b.shape))
+    return _grad.mul(K, a, b, out)
 
 
 def dropout(K, x, p, training, out=None, op=2):
