@@ -85,7 +85,7 @@ def fuse_residual_act(items, i):
 
 
 def _seq(seq: ir.Seq) -> ir.Seq:
-    items = [_node(n) for n in seq.items]
+    items = [_inside(n, _seq) for n in seq.items]
     out, i = [], 0
     while i < len(items):
         for rule in RULES:
@@ -109,13 +109,14 @@ def _seq(seq: ir.Seq) -> ir.Seq:
     return dataclasses.replace(seq, items=tuple(out))
 
 
-def _node(node):
+def _inside(node, rewrite):
+    """node with `rewrite` (Seq -> Seq) applied to each sequence it is or holds."""
     if isinstance(node, ir.Seq):
-        return _seq(node)
+        return rewrite(node)
     if isinstance(node, ir.Join):
-        return dataclasses.replace(node, branches=tuple(_seq(b) for b in node.branches))
+        return dataclasses.replace(node, branches=tuple(rewrite(b) for b in node.branches))
     if isinstance(node, ir.Dense):
-        return dataclasses.replace(node, steps=tuple(_seq(s) for s in node.steps))
+        return dataclasses.replace(node, steps=tuple(rewrite(s) for s in node.steps))
     return node
 
 
@@ -130,7 +131,7 @@ def _input_act(unit) -> bool:
 def _split_seq(seq: ir.Seq) -> ir.Seq:
     out = []
     for node in seq.items:
-        node = _split_node(node)
+        node = _inside(node, _split_seq)
         if _input_act(node):
             out += [dataclasses.replace(node, act=None), node.act]
         elif isinstance(node, ir.Join) and node.fused and _input_act(node.branches[0].items[-1]):
@@ -141,16 +142,6 @@ def _split_seq(seq: ir.Seq) -> ir.Seq:
         else:
             out.append(node)
     return dataclasses.replace(seq, items=tuple(out))
-
-
-def _split_node(node):
-    if isinstance(node, ir.Join):
-        return dataclasses.replace(node, branches=tuple(_split_seq(b) for b in node.branches))
-    if isinstance(node, ir.Dense):
-        return dataclasses.replace(node, steps=tuple(_split_seq(s) for s in node.steps))
-    if isinstance(node, ir.Seq):
-        return _split_seq(node)
-    return node
 
 
 def split_input_activations(net: ir.Net) -> ir.Net:
