@@ -370,6 +370,10 @@ class _Elaborator:
         op = call.name
         if op == "frozen_bn":  # the kernels run it as a batch norm that never leaves eval mode
             op, attrs = "bn", dict(attrs, momentum=0.0, affine=True, track_running_stats=True, frozen=True)
+        if op == "linear" and attrs["over"] == "channels":  # each pixel's: the kernels run it as a 1×1 conv
+            op, attrs = "conv", dict(out_channels=attrs["out_features"], kernel_size=(1, 1), stride=(1, 1),
+                                     padding=(0, 0), dilation=(1, 1), groups=1, bias=attrs["bias"],
+                                     in_channels=attrs["in_features"], weight=None, scale=1.0, pixel_linear=True)
         name = scope.slot(label, op, _label_pos(call), self.diags, trace)
         return ir.Layer(name, op, attrs, call.pos, trace)
 

@@ -36,6 +36,7 @@ from . import launch as rt
 from .kernels import FROM_INPUT
 from .kernels import conv as _conv
 from .kernels import elementwise as _ew
+from .kernels import layernorm as _ln
 from .kernels import norm as _norm
 from .kernels import pool as _pool
 
@@ -1006,3 +1007,34 @@ class SoftmaxFn(torch.autograd.Function):
         dx = rt.empty(tuple(dy.shape), out, channels_last=rt._is_cl(out))
         _norm.softmax_backward(_rt, ctx.K.softmax_backward, rt.as4d(out), rt.as4d(dy), rt.as4d(dx))
         return dx, None
+
+
+class LayerNormFn(torch.autograd.Function):
+    """Layer norm over channels; keeps its input and each pixel's mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec):
+        K, eps = spec
+        out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+        x4 = rt.as4d(x)
+        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+        M = x4.shape[0] * x4.shape[2] * x4.shape[3]
+        mean, rstd = (torch.empty(M, device=x.device, dtype=stat) for _ in range(2))
+        _ln.layernorm(_rt, K.layernorm, x4, weight, bias, rt.as4d(out), eps, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.K = K
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        K = ctx.K
+        dx = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+        dw = db = None
+        if weight is not None:
+            dw, db = torch.empty_like(weight), torch.empty_like(weight)
+        _ln.layernorm_backward(_rt, K.layernorm_backward, K.layernorm_param_grad, rt.as4d(x), rt.as4d(dy), weight,
+                               mean, rstd, rt.as4d(dx), dw, db)
+        wants = ctx.needs_input_grad
+        return dx if wants[0] else None, dw if wants[1] else None, db if wants[2] else None, None

@@ -245,9 +245,13 @@ Shape = tuple  # (C, H, W) or (F,); an entry is None where an error made it unkn
 class Tensor:
     """A parameter or buffer a layer owns, relative to the layer's name."""
 
-    suffix: str  # "weight", "running_mean", ...
+    suffix: str  # "weight", "running_mean", ...; "" for a bare parameter (the layer's name is its key)
     shape: tuple[int, ...]
     kind: str  # "param", "frozen" (param with requires_grad False), "buffer"
+
+    def key(self, layer: str) -> str:
+        """Its state_dict key, for the layer named layer."""
+        return f"{layer}.{self.suffix}" if self.suffix else layer
 
 
 @dataclass(frozen=True)
@@ -335,7 +339,8 @@ class Fused:
         return self.layers[0].pos
 
     def describe(self) -> str:
-        parts = [l.op for l in self.layers] + (["add"] if self.residual else []) + ([self.act.op] if self.act else [])
+        ops = ["linear" if l.attrs.get("pixel_linear") else l.op for l in self.layers]  # (a per-pixel linear)
+        parts = ops + (["add"] if self.residual else []) + ([self.act.op] if self.act else [])
         return "_".join(parts)
 
 

@@ -210,7 +210,7 @@ def _pair_str(p):
 
 def _conv_infer(a, s, err):
     a = dict(a)
-    if not _need_rank3("conv", s, err):
+    if not _need_rank3("linear over channels" if a.get("pixel_linear") else "conv", s, err):
         return (a["out_channels"], None, None), a
     C, H, W = s
     w = a["weight"]
@@ -228,7 +228,8 @@ def _conv_infer(a, s, err):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel_size"], a["stride"], a["padding"], a["dilation"]
     expect = a["in_channels"]
     if C is not None and expect is not None and C != expect:
-        err(f"conv expects {expect} input channels (weight [{out}, {expect // g}, {kh}, {kw}]) "
+        weight = f"[{out}, {expect}]" if a.get("pixel_linear") else f"[{out}, {expect // g}, {kh}, {kw}]"
+        err(f"{'linear' if a.get('pixel_linear') else 'conv'} expects {expect} input channels (weight {weight}) "
             f"but its input has {C} channel{'s' if C != 1 else ''}")
     elif C is not None and C % g:
         err(f"groups={g} does not divide the {C} input channels")
@@ -246,7 +247,8 @@ def _conv_tensors(a, i, o):
         return ()
     kh, kw = a["kernel_size"]
     frozen = a["weight"] is not None
-    ts = [Tensor("weight", (out, cin // g, kh, kw), "frozen" if frozen else "param")]
+    shape = (out, cin) if a.get("pixel_linear") else (out, cin // g, kh, kw)  # (Linear's weight)
+    ts = [Tensor("weight", shape, "frozen" if frozen else "param")]
     if a["bias"] and not frozen:
         ts.append(Tensor("bias", (out,), "param"))
     return tuple(ts)
@@ -261,6 +263,8 @@ def _conv_macs(a, i, o):
 
 
 def _conv_summary(a):
+    if a.get("pixel_linear"):
+        return f"{a.get('in_channels') or '?'}→{a['out_channels']} per pixel"
     kh, kw = a["kernel_size"] or (0, 0)
     parts = [f"{a.get('in_channels') or '?'}→{a['out_channels'] or '?'}", f"{kh}×{kw}"]
     if a["stride"] != (1, 1):
@@ -424,7 +428,8 @@ def _upsample_infer(a, s, err):
 def _linear_infer(a, s, err):
     a = dict(a)
     if len(s) != 1:
-        err(f"linear needs a flat input but gets {fmt_shape(s)}; add `flatten` before it")
+        err(f"linear needs a flat input but gets {fmt_shape(s)}; add `flatten` before it, "
+            f"or write over=\"channels\" for a linear layer applied to each pixel's channels")
         a["in_features"] = a["in_features"] or _prod(s)
         return (a["out_features"],), a
     F = s[0]
@@ -446,6 +451,35 @@ def _linear_tensors(a, i, o):
 
 def _linear_macs(a, i, o):
     return (a["in_features"] or 0) * a["out_features"]
+
+
+# -- layer norm and layer scale
+
+
+def _channel_infer(name):
+    def infer(a, s, err):
+        a = dict(a)
+        if len(s) not in (1, 3):
+            err(f"{name} needs a C or C×H×W input, got {fmt_shape(s)}")
+        a["channels"] = s[0]
+        return s, a
+
+    return infer
+
+
+def _layernorm_tensors(a, i, o):
+    c = a["channels"]
+    if c is None or not a["affine"]:
+        return ()
+    return (Tensor("weight", (c,), "param"), Tensor("bias", (c,), "param"))
+
+
+def _layer_scale_tensors(a, i, o):
+    c = a["channels"]
+    if c is None:
+        return ()
+    # a bare parameter, under the layer's own name (torchvision's CNBlock.layer_scale)
+    return (Tensor("", (c, 1, 1) if len(i) == 3 else (c,), "param"),)
 
 
 def _flatten_infer(a, s, err):
@@ -542,8 +576,14 @@ _op(OpSpec("upsample", "Upsample", (
     P("align_corners", boolean, False)), _upsample_infer,
     summary=lambda a: f"×{a['scale_factor']:g} {a['mode']}"))
 _op(OpSpec("linear", "Linear", (
-    P("out_features", int_at_least(1)), P("bias", boolean, True), P("in_features", optional(int_at_least(1)), None)),
+    P("out_features", int_at_least(1)), P("bias", boolean, True), P("in_features", optional(int_at_least(1)), None),
+    P("over", one_of("features", "channels"), "features")),
     _linear_infer, _linear_tensors, _linear_macs))
+_op(OpSpec("layernorm", "LayerNorm", (P("eps", positive_number, 1e-5), P("affine", boolean, True)),
+           _channel_infer("layernorm"), _layernorm_tensors,
+           summary=lambda a: f"eps={a['eps']:g}" if a["eps"] != 1e-5 else ""))
+_op(OpSpec("layer_scale", "Parameter", (P("init", number, 1e-6),), _channel_infer("layer_scale"), _layer_scale_tensors,
+           summary=lambda a: f"init={a['init']:g}"))
 _op(OpSpec("flatten", "Flatten", (), _flatten_infer))
 _op(OpSpec("dropout", "Dropout", (P("p", probability, 0.5),), _identity, summary=lambda a: f"p={a['p']:g}"))
 _op(OpSpec("stochastic_depth", "StochasticDepth", (P("p", drop_probability), P("mode", one_of("row", "batch"), "row")),

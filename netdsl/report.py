@@ -44,8 +44,32 @@ def totals(net: ir.Net) -> dict:
 
 
 def state_keys(net: ir.Net) -> list[str]:
-    """The state_dict keys the network's module has, in registration order."""
-    return [f"{l.name}.{t.suffix}" for l in ir.walk_layers(net.body) for t in l.tensors]
+    """The state_dict keys the network's module has, in torch's order: the
+    modules in registration order, each with its own parameters, then its
+    own buffers, then its children's (so a bare parameter such as a layer
+    scale comes before the layers of the module that holds it)."""
+
+    def fresh():
+        return {"params": [], "buffers": [], "children": {}}
+
+    root = fresh()
+
+    def module(parts):
+        m = root
+        for p in parts:
+            m = m["children"].setdefault(p, fresh())
+        return m
+
+    for layer in ir.walk_layers(net.body):
+        module(layer.name.split("."))  # (registered, with or without tensors, in this order)
+        for t in layer.tensors:
+            key = t.key(layer.name)
+            module(key.split(".")[:-1])["buffers" if t.kind == "buffer" else "params"].append(key)
+
+    def keys(m):
+        return m["params"] + m["buffers"] + [k for child in m["children"].values() for k in keys(child)]
+
+    return keys(root)
 
 
 def to_json(net: ir.Net) -> dict:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import grad as _grad
 from .kernels import elementwise as _ew
+from .kernels import layernorm as _ln
 from .kernels import norm as _norm
 from .kernels import pool as _pool
 from .launch import (  # noqa: F401  (the generated modules' and the tools' rt.*)
@@ -353,6 +355,42 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's LayerNorm2d: layer norm over the channels of each pixel
+    of an N×C×H×W tensor (of an N×C one, as nn.LayerNorm)."""
+
+    def forward(self, x):
+        if x.dim() != 4:
+            return super().forward(x)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _PointwiseConv:
+    """A PixelLinear as the conv launchers see it: a 1×1 conv whose weight is a view of Linear's."""
+
+    kernel_size, stride, padding, dilation, groups = (1, 1), (1, 1), (0, 0), (1, 1), 1
+
+    def __init__(self, linear):
+        self.in_channels, self.out_channels = linear.in_features, linear.out_features
+        self.weight = linear.weight.view(linear.out_features, linear.in_features, 1, 1)
+        self.bias = linear.bias
+
+
+class PixelLinear(nn.Linear):
+    """A Linear over the channels of each pixel of an N×C×H×W tensor, with
+    Linear's weight [out, in] (ConvNeXt's pointwise MLP, between torch's
+    permutes to channels-last and back)."""
+
+    def forward(self, x):
+        if x.dim() != 4:
+            return super().forward(x)
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+    def as_conv(self):
+        return _PointwiseConv(self)
+
+
 class StochasticDepth(nn.Module):
     """The --target torch twin's stochastic depth: torchvision.ops.StochasticDepth's computation."""
 
@@ -435,6 +473,28 @@ def softmax(K, x, out=None, at=""):
         out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
     _norm.softmax(_rt, K.softmax, as4d(x), as4d(out))
     return out
+
+
+def layernorm(K, ln, x, out=None, at=""):
+    """Layer norm over each pixel's channels (ln: a LayerNorm2d)."""
+    _channels(x, ln.normalized_shape[0], at)
+    if _grad.wanted(x, ln.weight, ln.bias):
+        _no_out(out)
+        return _grad.LayerNormFn.apply(x, ln.weight, ln.bias, (K, ln.eps))
+    if out is None:
+        out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
+    _ln.layernorm(_rt, K.layernorm, as4d(x), ln.weight, ln.bias, as4d(out), ln.eps)
+    return out
+
+
+def layer_scale(K, x, gamma, out=None, at=""):
+    """x · γ with γ one learnable value per channel (ConvNeXt's layer scale)."""
+    _channels(x, gamma.shape[0], at)
+    g = gamma.view(1, -1) if x.dim() == 2 else gamma.view(1, -1, 1, 1)
+    if _grad.wanted(x, gamma):
+        _no_out(out)
+        return _grad.MulFn.apply(x, g, K)
+    return _grad.mul(K, x, g, out)
 
 
 def flatten(K, x):
@@ -531,20 +591,33 @@ class NetModule(nn.Module):
     """Base of generated networks: layers registered under their dotted spec
     names (so state_dict keys are torchvision's for the zoo)."""
 
-    def _add(self, path: str, module: nn.Module) -> nn.Module:
+    def _parent(self, parts) -> nn.Module:
         parent = self
-        parts = path.split(".")
         for p in parts[:-1]:
             child = parent._modules.get(p)
             if child is None:
                 child = nn.Module()
                 parent.add_module(p, child)
             parent = child
+        return parent
+
+    def _add(self, path: str, module: nn.Module) -> nn.Module:
+        parts = path.split(".")
+        parent = self._parent(parts)
         existing = parent._modules.get(parts[-1])
         if existing is not None:  # a stateless layer used twice, like torchvision's shared ReLU
             return existing
         parent.add_module(parts[-1], module)
         return module
+
+    def _add_param(self, path: str, shape, value: float):
+        """A bare parameter (a layer scale), filled with value, under its dotted name."""
+        parts = path.split(".")
+        self._parent(parts).register_parameter(parts[-1], nn.Parameter(torch.full(shape, float(value))))
+
+    def param(self, path: str) -> nn.Parameter:
+        *parents, last = path.split(".")
+        return getattr(self.layer(".".join(parents)) if parents else self, last)
 
     def layer(self, path: str) -> nn.Module:
         m = self

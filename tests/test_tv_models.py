@@ -30,6 +30,7 @@ CASES = [
     *[("efficientnet.net", f"EfficientNetB{b}", "efficientnet", f"efficientnet_b{b}") for b in range(8)],
     ("regnet.net", "RegNetX_400MF", "regnet", "regnet_x_400mf"),
     ("regnet.net", "RegNetY_400MF", "regnet", "regnet_y_400mf"),
+    ("convnext.net", "ConvNeXtTiny", "convnext", "convnext_tiny"),
 ]
 # EfficientNet B1 … B6 differ from B0 and B7 only in their multipliers: their keys and loads run with the slow tests
 SLOW = {f"EfficientNetB{b}" for b in range(1, 7)}
@@ -60,7 +61,7 @@ def test_state_dict_keys_and_shapes_match_torchvision(file, net, module, factory
         assert sorted(state_keys(ours)) == sorted(ref)
     else:
         assert state_keys(ours) == list(ref)
-    shapes = {f"{l.name}.{t.suffix}": t.shape for l in ir.walk_layers(ours.body) for t in l.tensors}
+    shapes = {t.key(l.name): t.shape for l in ir.walk_layers(ours.body) for t in l.tensors}
     assert shapes == {k: tuple(v.shape) for k, v in ref.items()}
 
 
@@ -233,3 +234,57 @@ def test_regnet_y_400mf_forward_matches_torchvision():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) < 1e-4
+
+
+# ConvNeXt's CNBlock (dim, layer scale, stochastic depth), and its stem and downsampling layers
+# (its 7×7 depthwise conv's gradients take the interpreter a quarter of a minute: slow run; test_layernorm.py
+# checks the block's other layers in the fast one)
+CNBLOCKS = [pytest.param(8, (8, 4, 5), True, id="dim8", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("dim,shape,grads", CNBLOCKS)
+def test_a_convnext_block_against_torchvision(tmp_path, dim, shape, grads):
+    """One CNBlock (7×7 depthwise, layer norm over channels, the per-pixel MLP
+    with GELU, layer scale, stochastic depth, the residual add) against
+    torchvision's, with a random layer scale (its 1e-6 start would hide the
+    branch): eval and train mode and train-mode gradients at drop rate 0;
+    eval mode at 0.3."""
+    (tmp_path / "convnext.net").write_text((SPECS / "convnext.net").read_text())
+    cx = tv_module("convnext")
+    for p in (0.0, 0.3):
+        (tmp_path / "b.net").write_text(f'import "convnext.net"\nnet B input({", ".join(map(str, shape))}) '
+                                        f'{{ CNBlock({dim}, {p}) }}\n')
+        torch.manual_seed(dim)
+        ref = torch.nn.Sequential(cx.CNBlock(dim, 1e-6, p))
+        with torch.no_grad():
+            for name, t in ref.named_parameters():
+                t.normal_(1.0 if name.endswith("layer_scale") or name == "0.block.2.weight" else 0.0,
+                          0.5 if "block.2" in name or "layer_scale" in name else 0.2)
+        ours = netdsl.build(tmp_path / "b.net", "B")
+        assert list(ours.state_dict()) == list(ref.state_dict())
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        x = torch.randn(2, *shape)
+        modes = ("eval", "train") if p == 0.0 else ("eval",)
+        compare(ours, ref, x, modes=modes)
+        if grads and p == 0.0:
+            grad_compare(ours, ref, x, modes=("train",))
+
+
+def test_convnext_stochastic_depth_rates_match_torchvision():
+    """Block k of 18 drops with probability 0.1 · k / 17, under torchvision's module names."""
+    ref = reference("convnext", "convnext_tiny")
+    theirs = {n: m.p for n, m in ref.named_modules() if type(m).__name__ == "StochasticDepth"}
+    ours = {n: m.p for n, m in netdsl.build(SPECS / "convnext.net", "ConvNeXtTiny").named_modules()
+            if type(m).__name__ == "StochasticDepth"}
+    assert ours.keys() == theirs.keys() and len(ours) == 18
+    assert all(abs(ours[n] - theirs[n]) < 1e-12 for n in theirs) and max(ours.values()) == pytest.approx(0.1)
+
+
+def test_convnext_norms_match_torchvision():
+    """Every layer norm's eps (1e-6) and shape, in the stem, between the stages, in the blocks and the head."""
+    ref = {n: m for n, m in reference("convnext", "convnext_tiny").named_modules()
+           if isinstance(m, torch.nn.LayerNorm)}
+    ours = {n: m for n, m in netdsl.build(SPECS / "convnext.net", "ConvNeXtTiny").named_modules()
+            if isinstance(m, torch.nn.LayerNorm)}
+    assert ours.keys() == ref.keys() and len(ref) == 18 + 1 + 3 + 1
+    assert all((ours[n].eps, ours[n].normalized_shape) == (ref[n].eps, ref[n].normalized_shape) for n in ref)

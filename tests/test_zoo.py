@@ -34,6 +34,7 @@ COUNTS = {
     ("efficientnet.net", "EfficientNetB7"): 66_347_960,
     ("regnet.net", "RegNetX_400MF"): 5_495_976,
     ("regnet.net", "RegNetY_400MF"): 4_344_144,
+    ("convnext.net", "ConvNeXtTiny"): 28_589_128,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -53,6 +54,7 @@ NETWORKS = {
     "mnasnet.net": ["MNASNet1_0"],
     "efficientnet.net": [f"EfficientNetB{b}" for b in range(8)],
     "regnet.net": ["RegNetX_400MF", "RegNetY_400MF"],
+    "convnext.net": ["ConvNeXtTiny"],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }
@@ -152,7 +154,7 @@ def test_state_dict_keys_and_shapes_match_torchvision(file, net):
     assert state_keys(ours) == list(ref)
     from netdsl import ir
 
-    shapes = {f"{l.name}.{t.suffix}": t.shape for l in ir.walk_layers(ours.body) for t in l.tensors}
+    shapes = {t.key(l.name): t.shape for l in ir.walk_layers(ours.body) for t in l.tensors}
     assert shapes == {k: tuple(v.shape) for k, v in ref.items()}
 
 

@@ -24,6 +24,8 @@ def _pair(p):
 
 def module_expr(layer: ir.Layer) -> str:
     a, op = layer.attrs, layer.op
+    if op == "conv" and a.get("pixel_linear"):
+        return f"rt.PixelLinear({a['in_channels']}, {a['out_channels']}, bias={a['bias']})"
     if op == "conv":
         if a["weight"] is not None:
             w = a["weight"]
@@ -45,6 +47,8 @@ def module_expr(layer: ir.Layer) -> str:
         cls = "BatchNorm1d" if a["dims"] == 1 else "BatchNorm2d"
         return (f"nn.{cls}({a['num_features']}, eps={a['eps']!r}, momentum={a['momentum']!r}, affine={a['affine']}, "
                 f"track_running_stats={a['track_running_stats']})")
+    if op == "layernorm":
+        return f"rt.LayerNorm2d({a['channels']}, eps={a['eps']!r}, elementwise_affine={a['affine']})"
     if op == "linear":
         return f"nn.Linear({a['in_features']}, {a['out_features']}, bias={a['bias']})"
     if op == "relu":
@@ -100,7 +104,11 @@ def init_lines(net: ir.Net) -> list[str]:
         if layer.name in seen:
             continue
         seen.add(layer.name)
-        lines.append(f"self._add({layer.name!r}, {module_expr(layer)})")
+        if layer.op == "layer_scale":  # a bare parameter, not a module
+            (t,) = layer.tensors
+            lines.append(f"self._add_param({layer.name!r}, {t.shape!r}, {layer.attrs['init']!r})")
+        else:
+            lines.append(f"self._add({layer.name!r}, {module_expr(layer)})")
     return lines
 
 

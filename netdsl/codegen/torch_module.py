@@ -21,6 +21,8 @@ class _Forward:
             v = self.var()
             if node.op == "flatten":
                 self.lines.append(f"{v} = torch.flatten({x}, 1)  # {node.name}")
+            elif node.op == "layer_scale":
+                self.lines.append(f"{v} = {x} * self.param({node.name!r})  # {where(node)}")
             else:
                 self.lines.append(f"{v} = self.layer({node.name!r})({x})  # {where(node)}")
             return v

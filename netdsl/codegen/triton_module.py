@@ -7,6 +7,7 @@ from .. import ir
 from ..diagnostics import Diagnostic, NetdslError
 from ..kernels import conv as kconv
 from ..kernels import elementwise as kew
+from ..kernels import layernorm as kln
 from ..kernels import norm as knorm
 from ..kernels import pool as kpool
 from ..kernels import ACTIVATION, ACTIVATION_GRAD, ACTIVATION_GRAD_INPUT, render
@@ -28,6 +29,9 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "channel_grad_apply": knorm.CHANNEL_GRAD_APPLY,
     "adaptive_avgpool_backward": kpool.ADAPTIVE_AVGPOOL2D_BACKWARD,
     "softmax_backward": knorm.SOFTMAX_BACKWARD,
+    "layernorm": kln.LAYERNORM,
+    "layernorm_backward": kln.LAYERNORM_BACKWARD,
+    "layernorm_param_grad": kln.LAYERNORM_PARAM_GRAD,
 }
 
 # The backward kernels of a spec-specific forward template: (name prefix,
@@ -83,6 +87,9 @@ _GENERIC_DOC = {
     "channel_grad_apply": "backward: dx of batch norm (and activation), and the residual's gradient",
     "adaptive_avgpool_backward": "backward of adaptive / global average pooling",
     "softmax_backward": "backward of softmax over channels",
+    "layernorm": "layer norm over each pixel's channels",
+    "layernorm_backward": "backward of layer norm: dx, and per-program partial sums for dγ and dβ",
+    "layernorm_param_grad": "backward of layer norm: dγ and dβ from the partial sums",
 }
 
 
@@ -144,6 +151,11 @@ def _title(what, c) -> str:
 def _conv_consts(a):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel_size"], a["stride"], a["padding"], a["dilation"]
     return dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, GROUPS=a["groups"])
+
+
+def _conv_module(layer: ir.Layer) -> str:
+    """The generated code's expression for a conv's module (a per-pixel linear's, seen as a 1×1 conv)."""
+    return f"self.layer({layer.name!r})" + (".as_conv()" if layer.attrs.get("pixel_linear") else "")
 
 
 def _chain_text(f: ir.Fused) -> str:
@@ -293,7 +305,7 @@ class _Forward:
             if self.leave and f.residual and f.bn is not None:
                 bn += ", leave=True"
                 self.leave = False
-            self.put(f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}, at={at!r})")
+            self.put(f"{v} = rt.conv(K, {kern}, {_conv_module(main)}, {x}{bn}{res}{act}, at={at!r})")
         elif f.kind == "linear":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
                               KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
@@ -424,7 +436,7 @@ def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o) -> list[str]
     if f.kind == "conv":
         kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
         bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
-        return [head, f"{v} = rt.conv(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{o}, at={at!r})"]
+        return [head, f"{v} = rt.conv(K, {kern}, {_conv_module(main)}, {x}{bn}{res}{act}{o}, at={at!r})"]
     if f.kind == "linear":
         kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
                            KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
@@ -452,6 +464,10 @@ def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
                            BILINEAR=a["mode"] == "bilinear", ALIGN_CORNERS=a["align_corners"])
         return (f"{v} = rt.upsample({kern}, {x}, {a['scale_factor']!r}, {a['align_corners']}, "
                 f"bilinear={a['mode'] == 'bilinear'}{o}, at={at!r})")
+    if op == "layernorm":
+        return f"{v} = rt.layernorm(K, self.layer({l.name!r}), {x}{o}, at={at!r})"
+    if op == "layer_scale":
+        return f"{v} = rt.layer_scale(K, {x}, self.param({l.name!r}){o}, at={at!r})"
     if op == "flatten":
         return f"{v} = rt.flatten(K, {x})  # {at}"
     if op == "dropout":

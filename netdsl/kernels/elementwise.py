@@ -71,15 +71,15 @@ def $NAME(
     # pointers
     dy_ptr, other_ptr, dx_ptr,
     # sizes
-    N, C, H, W, RC, RH, RW,
+    N, C, H, W, RN, RC, RH, RW,
     # strides
     sdn, sdc, sdh, sdw, son, soc, soh, sow, sxn, sxc, sxh, sxw,
     # meta-parameters
     ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # dx is N×C×H×W; RC, RH, RW are the product's extents along the
+    # dx is N×C×H×W; RN, RC, RH, RW are the product's extents along the
     # dimensions where dx has size 1 (1 elsewhere), so the product's element
-    # for (n, c, h, w) and reduced index (rc, rh, rw) is (n, c + rc, h + rh, w + rw).
+    # for (n, c, h, w) and reduced index (rn, rc, rh, rw) is (n + rn, c + rc, h + rh, w + rw).
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     if IDX64:
         offs_o = offs_o.to(tl.int64)
@@ -88,19 +88,20 @@ def $NAME(
     h = (offs_o // W) % H
     c = (offs_o // (W * H)) % C
     n = offs_o // (W * H * C)
-    R = RC * RH * RW
+    R = RN * RC * RH * RW
     acc = tl.zeros((BLOCK_O,), dtype=ACC)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask = o_mask[:, None] & (offs_r < R)[None, :]
         rw = offs_r % RW
         rh = (offs_r // RW) % RH
-        rc = offs_r // (RW * RH)
+        rc = (offs_r // (RW * RH)) % RC
+        nr = n[:, None] + (offs_r // (RW * RH * RC))[None, :]
         cc = c[:, None] + rc[None, :]
         hh = h[:, None] + rh[None, :]
         ww = w[:, None] + rw[None, :]
-        g = tl.load(dy_ptr + n[:, None] * sdn + cc * sdc + hh * sdh + ww * sdw, mask=mask, other=0.0)
-        o = tl.load(other_ptr + n[:, None] * son + cc * soc + hh * soh + ww * sow, mask=mask, other=0.0)
+        g = tl.load(dy_ptr + nr * sdn + cc * sdc + hh * sdh + ww * sdw, mask=mask, other=0.0)
+        o = tl.load(other_ptr + nr * son + cc * soc + hh * soh + ww * sow, mask=mask, other=0.0)
         acc += tl.sum(g.to(ACC) * o.to(ACC), axis=1)
     tl.store(dx_ptr + n * sxn + c * sxc + h * sxh + w * sxw, acc.to(dx_ptr.dtype.element_ty), mask=o_mask)
 '''
@@ -121,13 +122,13 @@ def mul_grad(rt, kernel, dy4, other4, dx4):
     """dx4 = Σ dy4 · other4 over the dimensions where dx4 has size 1 (other4
     is expanded to dy4's shape)."""
     N, C, H, W = dx4.shape
-    RC, RH, RW = (f if d == 1 else 1 for d, f in zip(dx4.shape[1:], dy4.shape[1:]))
-    R, outs = RC * RH * RW, N * C * H * W
+    RN, RC, RH, RW = (f if d == 1 else 1 for d, f in zip(dx4.shape, dy4.shape))
+    R, outs = RN * RC * RH * RW, N * C * H * W
     if rt.gpu_tiles(dy4):
         block_o, block_r = 16, 64
     else:
         block_r = max(2, min(4096, triton.next_power_of_2(R)))
         block_o = max(2, min((1 << 16) // block_r, triton.next_power_of_2(outs)))
-    rt.launch(kernel, (triton.cdiv(outs, block_o),), dy4, other4, dx4, N, C, H, W, RC, RH, RW,
+    rt.launch(kernel, (triton.cdiv(outs, block_o),), dy4, other4, dx4, N, C, H, W, RN, RC, RH, RW,
               *dy4.stride(), *other4.stride(), *dx4.stride(), ACC=rt.acc(dy4),
               IDX64=rt.needs_int64(dy4, other4, dx4), BLOCK_O=block_o, BLOCK_R=block_r)
