@@ -1038,3 +1038,45 @@ class LayerNormFn(torch.autograd.Function):
                                mean, rstd, rt.as4d(dx), dw, db)
         wants = ctx.needs_input_grad
         return dx if wants[0] else None, dw if wants[1] else None, db if wants[2] else None, None
+
+
+class ChannelsFn(torch.autograd.Function):
+    """x[:, start:stop], a view; its gradient is dy placed in those channels, zeros elsewhere (one kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        K, start, stop = spec
+        ctx.spec, ctx.shape, ctx.cl = spec, tuple(x.shape), rt._is_cl(x)
+        return x[:, start:stop]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, start, stop = ctx.spec
+        dx = rt.empty(ctx.shape, dy, channels_last=ctx.cl)
+        _ew.elementwise(_rt, K.elementwise, 10, dy, dx, k0=start, k1=stop)
+        return dx, None
+
+
+def channel_shuffle(K, x, groups, out=None):
+    """torchvision's channel_shuffle: out's channel j·groups + i is x's channel i·C/groups + j."""
+    if out is None:
+        out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+    _ew.elementwise(_rt, K.elementwise, 9, x, out, k0=groups)
+    return out
+
+
+class ChannelShuffleFn(torch.autograd.Function):
+    """Its gradient is the inverse shuffle: a shuffle in C/groups groups."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        K, groups = spec
+        ctx.spec = spec
+        return channel_shuffle(K, x, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        K, groups = ctx.spec
+        return channel_shuffle(K, dy, dy.shape[1] // groups), None

@@ -482,6 +482,31 @@ def _layer_scale_tensors(a, i, o):
     return (Tensor("", (c, 1, 1) if len(i) == 3 else (c,), "param"),)
 
 
+# -- channel ranges and shuffles (ShuffleNet)
+
+
+def _channels_infer(a, s, err):
+    a = dict(a)
+    if not _need_rank3("channels", s, err):
+        return (None, None, None), a
+    C = s[0]
+    start, stop = a["start"], a["stop"]
+    if stop <= start:
+        err(f"channels({start}, {stop}) is empty: stop must be above start")
+        return (None, *s[1:]), a
+    if C is not None and stop > C:
+        err(f"channels({start}, {stop}) reaches past the input's {C} channels")
+        return (None, *s[1:]), a
+    return (stop - start, *s[1:]), a
+
+
+def _shuffle_infer(a, s, err):
+    a = dict(a)
+    if _need_rank3("channel_shuffle", s, err) and s[0] is not None and s[0] % a["groups"]:
+        err(f"channel_shuffle's {a['groups']} groups do not divide the {s[0]} channels")
+    return s, a
+
+
 def _flatten_infer(a, s, err):
     return (_prod(s),), dict(a)
 
@@ -584,6 +609,10 @@ _op(OpSpec("layernorm", "LayerNorm", (P("eps", positive_number, 1e-5), P("affine
            summary=lambda a: f"eps={a['eps']:g}" if a["eps"] != 1e-5 else ""))
 _op(OpSpec("layer_scale", "Parameter", (P("init", number, 1e-6),), _channel_infer("layer_scale"), _layer_scale_tensors,
            summary=lambda a: f"init={a['init']:g}"))
+_op(OpSpec("channels", "Tensor slice", (P("start", int_at_least(0)), P("stop", int_at_least(1))), _channels_infer,
+           summary=lambda a: f"[{a['start']}:{a['stop']}]"))
+_op(OpSpec("channel_shuffle", "ChannelShuffle", (P("groups", int_at_least(1)),), _shuffle_infer,
+           summary=lambda a: f"groups={a['groups']}"))
 _op(OpSpec("flatten", "Flatten", (), _flatten_infer))
 _op(OpSpec("dropout", "Dropout", (P("p", probability, 0.5),), _identity, summary=lambda a: f"p={a['p']:g}"))
 _op(OpSpec("stochastic_depth", "StochasticDepth", (P("p", drop_probability), P("mode", one_of("row", "batch"), "row")),
@@ -598,4 +627,5 @@ _op(OpSpec("identity", "Identity", (), _identity))
 def stateless(op: str) -> bool:
     """Ops that own no tensors; several of them may share one name (like reusing nn.ReLU)."""
     return op in ACTIVATIONS or op in ("maxpool", "avgpool", "adaptive_avgpool", "global_avgpool", "upsample",
-                                       "flatten", "dropout", "stochastic_depth", "lrn", "softmax", "identity")
+                                       "flatten", "dropout", "stochastic_depth", "lrn", "softmax", "identity",
+                                       "channels", "channel_shuffle")

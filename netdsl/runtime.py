@@ -497,6 +497,38 @@ def layer_scale(K, x, gamma, out=None, at=""):
     return _grad.mul(K, x, g, out)
 
 
+def channels(K, x, start, stop, at=""):
+    """Channels [start, stop) of x: a view, which consumers read through its strides."""
+    if x.dim() != 4 or x.shape[1] < stop:
+        raise ShapeError(f"{at}: channels({start}, {stop}) of an input of shape {list(x.shape)}")
+    if _grad.wanted(x):
+        return _grad.ChannelsFn.apply(x, (K, start, stop))
+    return x[:, start:stop]
+
+
+def channel_shuffle(K, x, groups, out=None, at=""):
+    if x.dim() != 4 or x.shape[1] % groups:
+        raise ShapeError(f"{at}: channel_shuffle in {groups} groups of an input of shape {list(x.shape)}")
+    if _grad.wanted(x):
+        _no_out(out)
+        return _grad.ChannelShuffleFn.apply(x, (K, groups))
+    return _grad.channel_shuffle(K, x, groups, out)
+
+
+class Channels(nn.Module):
+    """x[:, start:stop] (torchvision's ShuffleNetV2 takes halves with chunk)."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x):
+        return x[:, self.start:self.stop]
+
+    def extra_repr(self):
+        return f"{self.start}, {self.stop}"
+
+
 def flatten(K, x):
     """torch.flatten(x, 1): a view when x is NCHW-contiguous, else one copy kernel."""
     if x.dim() == 2:

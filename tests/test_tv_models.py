@@ -31,6 +31,7 @@ CASES = [
     ("regnet.net", "RegNetX_400MF", "regnet", "regnet_x_400mf"),
     ("regnet.net", "RegNetY_400MF", "regnet", "regnet_y_400mf"),
     ("convnext.net", "ConvNeXtTiny", "convnext", "convnext_tiny"),
+    ("shufflenet.net", "ShuffleNetV2_x1_0", "shufflenetv2", "shufflenet_v2_x1_0"),
 ]
 # EfficientNet B1 … B6 differ from B0 and B7 only in their multipliers: their keys and loads run with the slow tests
 SLOW = {f"EfficientNetB{b}" for b in range(1, 7)}
@@ -288,3 +289,23 @@ def test_convnext_norms_match_torchvision():
             if isinstance(m, torch.nn.LayerNorm)}
     assert ours.keys() == ref.keys() and len(ref) == 18 + 1 + 3 + 1
     assert all((ours[n].eps, ours[n].normalized_shape) == (ref[n].eps, ref[n].normalized_shape) for n in ref)
+
+
+@pytest.mark.parametrize("inp,out,stride,shape", [(8, 8, 1, (8, 5, 6)), (6, 8, 2, (6, 7, 7))],
+                         ids=["stride1", "stride2"])
+def test_a_shufflenet_unit_against_torchvision(tmp_path, inp, out, stride, shape):
+    """One unit (a channel half passed through or a downsampling branch1,
+    branch2's 1×1, depthwise and 1×1 convs, the concatenation and the channel
+    shuffle) against torchvision's InvertedResidual: outputs and running
+    statistics in eval and train mode, and train-mode gradients."""
+    (tmp_path / "shufflenet.net").write_text((SPECS / "shufflenet.net").read_text())
+    (tmp_path / "b.net").write_text(f'import "shufflenet.net"\nnet B input({", ".join(map(str, shape))}) '
+                                    f'{{ ShuffleUnit({inp}, {out}, {stride}) }}\n')
+    torch.manual_seed(inp + stride)
+    ref = torch.nn.Sequential(tv_module("shufflenetv2").InvertedResidual(inp, out, stride))
+    randomize(ref, seed=inp + stride)
+    ours = netdsl.build(tmp_path / "b.net", "B")
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, *shape)
+    compare(ours, ref, x)
+    grad_compare(ours, ref, x, modes=("train",))

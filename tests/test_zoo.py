@@ -35,6 +35,7 @@ COUNTS = {
     ("regnet.net", "RegNetX_400MF"): 5_495_976,
     ("regnet.net", "RegNetY_400MF"): 4_344_144,
     ("convnext.net", "ConvNeXtTiny"): 28_589_128,
+    ("shufflenet.net", "ShuffleNetV2_x1_0"): 2_278_604,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -55,6 +56,7 @@ NETWORKS = {
     "efficientnet.net": [f"EfficientNetB{b}" for b in range(8)],
     "regnet.net": ["RegNetX_400MF", "RegNetY_400MF"],
     "convnext.net": ["ConvNeXtTiny"],
+    "shufflenet.net": ["ShuffleNetV2_x1_0"],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }

@@ -83,6 +83,10 @@ def module_expr(layer: ir.Layer) -> str:
         if a["mode"] == "bilinear":
             return f"nn.Upsample(scale_factor={a['scale_factor']!r}, mode='bilinear', align_corners={a['align_corners']})"
         return f"nn.Upsample(scale_factor={a['scale_factor']!r}, mode='nearest')"
+    if op == "channels":
+        return f"rt.Channels({a['start']}, {a['stop']})"
+    if op == "channel_shuffle":
+        return f"nn.ChannelShuffle({a['groups']})"
     if op == "flatten":
         return "nn.Flatten()"
     if op == "dropout":

@@ -468,6 +468,10 @@ def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
         return f"{v} = rt.layernorm(K, self.layer({l.name!r}), {x}{o}, at={at!r})"
     if op == "layer_scale":
         return f"{v} = rt.layer_scale(K, {x}, self.param({l.name!r}){o}, at={at!r})"
+    if op == "channels":
+        return f"{v} = rt.channels(K, {x}, {a['start']}, {a['stop']}, at={at!r})"
+    if op == "channel_shuffle":
+        return f"{v} = rt.channel_shuffle(K, {x}, {a['groups']}{o}, at={at!r})"
     if op == "flatten":
         return f"{v} = rt.flatten(K, {x})  # {at}"
     if op == "dropout":

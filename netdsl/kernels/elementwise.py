@@ -1,6 +1,7 @@
 """Elementwise kernels over [N, C, H, W] tensors addressed by strides:
 activations, add (an unfused residual), dropout with in-kernel random
-numbers, a strided copy (a concat input, or a layout change), and the
+numbers, a strided copy (a concat input, or a layout change), a channel
+shuffle, a channel range placed among zeros (its gradient), and the
 activation's backward (dy · act'(y), from the saved output y, or from the
 saved input for the activations in FROM_INPUT), and a product with
 broadcasting (`mul`: a size-1 dimension is read with stride 0).  MUL_GRAD is
@@ -19,7 +20,7 @@ def $NAME(
     # pointers
     x_ptr, other_ptr, y_ptr,
     # sizes
-    N, C, H, W, slope, lo, hi, p, seed, offset,
+    N, C, H, W, slope, lo, hi, p, seed, offset, k0, k1,
     # strides
     sxn, sxc, sxh, sxw, son, soc, soh, sow, syn, syc, syh, syw,
     # meta-parameters
@@ -27,7 +28,9 @@ def $NAME(
 ):
     # OP: 0 = act(x), 1 = act(x + other), 2 = dropout(x), 3 = copy, 4 = x · act'(y = other),
     # 5 = x · act'(input = other), 6 = x · other, 7 = stochastic depth by sample (one draw a row),
-    # 8 = stochastic depth of the whole batch (one draw); hardtanh (ACT 11) clamps to [lo, hi]
+    # 8 = stochastic depth of the whole batch (one draw), 9 = channel shuffle in k0 groups (y's channel
+    # j·k0 + i is x's i·C/k0 + j), 10 = x holds y's channels [k0, k1), the others are 0 (a channel range's
+    # gradient); hardtanh (ACT 11) clamps to [lo, hi]
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if IDX64:
         offs = offs.to(tl.int64)
@@ -36,8 +39,15 @@ def $NAME(
     h = (offs // W) % H
     c = (offs // (W * H)) % C
     n = offs // (W * H * C)
-    x = tl.load(x_ptr + n * sxn + c * sxc + h * sxh + w * sxw, mask=mask, other=0.0)
-    if OP == 3:
+    cx = c
+    x_mask = mask
+    if OP == 9:
+        cx = (c % k0) * (C // k0) + c // k0
+    if OP == 10:
+        cx = c - k0
+        x_mask = mask & (c >= k0) & (c < k1)
+    x = tl.load(x_ptr + n * sxn + cx * sxc + h * sxh + w * sxw, mask=x_mask, other=0.0)
+    if OP == 3 or OP == 9 or OP == 10:
         y = x
     else:
         y = x.to(ACC)
@@ -108,13 +118,15 @@ def $NAME(
 
 
 def elementwise(rt, kernel, op, x4, out4, other4=None, act=None, slope=0.01, bounds=(-1.0, 1.0), p=0.0, seed=0,
-                offset=0):
-    N, C, H, W = x4.shape
+                offset=0, k0=0, k1=0):
+    """Over out4's elements, which are x4's (but for OP 10, where x4 holds out4's channels [k0, k1))."""
+    N, C, H, W = out4.shape
     total = N * C * H * W
     block = 1024 if rt.gpu_tiles(x4) else max(16, min(1 << 16, triton.next_power_of_2(total)))
     o = other4 if other4 is not None else x4
     rt.launch(kernel, (triton.cdiv(total, block),), x4, o, out4, N, C, H, W, float(slope), float(bounds[0]),
-              float(bounds[1]), float(p), int(seed), int(offset), *x4.stride(), *o.stride(), *out4.stride(),
+              float(bounds[1]), float(p), int(seed), int(offset), int(k0), int(k1), *x4.stride(), *o.stride(),
+              *out4.stride(),
               OP=op, ACT=ACT_CODES[act], IDX64=rt.needs_int64(x4, out4, o), ACC=rt.acc(x4), BLOCK=block)
 
 

@@ -34,7 +34,7 @@ def concat_in_place(plan: Plan) -> Plan:
             i += 1
             continue
         # the part becomes those channels of the buffer; its maker stores there
-        values[src] = replace(values[src], base=dst.base, c0=dst.c0, nchw=False)
+        values[src] = replace(values[src], base=dst.base, c0=dst.c0, step=dst.step, nchw=False)
         if steps[maker].op == "buffer":  # a nested concatenation: a channel range, not a buffer of its own
             del steps[maker]
             i -= 1

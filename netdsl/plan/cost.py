@@ -39,7 +39,7 @@ def _root(plan: Plan, name: str):
     while v.base is not None:
         v = plan.value(v.base)
         c0 += v.c0
-    return v.name, c0, plan.value(name).shape
+    return v.name, c0, plan.value(name).step, plan.value(name).shape
 
 
 def _is_view_flatten(plan: Plan, step: Step) -> bool:

@@ -17,9 +17,10 @@ from .. import ir
 class Value:
     name: str
     shape: tuple  # one sample's: (C, H, W) or (F,)
-    base: str | None = None  # the buffer this is channels [c0, c0 + C) of
+    base: str | None = None  # the buffer this is channels c0, c0 + step, ... (C of them) of
     c0: int = 0
     nchw: bool = False  # NCHW-contiguous (the caller's input); netdsl's own 4-d tensors are channels-last
+    step: int = 1  # (a shuffled concatenation's part: every step-th channel)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Plan:
         v = self.values[name]
         if v.base is None:
             return v.name
+        if v.step != 1:
+            return f"{self.ref(v.base)}[:, {v.c0}:{v.c0 + v.step * (v.shape[0] - 1) + 1}:{v.step}]"
         return f"{self.ref(v.base)}[:, {v.c0}:{v.c0 + v.shape[0]}]"
 
     def with_steps(self, steps, values=None) -> "Plan":

@@ -12,12 +12,12 @@ from .ir import Plan, Step, Value
 # ops that can be told where to store their output (the generated call's out=)
 STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add", "mul", "copy", "pool", "adaptive_avgpool",
                              "upsample", "lrn", "softmax", "conv_transpose", "dropout", "buffer", "layernorm",
-                             "layer_scale"})
+                             "layer_scale", "channel_shuffle"})
 
 _LAYER_OPS = {**{act: "activation" for act in ACTIVATIONS}, "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
               "global_avgpool": "adaptive_avgpool", "upsample": "upsample", "flatten": "flatten",
               "dropout": "dropout", "stochastic_depth": "dropout", "lrn": "lrn", "softmax": "softmax", "conv_transpose": "conv_transpose",
-              "layernorm": "layernorm", "layer_scale": "layer_scale"}
+              "layernorm": "layernorm", "layer_scale": "layer_scale", "channel_shuffle": "channel_shuffle"}
 
 
 def preserves_size(node) -> bool:
@@ -69,11 +69,14 @@ class _Lower:
         if isinstance(node, ir.Layer):
             if node.op == "identity":
                 return x
+            if node.op == "channels":  # a view of x's channels: no launch, its readers address it by strides
+                return self.new(node.out_shape, base=x, c0=node.attrs["start"])
             op = _LAYER_OPS.get(node.op)
             if op is None:
                 raise AssertionError(f"unfused {node.op}")
             # elementwise ops keep their input's layout
-            keeps = op in ("activation", "dropout", "softmax", "layernorm", "layer_scale") and self.values[x].nchw
+            keeps = op in ("activation", "dropout", "softmax", "layernorm", "layer_scale", "channel_shuffle") \
+                and self.values[x].nchw
             return self.put(op, node, (x,), node.out_shape, nchw=keeps or op == "flatten")
         if isinstance(node, ir.Join):
             return self.join(node, x)

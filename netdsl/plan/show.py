@@ -56,6 +56,8 @@ def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: s
 def _ref(plan: Plan, name: str) -> str:
     """A value, or the buffer channels it is: t3[64:96] (a nested concatenation's: of the outermost buffer)."""
     v = plan.value(name)
+    if v.step != 1:  # a shuffled concatenation's part: every step-th channel (of a buffer of its own)
+        return f"{v.base}[{v.c0}::{v.step}]"
     c0, root = 0, v
     while root.base is not None:
         c0 += root.c0
@@ -73,7 +75,8 @@ def to_json(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype:
             "covers": [{"layer": name, "at": at} for name, at in covers(s)],
             "reads": [{"value": r, "shape": [batch, *plan.value(r).shape]} for r in s.reads],
             "writes": {"value": s.out, "shape": [batch, *plan.value(s.out).shape],
-                       **({"into": plan.value(s.out).base, "channel": plan.value(s.out).c0}
+                       **({"into": plan.value(s.out).base, "channel": plan.value(s.out).c0,
+                           "channel_step": plan.value(s.out).step}
                           if plan.value(s.out).base is not None else {})},
             "bytes": launch.bytes,
         })
