@@ -36,6 +36,7 @@ from . import launch as rt
 from .kernels import FROM_INPUT
 from .kernels import conv as _conv
 from .kernels import elementwise as _ew
+from .kernels import groupnorm as _gn
 from .kernels import layernorm as _ln
 from .kernels import norm as _norm
 from .kernels import pool as _pool
@@ -1080,3 +1081,32 @@ class ChannelShuffleFn(torch.autograd.Function):
     def backward(ctx, dy):
         K, groups = ctx.spec
         return channel_shuffle(K, dy, dy.shape[1] // groups), None
+
+
+class GroupNormFn(torch.autograd.Function):
+    """Group norm; keeps its input and each (sample, group)'s mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec):
+        K, groups, eps = spec
+        out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean, rstd = (torch.empty(x.shape[0] * groups, device=x.device, dtype=stat) for _ in range(2))
+        _gn.groupnorm(_rt, K.groupnorm, rt.as4d(x), weight, bias, rt.as4d(out), groups, eps, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        K, groups, _ = ctx.spec
+        dx = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
+        dw = db = None
+        if weight is not None:
+            dw, db = torch.empty_like(weight), torch.empty_like(weight)
+        _gn.groupnorm_backward(_rt, K.groupnorm_backward, K.layernorm_param_grad, rt.as4d(x), rt.as4d(dy), weight,
+                               mean, rstd, rt.as4d(dx), groups, dw, db)
+        wants = ctx.needs_input_grad
+        return dx if wants[0] else None, dw if wants[1] else None, db if wants[2] else None, None

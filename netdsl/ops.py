@@ -474,6 +474,13 @@ def _layernorm_tensors(a, i, o):
     return (Tensor("weight", (c,), "param"), Tensor("bias", (c,), "param"))
 
 
+def _groupnorm_infer(a, s, err):
+    s, a = _channel_infer("groupnorm")(a, s, err)
+    if s[0] is not None and s[0] % a["groups"]:
+        err(f"groupnorm's {a['groups']} groups do not divide the {s[0]} channels")
+    return s, a
+
+
 def _layer_scale_tensors(a, i, o):
     c = a["channels"]
     if c is None:
@@ -607,6 +614,9 @@ _op(OpSpec("linear", "Linear", (
 _op(OpSpec("layernorm", "LayerNorm", (P("eps", positive_number, 1e-5), P("affine", boolean, True)),
            _channel_infer("layernorm"), _layernorm_tensors,
            summary=lambda a: f"eps={a['eps']:g}" if a["eps"] != 1e-5 else ""))
+_op(OpSpec("groupnorm", "GroupNorm", (P("groups", int_at_least(1)), P("eps", positive_number, 1e-5),
+                                      P("affine", boolean, True)), _groupnorm_infer, _layernorm_tensors,
+           summary=lambda a: f"groups={a['groups']}" + (f" eps={a['eps']:g}" if a["eps"] != 1e-5 else "")))
 _op(OpSpec("layer_scale", "Parameter", (P("init", number, 1e-6),), _channel_infer("layer_scale"), _layer_scale_tensors,
            summary=lambda a: f"init={a['init']:g}"))
 _op(OpSpec("channels", "Tensor slice", (P("start", int_at_least(0)), P("stop", int_at_least(1))), _channels_infer,

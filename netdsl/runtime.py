@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import grad as _grad
 from .kernels import elementwise as _ew
+from .kernels import groupnorm as _gn
 from .kernels import layernorm as _ln
 from .kernels import norm as _norm
 from .kernels import pool as _pool
@@ -484,6 +485,18 @@ def layernorm(K, ln, x, out=None, at=""):
     if out is None:
         out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
     _ln.layernorm(_rt, K.layernorm, as4d(x), ln.weight, ln.bias, as4d(out), ln.eps)
+    return out
+
+
+def groupnorm(K, gn, x, out=None, at=""):
+    """Group norm (gn: an nn.GroupNorm)."""
+    _channels(x, gn.num_channels, at)
+    if _grad.wanted(x, gn.weight, gn.bias):
+        _no_out(out)
+        return _grad.GroupNormFn.apply(x, gn.weight, gn.bias, (K, gn.num_groups, gn.eps))
+    if out is None:
+        out = empty(tuple(x.shape), x, channels_last=_is_cl(x))
+    _gn.groupnorm(_rt, K.groupnorm, as4d(x), gn.weight, gn.bias, as4d(out), gn.num_groups, gn.eps)
     return out
 
 

@@ -184,3 +184,19 @@ def test_errors(body, message):
         return
     assert not res.ok
     assert any(message in d.message for d in res.diagnostics), [d.message for d in res.diagnostics]
+
+
+def test_many_programs(tmp_path, monkeypatch):
+    """Tiles of 2 pixels (a GPU's grid has many programs; the interpreter's one): dγ and dβ then add up many
+    programs' partial sums, and the results stay the same."""
+    import triton
+
+    from netdsl.kernels import layernorm as kln
+    monkeypatch.setattr(kln, "_tiles", lambda rt, x4: (2, max(2, triton.next_power_of_2(x4.shape[1]))))
+    tri, ref = twins(_spec(tmp_path), "Small")
+    _spread(ref, seed=6)
+    tri.load_state_dict(ref.state_dict())
+    torch.manual_seed(6)
+    x = torch.randn(3, 6, 3, 4)
+    compare(tri, ref, x)
+    grad_compare(tri, ref, x, modes=("train",))

@@ -187,7 +187,8 @@ def test_netdsl_plan_json(mixed):
     first = doc["launches"][0]
     assert first["kernel"] == "conv_bn_relu" and first["epilogue"] == ["bn", "relu"]
     assert first["reads"][0]["shape"] == [2, 4, 8, 8] and first["covers"][0]["layer"] == "stem.conv"
-    assert doc["launches"][1]["writes"] == {"value": "t3", "shape": [2, 4, 8, 8], "into": "t2", "channel": 0}
+    assert doc["launches"][1]["writes"] == {"value": "t3", "shape": [2, 4, 8, 8], "into": "t2", "channel": 0,
+                                          "channel_step": 1}
     assert doc["totals"] == {"launches": 11, "bytes": 76452, "bn_folds": 6}
     assert sum(l["bytes"] for l in doc["launches"]) == doc["totals"]["bytes"]
 

@@ -47,6 +47,8 @@ def module_expr(layer: ir.Layer) -> str:
         cls = "BatchNorm1d" if a["dims"] == 1 else "BatchNorm2d"
         return (f"nn.{cls}({a['num_features']}, eps={a['eps']!r}, momentum={a['momentum']!r}, affine={a['affine']}, "
                 f"track_running_stats={a['track_running_stats']})")
+    if op == "groupnorm":
+        return f"nn.GroupNorm({a['groups']}, {a['channels']}, eps={a['eps']!r}, affine={a['affine']})"
     if op == "layernorm":
         return f"rt.LayerNorm2d({a['channels']}, eps={a['eps']!r}, elementwise_affine={a['affine']})"
     if op == "linear":

@@ -7,6 +7,7 @@ from .. import ir
 from ..diagnostics import Diagnostic, NetdslError
 from ..kernels import conv as kconv
 from ..kernels import elementwise as kew
+from ..kernels import groupnorm as kgn
 from ..kernels import layernorm as kln
 from ..kernels import norm as knorm
 from ..kernels import pool as kpool
@@ -32,6 +33,8 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "layernorm": kln.LAYERNORM,
     "layernorm_backward": kln.LAYERNORM_BACKWARD,
     "layernorm_param_grad": kln.LAYERNORM_PARAM_GRAD,
+    "groupnorm": kgn.GROUPNORM,
+    "groupnorm_backward": kgn.GROUPNORM_BACKWARD,
 }
 
 # The backward kernels of a spec-specific forward template: (name prefix,
@@ -89,7 +92,9 @@ _GENERIC_DOC = {
     "softmax_backward": "backward of softmax over channels",
     "layernorm": "layer norm over each pixel's channels",
     "layernorm_backward": "backward of layer norm: dx, and per-program partial sums for dγ and dβ",
-    "layernorm_param_grad": "backward of layer norm: dγ and dβ from the partial sums",
+    "layernorm_param_grad": "backward of layer and group norm: dγ and dβ from the partial sums",
+    "groupnorm": "group norm: one program per sample and group",
+    "groupnorm_backward": "backward of group norm: dx, and each sample's per-channel sums for dγ and dβ",
 }
 
 
@@ -466,6 +471,8 @@ def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
                 f"bilinear={a['mode'] == 'bilinear'}{o}, at={at!r})")
     if op == "layernorm":
         return f"{v} = rt.layernorm(K, self.layer({l.name!r}), {x}{o}, at={at!r})"
+    if op == "groupnorm":
+        return f"{v} = rt.groupnorm(K, self.layer({l.name!r}), {x}{o}, at={at!r})"
     if op == "layer_scale":
         return f"{v} = rt.layer_scale(K, {x}, self.param({l.name!r}){o}, at={at!r})"
     if op == "channels":

@@ -80,7 +80,7 @@ def launches(plan: Plan, batch: int, dtype: str = "fp32") -> Figures:
                 nbytes += 2 * bn.attrs["num_features"] * stat  # the folded scale and shift
         elif s.op == "conv_transpose":
             nbytes += _weight(u) * e + (u.attrs["out_channels"] * e if u.attrs["bias"] else 0)
-        elif s.op in ("layernorm", "layer_scale"):  # γ (and β)
+        elif s.op in ("layernorm", "groupnorm", "layer_scale"):  # γ (and β)
             nbytes += sum(math.prod(t.shape) for t in u.tensors) * e
         out.append(Launch(s, nbytes))
     return Figures(tuple(out), folds)

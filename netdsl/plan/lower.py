@@ -12,12 +12,13 @@ from .ir import Plan, Step, Value
 # ops that can be told where to store their output (the generated call's out=)
 STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add", "mul", "copy", "pool", "adaptive_avgpool",
                              "upsample", "lrn", "softmax", "conv_transpose", "dropout", "buffer", "layernorm",
-                             "layer_scale", "channel_shuffle"})
+                             "layer_scale", "channel_shuffle", "groupnorm"})
 
 _LAYER_OPS = {**{act: "activation" for act in ACTIVATIONS}, "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
               "global_avgpool": "adaptive_avgpool", "upsample": "upsample", "flatten": "flatten",
               "dropout": "dropout", "stochastic_depth": "dropout", "lrn": "lrn", "softmax": "softmax", "conv_transpose": "conv_transpose",
-              "layernorm": "layernorm", "layer_scale": "layer_scale", "channel_shuffle": "channel_shuffle"}
+              "layernorm": "layernorm", "layer_scale": "layer_scale", "channel_shuffle": "channel_shuffle",
+              "groupnorm": "groupnorm"}
 
 
 def preserves_size(node) -> bool:
@@ -75,8 +76,8 @@ class _Lower:
             if op is None:
                 raise AssertionError(f"unfused {node.op}")
             # elementwise ops keep their input's layout
-            keeps = op in ("activation", "dropout", "softmax", "layernorm", "layer_scale", "channel_shuffle") \
-                and self.values[x].nchw
+            keeps = self.values[x].nchw and op in ("activation", "dropout", "softmax", "layernorm", "groupnorm",
+                                                   "layer_scale", "channel_shuffle")
             return self.put(op, node, (x,), node.out_shape, nchw=keeps or op == "flatten")
         if isinstance(node, ir.Join):
             return self.join(node, x)
