@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import grad as _grad
+from .kernels import depthwise as _dw
 from .kernels import elementwise as _ew
 from .kernels import groupnorm as _gn
 from .kernels import layernorm as _ln
@@ -199,6 +200,35 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     scale, shift, _, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
     return tuned.conv2d(_rt, kernel, x, weight, out, scale=scale, shift=shift, residual=residual,
                         act=act, slope=slope, **kw)
+
+
+def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
+    """A depthwise conv [+ BN] [+ residual] [+ act] by the direct kernel
+    (the inference plan's; the autograd forward runs rt.conv).  Eval: BN
+    folded into the epilogue.  Train mode without gradients: the conv with
+    its bias, BN statistics over its output, one apply kernel."""
+    if _grad.wanted(x, layer.weight, layer.bias):
+        raise AssertionError(f"{at}: the inference plan runs only where no gradient is wanted")
+    _channels(x, layer.in_channels, at)
+    Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
+    shape = (x.shape[0], layer.out_channels, Ho, Wo)
+    if residual is not None and tuple(residual.shape) != shape:
+        raise ShapeError(f"{at}: residual add of unequal shapes {list(shape)} and {list(residual.shape)}")
+    x, weight = _autocast(K, x, layer.weight)
+    if out is None:
+        out = empty(shape, x)
+    if bn is None:
+        _dw.depthwise2d(_rt, kernel, x, weight, out, shift=layer.bias, residual=residual, act=act, slope=slope)
+    elif bn.training or bn.running_mean is None:
+        raw = empty(shape, x)
+        _dw.depthwise2d(_rt, kernel, x, weight, raw, shift=layer.bias)
+        scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True)
+        _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
+    else:
+        scale, shift, _, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
+        _dw.depthwise2d(_rt, kernel, x, weight, out, scale=scale, shift=shift, residual=residual, act=act,
+                        slope=slope)
+    return out
 
 
 def conv_transpose(K, kernel, layer, x, *, out=None, at=""):

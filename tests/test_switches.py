@@ -19,7 +19,8 @@ def test_unknown_names_and_unmet_needs_are_one_line_errors(tmp_path):
     rc, _, err = run("compile", "specs/lenet.net", "--disable", "grid_merges", "-o", str(tmp_path / "x.py"))
     assert rc == 2 and not (tmp_path / "x.py").exists()
     assert err == ("netdsl: error: --disable grid_merges: no such fusion; the fusions are "
-                   "deferred_bn, block_outputs, grid_merge, concat_in_place, shuffle_in_concat, combo, wgrad_add\n")
+                   "deferred_bn, block_outputs, grid_merge, concat_in_place, shuffle_in_concat, depthwise_direct, "
+                   "combo, wgrad_add\n")
     rc, _, err = run("compile", "specs/lenet.net", "--disable", "combo", "-o", str(tmp_path / "x.py"))
     assert rc == 2
     assert err == ("netdsl: error: --disable combo needs --disable wgrad_add too: "

@@ -225,6 +225,35 @@ def test_a_regnet_block_against_torchvision(tmp_path, args, shape):
     grad_compare(ours, ref, x, modes=("train",))
 
 
+# whole networks with depthwise convs (the direct kernel: seconds in the interpreter, not minutes)
+WHOLE = [pytest.param(*c[:4], id=c[1], marks=[pytest.mark.slow] if c[4] else [])
+         for c in [("mobilenet.net", "MobileNetV3Small", "mobilenetv3", "mobilenet_v3_small", False),
+                   ("shufflenet.net", "ShuffleNetV2_x1_0", "shufflenetv2", "shufflenet_v2_x1_0", False),
+                   ("mobilenet.net", "MobileNetV2", "mobilenetv2", "mobilenet_v2", True),
+                   ("mobilenet.net", "MobileNetV3Large", "mobilenetv3", "mobilenet_v3_large", True),
+                   ("mnasnet.net", "MNASNet1_0", "mnasnet", "mnasnet1_0", True),
+                   ("efficientnet.net", "EfficientNetB0", "efficientnet", "efficientnet_b0", True),
+                   ("convnext.net", "ConvNeXtTiny", "convnext", "convnext_tiny", True)]]
+
+
+@pytest.mark.parametrize("file,net,module,factory", WHOLE)
+def test_whole_network_in_eval_mode_matches_torchvision(file, net, module, factory):
+    """torchvision's model with random weights and batch-norm statistics (its
+    own initialisation leaves outputs near 1e-10), eval mode, two 32×32 images:
+    within 1e-5 of torchvision's output (measured: 3e-7 to 1e-6, as far as
+    torchvision's own fp32 result is from float64)."""
+    torch.manual_seed(0)
+    ref = tv_model(module, factory).eval()
+    randomize(ref, seed=1)
+    ours = netdsl.build(SPECS / file, net).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y, yr = ours(x), ref(x)
+    assert y.shape == yr.shape == (2, 1000) and yr.abs().max() > 0.01
+    assert rel_err(y, yr) < 1e-5
+
+
 @pytest.mark.slow
 def test_regnet_y_400mf_forward_matches_torchvision():
     """The whole network on torchvision's (randomly initialised) weights, eval mode, a 32×32 input."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .. import ir
 from ..diagnostics import Diagnostic, NetdslError
 from ..kernels import conv as kconv
+from ..kernels import depthwise as kdw
 from ..kernels import elementwise as kew
 from ..kernels import groupnorm as kgn
 from ..kernels import layernorm as kln
@@ -419,7 +420,7 @@ def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
         elif op in ("add", "mul"):
             lines.append(f"{v.name} = rt.{op}(K, {x}, {reads[1]}{o}, at={(u.name or op) + ' (' + where(u) + ')'!r})")
         elif isinstance(u, ir.Fused):
-            lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o)
+            lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o, op)
         else:
             lines.append(_layer_line(u, kernels, v.name, x, o))
     return lines, plan.ref(plan.result)
@@ -432,12 +433,18 @@ def _act_args(act) -> str:
     return f", act={name!r}" + "".join(f", {k}={v!r}" for k, v in extra.items())
 
 
-def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o) -> list[str]:
+def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv") -> list[str]:
     main = f.main
     at = f"{main.name} ({where(main)})"
     act = _act_args(f.act)
     res = f", residual={residual}" if residual is not None else ""
     head = f"# {_chain_text(f)}"
+    if op == "depthwise":  # (plan/depthwise_direct.py)
+        consts = _conv_consts(main.attrs)
+        consts.pop("GROUPS")
+        kern = kernels.get(kdw.DEPTHWISE2D, "depthwise_" + f.describe(), _chain_text(f), main.name, **consts)
+        bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
+        return [head, f"{v} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{o}, at={at!r})"]
     if f.kind == "conv":
         kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
         bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""

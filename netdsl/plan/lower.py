@@ -12,7 +12,8 @@ from .ir import Plan, Step, Value
 # ops that can be told where to store their output (the generated call's out=)
 STORES_ANYWHERE = frozenset({"conv", "linear", "batchnorm", "activation", "add", "mul", "copy", "pool", "adaptive_avgpool",
                              "upsample", "lrn", "softmax", "conv_transpose", "dropout", "buffer", "layernorm",
-                             "layer_scale", "channel_shuffle", "groupnorm"})
+                             "layer_scale", "channel_shuffle", "groupnorm",
+                             "depthwise"})
 
 _LAYER_OPS = {**{act: "activation" for act in ACTIVATIONS}, "maxpool": "pool", "avgpool": "pool", "adaptive_avgpool": "adaptive_avgpool",
               "global_avgpool": "adaptive_avgpool", "upsample": "upsample", "flatten": "flatten",
