@@ -30,7 +30,8 @@ from netdsl.plan import cost as plan_cost, inference_plan  # noqa: E402
 
 NETS = [("resnet.net", "ResNet18"), ("resnet.net", "ResNet50"), ("vgg.net", "VGG16"),
         ("googlenet.net", "GoogLeNet"), ("densenet.net", "DenseNet121"), ("mobilenet.net", "MobileNetV3Large"),
-        ("efficientnet.net", "EfficientNetB0")]
+        ("efficientnet.net", "EfficientNetB0"), ("shufflenet.net", "ShuffleNetV2_x1_0"),
+        ("convnext.net", "ConvNeXtTiny")]
 FREE = plan_cost.FREE  # allocations and views
 
 

@@ -206,7 +206,8 @@ def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=No
     """A depthwise conv [+ BN] [+ residual] [+ act] by the direct kernel
     (the inference plan's; the autograd forward runs rt.conv).  Eval: BN
     folded into the epilogue.  Train mode without gradients: the conv with
-    its bias, BN statistics over its output, one apply kernel."""
+    its bias and the BN statistics' per-tile sums in its epilogue, their
+    merge (bn_stats), one apply kernel."""
     if _grad.wanted(x, layer.weight, layer.bias):
         raise AssertionError(f"{at}: the inference plan runs only where no gradient is wanted")
     _channels(x, layer.in_channels, at)
@@ -221,8 +222,8 @@ def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=No
         _dw.depthwise2d(_rt, kernel, x, weight, out, shift=layer.bias, residual=residual, act=act, slope=slope)
     elif bn.training or bn.running_mean is None:
         raw = empty(shape, x)
-        _dw.depthwise2d(_rt, kernel, x, weight, raw, shift=layer.bias)
-        scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True)
+        partials = _dw.depthwise2d(_rt, kernel, x, weight, raw, shift=layer.bias, stats=True)
+        scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True, partials=partials)
         _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
     else:
         scale, shift, _, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)

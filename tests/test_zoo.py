@@ -36,6 +36,7 @@ COUNTS = {
     ("regnet.net", "RegNetY_400MF"): 4_344_144,
     ("convnext.net", "ConvNeXtTiny"): 28_589_128,
     ("shufflenet.net", "ShuffleNetV2_x1_0"): 2_278_604,
+    ("segmentation.net", "UNet"): 31_037_698,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -57,6 +58,7 @@ NETWORKS = {
     "regnet.net": ["RegNetX_400MF", "RegNetY_400MF"],
     "convnext.net": ["ConvNeXtTiny"],
     "shufflenet.net": ["ShuffleNetV2_x1_0"],
+    "segmentation.net": ["UNet"],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }

@@ -7,25 +7,28 @@ and waste 15/16 of every tile.
 A program computes [BLOCK_M output pixels, BLOCK_C channels] (a
 channels-last tile reads contiguous channels), walks the window's taps in
 fp32 (ACC), and applies the conv epilogue: a per-channel scale (a folded
-batch norm) and shift (bias or BN), a residual and an activation.  The
+batch norm) and shift (bias or BN), a residual and an activation, or (a
+train-mode batch norm after it) per-tile sums for the BN statistics.  The
 inference plan uses it for every depthwise conv (the `depthwise_direct`
 pass); the training forward keeps the implicit GEMM, whose epilogue also
 leaves the batch-norm partial sums its backward fusions build on."""
+import torch
 import triton
 
 from . import ACT_CODES
+from .norm import reduce_dtype
 
 DEPTHWISE2D = r'''
 @triton.jit
 def $NAME(
     # pointers
-    x_ptr, w_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, r_ptr, y_ptr, psum_ptr, pm2_ptr,
     # sizes
     N, C, H, W, Ho, Wo, slope,
     # strides
     sxn, sxc, sxh, sxw, swc, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     $GEOMETRY
@@ -60,8 +63,18 @@ def $NAME(
         acc = acc + tl.load(r_ptr + (n * srn + oh * srh + ow * srw)[:, None] + offs_c[None, :] * src, mask=mask,
                             other=0.0).to(ACC)
     acc = activation(acc, ACT, slope)
-    tl.store(y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + offs_c[None, :] * syc,
-             acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + offs_c[None, :] * syc, y, mask=mask)
+    if STATS:
+        # a train-mode batch norm's first pass, on the stored values, as the conv kernels' (bn_stats merges
+        # them): per channel, this tile's sum and squared deviations from the tile's mean
+        PS = psum_ptr.dtype.element_ty
+        v = tl.where(mask, y.to(PS), 0.0)
+        sm = tl.sum(v, axis=0)
+        cnt = tl.minimum(N * Ho * Wo - tl.program_id(0) * BLOCK_M, BLOCK_M).to(PS)
+        d = tl.where(mask, v - (sm / cnt)[None, :], 0.0)
+        tl.store(psum_ptr + tl.program_id(0) * C + offs_c, sm, mask=c_mask)
+        tl.store(pm2_ptr + tl.program_id(0) * C + offs_c, tl.sum(d * d, axis=0), mask=c_mask)
 '''
 
 
@@ -70,8 +83,10 @@ def is_depthwise(attrs) -> bool:
     return attrs["groups"] > 1 and attrs["groups"] == attrs["in_channels"] == attrs["out_channels"]
 
 
-def depthwise2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01):
-    """out[N, C, Ho, Wo] = act(depthwise_conv(x, weight) · scale + shift + residual)."""
+def depthwise2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
+                stats=False):
+    """out[N, C, Ho, Wo] = act(depthwise_conv(x, weight) · scale + shift + residual).  With stats, returns
+    (psum, pm2, tile): the per-tile partial sums norm.bn_stats merges into batch statistics."""
     N, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
     M = N * Ho * Wo
@@ -81,9 +96,14 @@ def depthwise2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=Non
         bc = min(512, triton.next_power_of_2(C))
         bm = max(2, min((1 << 16) // bc, triton.next_power_of_2(M)))
     r = residual if residual is not None else out
-    rt.launch(kernel, (triton.cdiv(M, bm), triton.cdiv(C, bc)), x, weight,
-              scale if scale is not None else out, shift if shift is not None else out, r, out,
+    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    psum = pm2 = out
+    if stats:
+        psum, pm2 = (torch.empty((grid[0], C), device=x.device, dtype=reduce_dtype(rt, x)) for _ in range(2))
+    rt.launch(kernel, grid, x, weight,
+              scale if scale is not None else out, shift if shift is not None else out, r, out, psum, pm2,
               N, C, H, W, Ho, Wo, float(slope), *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
               *r.stride(), *out.stride(), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-              HAS_RES=residual is not None, ACT=ACT_CODES[act], ACC=rt.acc(x), IDX64=rt.needs_int64(x, out, r),
-              BLOCK_M=bm, BLOCK_C=bc)
+              HAS_RES=residual is not None, ACT=ACT_CODES[act], STATS=stats, ACC=rt.acc(x),
+              IDX64=rt.needs_int64(x, out, r), BLOCK_M=bm, BLOCK_C=bc)
+    return (psum, pm2, bm) if stats else None
