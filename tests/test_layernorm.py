@@ -87,7 +87,7 @@ def test_the_plan(tmp_path):
     assert listing(inference_plan(checked_net(_spec(tmp_path), "Block"))) == """\
 t1 = conv(x)  stem
 t2 = layernorm(t1)  norm
-t3 = conv(t2)  block.0
+t3 = depthwise_conv(t2)  block.0
 t4 = layernorm(t3)  block.1
 t5 = linear_gelu(t4)  block.2 block.3
 t6 = linear(t5)  block.4
