@@ -32,7 +32,10 @@ CASES = [
     ("regnet.net", "RegNetY_400MF", "regnet", "regnet_y_400mf"),
     ("convnext.net", "ConvNeXtTiny", "convnext", "convnext_tiny"),
     ("shufflenet.net", "ShuffleNetV2_x1_0", "shufflenetv2", "shufflenet_v2_x1_0"),
+    ("segmentation.net", "DeepLabV3_ResNet50", "segmentation.deeplabv3", "deeplabv3_resnet50"),
 ]
+# factory arguments beyond weights=None: no pretrained backbone to fetch, no auxiliary head
+FACTORY_ARGS = {"deeplabv3_resnet50": {"weights_backbone": None, "aux_loss": False}}
 # EfficientNet B1 … B6 differ from B0 and B7 only in their multipliers: their keys and loads run with the slow tests
 SLOW = {f"EfficientNetB{b}" for b in range(1, 7)}
 ZOO = [pytest.param(*c, id=c[1], marks=[pytest.mark.slow] if c[1] in SLOW else []) for c in CASES]
@@ -41,7 +44,7 @@ ZOO = [pytest.param(*c, id=c[1], marks=[pytest.mark.slow] if c[1] in SLOW else [
 @functools.cache
 def reference(module, factory):
     """torchvision's model, made once per worker (construction is most of these tests' time)."""
-    return tv_model(module, factory)
+    return tv_model(module, factory, **FACTORY_ARGS.get(factory, {}))
 
 
 def test_loader_imports_the_installed_model_files_without_compiled_ops():
@@ -338,3 +341,28 @@ def test_a_shufflenet_unit_against_torchvision(tmp_path, inp, out, stride, shape
     x = torch.randn(2, *shape)
     compare(ours, ref, x)
     grad_compare(ours, ref, x, modes=("train",))
+
+
+def test_a_deeplab_aspp_against_torchvision(tmp_path):
+    """DeepLabV3's head: atrous spatial pyramid pooling (a 1×1 branch, three
+    dilated 3×3 branches, the image-level pooling branch spread back over the
+    map), its projection, then the 3×3 conv and the classifier, against
+    torchvision's ASPP and DeepLabHead layers at 8 channels on a 5×5 map:
+    eval-mode outputs and gradients (the projection's dropout draws its own
+    mask in train mode)."""
+    (tmp_path / "segmentation.net").write_text((SPECS / "segmentation.net").read_text())
+    (tmp_path / "resnet.net").write_text((SPECS / "resnet.net").read_text())
+    (tmp_path / "h.net").write_text('import "segmentation.net"\nnet H input(16, 5, 5) {\n'
+                                    '    ASPP([1, 2, 3], 5, 8)\n'
+                                    '    conv(8, 3, padding=1, bias=false) -> bn -> relu\n'
+                                    '    conv(5, 1)\n}\n')
+    dl = tv_module("segmentation.deeplabv3")
+    torch.manual_seed(7)
+    ref = torch.nn.Sequential(dl.ASPP(16, [1, 2, 3], 8), torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                              torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 1))
+    randomize(ref, seed=7)
+    ours = netdsl.build(tmp_path / "h.net", "H")
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 16, 5, 5)
+    compare(ours, ref, x, modes=("eval",))
+    grad_compare(ours, ref, x, modes=("eval",))

@@ -37,6 +37,7 @@ COUNTS = {
     ("convnext.net", "ConvNeXtTiny"): 28_589_128,
     ("shufflenet.net", "ShuffleNetV2_x1_0"): 2_278_604,
     ("segmentation.net", "UNet"): 31_037_698,
+    ("segmentation.net", "DeepLabV3_ResNet50"): 39_638_869,
 }
 
 # The VGG paper's table 2 rounds to millions.
@@ -58,7 +59,7 @@ NETWORKS = {
     "regnet.net": ["RegNetX_400MF", "RegNetY_400MF"],
     "convnext.net": ["ConvNeXtTiny"],
     "shufflenet.net": ["ShuffleNetV2_x1_0"],
-    "segmentation.net": ["UNet"],
+    "segmentation.net": ["UNet", "DeepLabV3_ResNet50"],
     "course.net": ["SequentialCNN", "TestNet", "BasicNet", "Net", "MyLinear", "Sharpen", "Blur", "EdgeDetect",
                    "Filters", "Slides"],
 }
