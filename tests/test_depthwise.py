@@ -76,7 +76,8 @@ def test_a_literal_filter_on_every_channel_is_depthwise(spec):
     compare(tri, ref, torch.randn(2, 3, 6, 6))
 
 
-@pytest.mark.parametrize("disable,layout", [((), "nchw"), ((), "channels_last"), (("depthwise_direct",), "nchw")],
+@pytest.mark.parametrize("disable,layout", [((), "nchw"), ((), "channels_last"),
+                                            pytest.param(("depthwise_direct",), "nchw", marks=pytest.mark.slow)],
                          ids=["direct-nchw", "direct-channels_last", "gemm-nchw"])
 def test_against_torch(spec, disable, layout):
     """Eval mode (BN folded into the epilogue) and train mode without gradients (BN statistics of the

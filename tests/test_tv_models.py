@@ -230,7 +230,7 @@ def test_a_regnet_block_against_torchvision(tmp_path, args, shape):
 
 # whole networks with depthwise convs (the direct kernel: seconds in the interpreter, not minutes)
 WHOLE = [pytest.param(*c[:4], id=c[1], marks=[pytest.mark.slow] if c[4] else [])
-         for c in [("mobilenet.net", "MobileNetV3Small", "mobilenetv3", "mobilenet_v3_small", False),
+         for c in [("mobilenet.net", "MobileNetV3Small", "mobilenetv3", "mobilenet_v3_small", True),
                    ("shufflenet.net", "ShuffleNetV2_x1_0", "shufflenetv2", "shufflenet_v2_x1_0", False),
                    ("mobilenet.net", "MobileNetV2", "mobilenetv2", "mobilenet_v2", True),
                    ("mobilenet.net", "MobileNetV3Large", "mobilenetv3", "mobilenet_v3_large", True),
@@ -323,7 +323,8 @@ def test_convnext_norms_match_torchvision():
     assert all((ours[n].eps, ours[n].normalized_shape) == (ref[n].eps, ref[n].normalized_shape) for n in ref)
 
 
-@pytest.mark.parametrize("inp,out,stride,shape", [(8, 8, 1, (8, 5, 6)), (6, 8, 2, (6, 7, 7))],
+@pytest.mark.parametrize("inp,out,stride,shape", [(8, 8, 1, (8, 5, 6)),
+                                                  pytest.param(6, 8, 2, (6, 7, 7), marks=pytest.mark.slow)],
                          ids=["stride1", "stride2"])
 def test_a_shufflenet_unit_against_torchvision(tmp_path, inp, out, stride, shape):
     """One unit (a channel half passed through or a downsampling branch1,
@@ -343,6 +344,7 @@ def test_a_shufflenet_unit_against_torchvision(tmp_path, inp, out, stride, shape
     grad_compare(ours, ref, x, modes=("train",))
 
 
+@pytest.mark.slow
 def test_a_deeplab_aspp_against_torchvision(tmp_path):
     """DeepLabV3's head: atrous spatial pyramid pooling (a 1×1 branch, three
     dilated 3×3 branches, the image-level pooling branch spread back over the

@@ -3,6 +3,7 @@ against the common PyTorch UNet (DoubleConv / Down / Up / OutConv, written
 out below; torchvision has no UNet), and outputs, running statistics and
 gradients against that module at depth 2 (its state_dict mapped key by key,
 in order)."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -60,6 +61,7 @@ def test_the_parameter_count_is_the_common_unets():
     assert totals(res.nets[0])["params"] == count
 
 
+@pytest.mark.slow  # (a quarter of a minute of interpreter launches)
 def test_against_the_common_unet(tmp_path):
     """Eval and train mode: outputs, running statistics, and the input's and every parameter's gradients."""
     depth, width = 2, 4
@@ -72,21 +74,22 @@ def test_against_the_common_unet(tmp_path):
                 m.bias.normal_(0, 0.2)
                 m.running_mean.normal_(0, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
-    (tmp_path / "segmentation.net").write_text((SPECS / "segmentation.net").read_text())
+    for name in ("segmentation.net", "resnet.net"):  # (segmentation.net imports resnet.net)
+        (tmp_path / name).write_text((SPECS / name).read_text())
     (tmp_path / "u.net").write_text('import "segmentation.net"\n'
-                                    f"net U input(3, 12, 8) {{ level: Level({width}, {depth}) -> head: conv(2, 1) }}\n")
+                                    f"net U input(3, 8, 4) {{ level: Level({width}, {depth}) -> head: conv(2, 1) }}\n")
     ours = netdsl.build(tmp_path / "u.net", "U")
     theirs = ref.state_dict()
     keys = dict(zip(ours.state_dict(), [k for prefix in _order(depth) for k in theirs if k.startswith(prefix + ".")]))
     assert len(keys) == len(theirs) and all(ours.state_dict()[a].shape == theirs[b].shape for a, b in keys.items())
     ours.load_state_dict({a: theirs[b] for a, b in keys.items()}, strict=True)
-    x = torch.randn(2, 3, 12, 8)
+    x = torch.randn(2, 3, 8, 4)
     for mode in ("eval", "train"):
         getattr(ours, mode)()
         getattr(ref, mode)()
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = ours(xa), ref(xb)
-        assert ya.shape == yb.shape == (2, 2, 12, 8) and rel_err(ya, yb) < 1e-4, mode
+        assert ya.shape == yb.shape == (2, 2, 8, 4) and rel_err(ya, yb) < 1e-4, mode
         w = torch.randn(ya.shape, generator=torch.Generator().manual_seed(1))
         (ya * w).sum().backward()
         (yb * w).sum().backward()
