@@ -247,7 +247,8 @@ def test_dense_layers_share_their_inputs_batch_statistics(tmp_path):
         assert rel_err(a.double(), b.double()) < 1e-5, name
 
 
-@pytest.mark.parametrize("merge", ["1", pytest.param("0", marks=pytest.mark.slow)])
+@pytest.mark.slow  # (half a minute each in the interpreter)
+@pytest.mark.parametrize("merge", ["1", "0"])
 def test_grid_merges_with_gpu_sized_tiles(tmp_path, monkeypatch, merge):
     """The BN sums a conv's forward and a dgrad's epilogue leave per tile are
     finished by the kernel's last program of each channel block (the default)

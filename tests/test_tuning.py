@@ -22,6 +22,8 @@ from twin import grad_compare, twins
 
 # one worker runs this file: the module's tuned fixture is made once, not once a worker
 pytestmark = pytest.mark.xdist_group("tuning")
+# the tests on that fixture (about a minute of interpreter work on one worker) run with the slow tests
+on_the_tuned_fixture = pytest.mark.slow
 
 SMALL = """
 block Bottleneck(inplanes, planes, stride = 1) {
@@ -92,6 +94,7 @@ def tuned(tmp_path_factory):
     tuning.forget()
 
 
+@on_the_tuned_fixture
 def test_a_training_step_records_every_conv_launch_once_per_shape(tuned):
     kinds = [r.kind for r in tuned.results]
     # 10 conv launches (9 convs and the fc, a 1×1 conv) make 8 sites: b2.conv3 repeats b1.conv3's kernel,
@@ -112,6 +115,7 @@ def test_a_training_step_records_every_conv_launch_once_per_shape(tuned):
         assert r.best_ms <= r.default_ms and (r.config == {}) == (r.best_ms == r.default_ms), r
 
 
+@on_the_tuned_fixture
 def test_a_pointwise_convs_backward_is_timed_with_and_without_its_weight_gradient_in_the_dgrad(tuned):
     """Where a conv's weight gradient can ride in its dgrad (a 1×1 stride-1
     conv's, kernels/conv.py's WGRAD_ADD), the tuner times both ways and the
@@ -124,6 +128,7 @@ def test_a_pointwise_convs_backward_is_timed_with_and_without_its_weight_gradien
     assert sorted(ways, key=str) == [0, 0, 0, 0] + [None] * 5, ways
 
 
+@on_the_tuned_fixture
 def test_tuning_leaves_the_module_as_it_was(tuned):
     after = tuned.tri.state_dict()
     for k, v in tuned.before.items():
@@ -131,6 +136,7 @@ def test_tuning_leaves_the_module_as_it_was(tuned):
     assert all(p.grad is None for p in tuned.tri.parameters())
 
 
+@on_the_tuned_fixture
 def test_picks_are_saved_and_the_second_run_times_nothing(tuned):
     saved = json.loads((tuned.cache / "tuning.json").read_text())["devices"]["cpu"]
     assert len(saved) == len(tuned.results)
@@ -166,6 +172,7 @@ def _uses(plan, results):
     return n
 
 
+@on_the_tuned_fixture
 def test_launches_use_the_tuned_configs_and_NETDSL_TUNED_0_the_defaults(tuned, monkeypatch):
     picked = [r for r in tuned.results if r.config]
     assert _uses(_step_plan(tuned.tri, tuned.x), picked) == len(picked)
@@ -173,6 +180,7 @@ def test_launches_use_the_tuned_configs_and_NETDSL_TUNED_0_the_defaults(tuned, m
     assert _uses(_step_plan(tuned.tri, tuned.x), [r for r in picked if r.kind == "conv"]) == 0
 
 
+@on_the_tuned_fixture
 def test_a_training_step_with_tuned_configs_matches_torch(tuned):
     # the picks change tile sizes, so the grid-wide BN merges run over other tile counts
     tri, ref = copy.deepcopy(tuned.tri), copy.deepcopy(tuned.ref)
@@ -182,6 +190,7 @@ def test_a_training_step_with_tuned_configs_matches_torch(tuned):
     assert "conv_bn_relu__stem" in programs
 
 
+@on_the_tuned_fixture
 def test_a_candidate_that_fails_is_rejected_and_one_that_disagrees_is_caught(tuned):
     sites = T.record(tuned.tri, tuned.x)
     site = next(s for s in sites if s.kind == "conv" and s.name == "conv_bn_relu__stem")
@@ -204,6 +213,7 @@ def test_a_candidate_that_fails_is_rejected_and_one_that_disagrees_is_caught(tun
     assert "off by" in T._agree(site, ref, got, ref_out, got_out)
 
 
+@on_the_tuned_fixture
 def test_compile_tuned_bakes_the_picks_into_the_generated_file(tuned, tmp_path):
     out = tmp_path / "small_gen.py"
     rc, stdout, err = run("compile", str(tuned.spec), "--tuned", "-o", str(out),
@@ -270,6 +280,7 @@ def test_netdsl_tune_needs_a_gpu(spec_file):
     assert err == "netdsl: error: tuning times kernels on a CUDA GPU, and torch sees none on this machine\n"
 
 
+@on_the_tuned_fixture
 def test_tune_without_a_gpu_needs_a_timer(tuned):
     with pytest.raises(T.TuneError, match="on a CUDA GPU"):
         T.tune(tuned.tri, tuned.x)
