@@ -22,6 +22,16 @@ def randomize(module, seed=0):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("weight") else torch.randn(t.shape, generator=g) * 0.2)
 
 
+def spread(module, seed, names):
+    """Weights (and layer scales) of the layers whose names contain one of `names` drawn around 1, their
+    biases around 0, so each one counts (a norm's defaults are ones and zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if any(n in name for n in names):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (0.0 if name.endswith("bias") else 1.0))
+
+
 def twins(path, net, seed=0, **overrides):
     tri = netdsl.build(path, net, **overrides)
     ref = netdsl.build(path, net, target="torch", **overrides)
