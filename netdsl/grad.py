@@ -1018,9 +1018,8 @@ class LayerNormFn(torch.autograd.Function):
         K, eps = spec
         out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
         x4 = rt.as4d(x)
-        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
         M = x4.shape[0] * x4.shape[2] * x4.shape[3]
-        mean, rstd = (torch.empty(M, device=x.device, dtype=stat) for _ in range(2))
+        mean, rstd = (rt.stat_empty(M, x) for _ in range(2))
         _ln.layernorm(_rt, K.layernorm, x4, weight, bias, rt.as4d(out), eps, mean, rstd)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.K = K
@@ -1090,8 +1089,7 @@ class GroupNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spec):
         K, groups, eps = spec
         out = rt.empty(tuple(x.shape), x, channels_last=rt._is_cl(x))
-        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean, rstd = (torch.empty(x.shape[0] * groups, device=x.device, dtype=stat) for _ in range(2))
+        mean, rstd = (rt.stat_empty(x.shape[0] * groups, x) for _ in range(2))
         _gn.groupnorm(_rt, K.groupnorm, rt.as4d(x), weight, bias, rt.as4d(out), groups, eps, mean, rstd)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.spec = spec

@@ -263,7 +263,8 @@ def acc(x):
 
 
 def stat_empty(C, like):
-    """A per-channel fp32 buffer (fp64 for fp64 tensors): BN statistics stay fp32 under half precision."""
+    """A buffer of C statistics (per channel, pixel or group) in fp32 (fp64 for fp64 tensors): statistics stay
+    fp32 under half precision."""
     return torch.empty(C, device=like.device, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
