@@ -294,7 +294,7 @@ def cmd_plan(args) -> int:
 
 
 def _valid(net, res) -> bool:
-    return net.out_shape is not None and None not in net.out_shape and res.ok
+    return all(s is not None and None not in s for _, s in net.output_shapes) and res.ok
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,10 @@ import re
 from . import ir
 from .diagnostics import Diagnostics, Pos, did_you_mean
 from .expr import EvalError, evaluate
-from .ops import OPS, REQUIRED, ArgError, show, stateless
+from .ops import OPS, REQUIRED, ArgError, TensorSize, show, stateless
 
 _COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|[0-9]+")
+_TENSOR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Blocks may recurse (pix2pix's UnetSkipConnectionBlock, a U-Net written as
 # the block it is), each level choosing with `if` whether to go deeper; a
@@ -128,6 +129,9 @@ class _Elaborator:
         self.prog = prog
         self.blocks = {b.name: b for b in prog.blocks}
         self.diags = diags
+        # named tensors (`as @name`): one namespace a network, blocks included
+        self.tensors: dict[str, Pos] = {}
+        self.hidden: set = set()  # named in a residual's body, while its shortcut (which runs first) elaborates
 
     # -- helpers
     def err(self, pos, msg, trace):
@@ -145,9 +149,33 @@ class _Elaborator:
                 if isinstance(v, bool) or not isinstance(v, (int, str)):
                     raise EvalError(part.pos, f"a label part must be an integer or a string, got {show(v)}")
                 text += str(v)
-        if not _COMPONENT.fullmatch(text):
-            raise EvalError(label.pos, f"'{text}' is not a valid layer name (letters, digits, '_' and '-')")
+        if not all(_COMPONENT.fullmatch(c) for c in text.split(".")):
+            raise EvalError(label.pos, f"'{text}' is not a valid layer name (letters, digits, '_' and '-', "
+                                       "dotted parts)")
         return text
+
+    def tensor_name(self, label: ir.Label, env) -> str:
+        text = "".join(p if isinstance(p, str) else str(self._part(p, env)) for p in label.parts)
+        if not _TENSOR.fullmatch(text):
+            raise EvalError(label.pos, f"'@{text}' is not a valid tensor name (letters, digits and '_')")
+        return text
+
+    @staticmethod
+    def _part(part, env):
+        v = evaluate(part, env)
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise EvalError(part.pos, f"a name part must be an integer or a string, got {show(v)}")
+        return v
+
+    def read(self, label: ir.Label, env, trace) -> str:
+        """The name of a tensor read at label, which must be written before."""
+        name = self.tensor_name(label, env)
+        if name in self.hidden:
+            raise EvalError(label.pos, f"@{name} is named in this residual's body, which runs after its shortcut")
+        if name not in self.tensors:
+            raise EvalError(label.pos, f"@{name} is read before it is written (`as @{name}` names a tensor)"
+                                       f"{did_you_mean(name, list(self.tensors))}")
+        return name
 
     def bind(self, params, args, what: str, env):
         """Match call arguments to parameters: positional first, then keywords."""
@@ -167,6 +195,12 @@ class _Elaborator:
                 raise EvalError(a.pos, f"{what} has no argument '{a.name}'{did_you_mean(a.name, names)}")
             if a.name in values:
                 raise EvalError(a.pos, f"{what} got argument '{a.name}' twice")
+            if isinstance(a.value, ir.Read):  # `upsample(size=@c2)`: that tensor's height and width
+                if (what, a.name) != ("upsample", "size"):
+                    raise EvalError(a.value.pos, f"{what}'s {a.name} cannot be a tensor; only upsample(size=@name) "
+                                                 "takes one")
+                values[a.name] = (TensorSize(self.read(a.value.tensor, env, ())), a.value.pos)
+                continue
             values[a.name] = (evaluate(a.value, env), a.value.pos)
         return values
 
@@ -205,18 +239,41 @@ class _Elaborator:
                 self.err(nd.alias.pos, f"`net {nd.name} ... = {nd.alias.name}(...)` needs a block, not a builtin layer; "
                                        "write the layer in a body instead", trace)
             return None  # an unknown name is reported by check_program
+        body, ret = nd.body, None
+        if body and isinstance(body[-1], ir.Return):
+            body, ret = body[:-1], body[-1]
         try:
             if nd.alias is not None:
                 nodes = self.block_call(nd.alias, env, scope, trace, inline=True)
             else:
-                nodes = self.stmts(nd.body, env, scope, trace)
+                nodes = self.stmts(body, env, scope, trace)
         except EvalError as e:  # (the alias's own arguments: a body reports its errors where they are)
             self.err(e.pos, e.message, trace)
             return None
         except _TooDeep as e:
             self.err(e.pos, e.message, e.trace)
             return None
-        return ir.Net(nd.name, shape, ir.Seq(tuple(nodes)), nd.pos, dict(env))
+        outputs = self.outputs(ret, env) if ret is not None else ()
+        return ir.Net(nd.name, shape, ir.Seq(tuple(nodes)), nd.pos, dict(env), outputs)
+
+    def outputs(self, ret: ir.Return, env) -> tuple:
+        keyed = [o.key is not None for o in ret.outputs]
+        if any(keyed) and not all(keyed):
+            self.err(ret.pos, "give every output a key (`return \"a\": @x, \"b\": @y`) or none", ())
+            return ()
+        out, keys = [], {}
+        for o in ret.outputs:
+            try:
+                name = self.read(o.tensor, env, ())
+            except EvalError as e:
+                self.err(e.pos, e.message, ())
+                continue
+            if o.key is not None and o.key in keys:
+                self.err(o.pos, f"output key \"{o.key}\" is already used at {keys[o.key]}", ())
+                continue
+            keys[o.key] = o.pos
+            out.append((o.key, name, o.pos))
+        return tuple(out)
 
     # -- bodies
     def stmts(self, body, env, scope, trace) -> list:
@@ -229,7 +286,14 @@ class _Elaborator:
                     self.err(e.pos, e.message, trace)
                     env[st.name] = None
                 continue
-            for it in st.items:
+            if isinstance(st, ir.Return):
+                self.err(st.pos, "`return` ends a network's body: it cannot stand in a block or a group, "
+                                 "or before other lines", trace)
+                continue
+            for i, it in enumerate(st.items):
+                if isinstance(it, ir.Read) and i > 0:
+                    self.err(it.pos, "a read of a named tensor must start a line: here it would drop the tensor "
+                                     "the chain carries", trace)
                 out += self.item(it, env, scope, trace)
         return out
 
@@ -251,10 +315,19 @@ class _Elaborator:
                 if not chosen:
                     return []
                 return self.stmts(chosen, env, self.sub(scope, label, "group", _label_pos(it), trace), trace)
+            if isinstance(it, (ir.Read, ir.Write)):
+                if it.label is not None:
+                    raise EvalError(it.label.pos, "a named tensor takes no label: it is not a layer")
+                return [self.named(it, env, trace)]
             if isinstance(it, ir.Residual):
                 inner = self.sub(scope, label, "group", _label_pos(it), trace)
+                before = set(self.tensors)
                 body = self.stmts(it.body, env, inner, trace)
-                short = self.item(it.shortcut, env, inner, trace) if it.shortcut is not None else []
+                hidden, self.hidden = self.hidden, self.hidden | (set(self.tensors) - before)
+                try:
+                    short = self.item(it.shortcut, env, inner, trace) if it.shortcut is not None else []
+                finally:
+                    self.hidden = hidden
                 return [ir.Join("residual", (ir.Seq(tuple(body)), ir.Seq(tuple(short))), inner.prefix, it.pos, trace)]
             if isinstance(it, ir.Branches):
                 inner = self.sub(scope, label, "group", _label_pos(it), trace)
@@ -271,6 +344,18 @@ class _Elaborator:
             self.err(e.pos, e.message, trace)
             return [self.poison(it, scope, trace)]
         raise AssertionError(f"unhandled item {type(it).__name__}")
+
+    def named(self, it, env, trace) -> ir.Layer:
+        """A read (`@name`) or a write (`as @name`) of a named tensor, as a layer that owns nothing."""
+        if isinstance(it, ir.Read):
+            name = self.read(it.tensor, env, trace)
+            return ir.Layer(f"@{name}", "read", {"tensor": name}, it.pos, trace)
+        name = self.tensor_name(it.tensor, env)
+        if name in self.tensors:
+            raise EvalError(it.tensor.pos, f"@{name} is already named at {self.tensors[name]} (a network's tensor "
+                                           "names are one namespace: give it an {expr} part to tell copies apart)")
+        self.tensors[name] = it.tensor.pos
+        return ir.Layer(f"@{name}", "name", {"tensor": name}, it.pos, trace)
 
     def poison(self, it, scope, trace) -> ir.Layer:
         """Stands in for an item that had an error: its output shape is unknown,

@@ -157,7 +157,25 @@ class DenseItem:
     pos: Pos
 
 
-Item = Union[Call, Group, Repeat, If, Residual, Branches, DenseItem]
+@dataclass(frozen=True)
+class Read:
+    """`@name` starting a line: the tensor named there, in place of what the chain carried."""
+
+    tensor: Label  # the name after '@', with its {expr} parts
+    label: Label | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Write:
+    """`as @name`: names the tensor the chain carries at that point (which goes on unchanged)."""
+
+    tensor: Label
+    label: Label | None
+    pos: Pos
+
+
+Item = Union[Call, Group, Repeat, If, Residual, Branches, DenseItem, Read, Write]
 
 
 @dataclass(frozen=True)
@@ -173,7 +191,22 @@ class Assign:
     pos: Pos
 
 
-Stmt = Union[Chain, Assign]
+@dataclass(frozen=True)
+class Output:
+    key: str | None  # a dict key, or None in a tuple
+    tensor: Label
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Return:
+    """`return @a, @b` or `return "0": @a, ...`: a network's outputs (a tuple, or a dict with keys)."""
+
+    outputs: tuple[Output, ...]
+    pos: Pos
+
+
+Stmt = Union[Chain, Assign, Return]
 
 
 @dataclass(frozen=True)
@@ -349,15 +382,29 @@ Node = Union[Layer, Seq, Join, Dense, Fused]
 
 @dataclass(frozen=True)
 class Net:
+    """`outputs`: (dict key or None, tensor name, position) for a network that
+    returns named tensors (`return ...`); () returns what its body ends with.
+    `tensors`: each named tensor's shape, filled in by shape inference."""
+
     name: str
     input_shape: Shape
     body: Seq
     pos: Pos
     params: dict = field(hash=False, default_factory=dict)  # resolved net parameters
+    outputs: tuple = ()
+    tensors: dict = field(hash=False, default_factory=dict, compare=False)
 
     @property
     def out_shape(self):
-        return self.body.out_shape
+        """The shape of its only output, or of its first."""
+        return self.output_shapes[0][1]
+
+    @property
+    def output_shapes(self) -> list:
+        """(key, shape) for each output: key is None for its body's result or a tuple's item."""
+        if not self.outputs:
+            return [(None, self.body.out_shape)]
+        return [(key, self.tensors.get(name)) for key, name, _ in self.outputs]
 
 
 def children(node: Node) -> tuple:

@@ -124,6 +124,19 @@ def weights(v, what):
     return {"shape": shape, "values": tuple(flat(v))}
 
 
+@dataclass(frozen=True)
+class TensorSize:
+    """`size=@name`: the spatial size of a named tensor (shape inference resolves it)."""
+
+    name: str
+
+
+def tensor_size(v, what):
+    if not isinstance(v, TensorSize):
+        raise ArgError(f"{what} takes a named tensor (size=@name), got {show(v)}")
+    return v
+
+
 def show(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -415,6 +428,12 @@ def _upsample_infer(a, s, err):
     a = dict(a)
     if not _need_rank3("upsample", s, err):
         return (s[0], None, None), a
+    if a.get("like") is not None:  # to a named tensor's size (torch's size=): its ratio is set at run time
+        size = a.get("like_size")
+        if size is not None and len(size) != 2:
+            err(f"upsample(size=@{a['like']}) needs a C×H×W tensor")
+            size = None
+        return (s[0], *(size or (None, None))), a
     f = a["scale_factor"]
     if a["mode"] == "nearest" and f != int(f):
         err(f"nearest upsampling needs an integer scale factor, got {f:g}")
@@ -605,8 +624,8 @@ _op(OpSpec("adaptive_avgpool", "AdaptiveAvgPool2d", (P("output_size", _pair1, 1)
 _op(OpSpec("global_avgpool", "AdaptiveAvgPool2d", (), _global_infer))
 _op(OpSpec("upsample", "Upsample", (
     P("scale_factor", positive_number, 2.0), P("mode", one_of("nearest", "bilinear"), "nearest"),
-    P("align_corners", boolean, False)), _upsample_infer,
-    summary=lambda a: f"×{a['scale_factor']:g} {a['mode']}"))
+    P("align_corners", boolean, False), P("size", tensor_size, None)), _upsample_infer,
+    summary=lambda a: (f"to @{a['like']}'s size" if a.get("like") else f"×{a['scale_factor']:g}") + f" {a['mode']}"))
 _op(OpSpec("linear", "Linear", (
     P("out_features", int_at_least(1)), P("bias", boolean, True), P("in_features", optional(int_at_least(1)), None),
     P("over", one_of("features", "channels"), "features")),

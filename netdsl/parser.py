@@ -234,6 +234,27 @@ class _Builder(Transformer):
     def kwarg(self, meta, name, value):
         return ir.Arg(str(name), value, _tpos(self.file, name))
 
+    def kwarg_tensor(self, meta, name, tok):  # `upsample(size=@c2)`: a tensor's size
+        return ir.Arg(str(name), ir.Read(self._tensor(tok), None, _tpos(self.file, tok)), _tpos(self.file, name))
+
+    # -- named tensors
+    def _tensor(self, tok) -> ir.Label:
+        pos = _tpos(self.file, tok)
+        after = Pos(self.file, pos.line, pos.col + 1, pos.end_line, pos.end_col)
+        return ir.Label(_label_parts(str(tok)[1:], self.file, after), pos)
+
+    def read(self, meta, tok):
+        return ir.Read(self._tensor(tok), None, _tpos(self.file, tok))
+
+    def write(self, meta, tok):
+        return ir.Write(self._tensor(tok), None, self._p(meta))
+
+    def return_(self, meta, *outputs):
+        return ir.Return(tuple(outputs), self._p(meta))
+
+    def output(self, meta, key, tok):
+        return ir.Output(None if key is None else str(key)[1:-1], self._tensor(tok), _tpos(self.file, key or tok))
+
     # -- expressions
     def number(self, meta, tok):
         return ir.Const(_number(str(tok)), _tpos(self.file, tok))

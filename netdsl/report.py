@@ -7,6 +7,15 @@ from . import ir
 from .ops import OPS, fmt_shape
 
 BYTES_FP32 = 4
+NAMING = ("name", "read")  # a named tensor's write and read: rows of their own, no new tensor
+
+
+def outputs_text(net: ir.Net) -> str:
+    """`output 10` for one output; `outputs "0": 256×16×16, "pool": ...` (a dict) or `outputs 10, 10` (a tuple)."""
+    shapes = net.output_shapes
+    if len(shapes) == 1 and shapes[0][0] is None and not net.outputs:
+        return f"output {fmt_shape(shapes[0][1])}"
+    return "outputs " + ", ".join((f'"{k}": ' if k is not None else "") + fmt_shape(s) for k, s in shapes)
 
 
 def rows(net: ir.Net):
@@ -31,7 +40,8 @@ def totals(net: ir.Net) -> dict:
     layers = list(ir.walk_layers(net.body))
     params = sum(l.params for l in layers)
     frozen = sum(math.prod(t.shape) for l in layers for t in l.tensors if t.kind == "frozen")
-    acts = sum(math.prod(r[3]) for r in rows(net) if r[3] is not None and None not in r[3])
+    acts = sum(math.prod(r[3]) for r in rows(net)
+               if r[3] is not None and None not in r[3] and r[1] not in NAMING)
     buffers = sum(math.prod(t.shape) for l in layers for t in l.tensors if t.kind == "buffer")
     return {
         "params": params,
@@ -61,6 +71,8 @@ def state_keys(net: ir.Net) -> list[str]:
         return m
 
     for layer in ir.walk_layers(net.body):
+        if layer.op in NAMING:
+            continue
         module(layer.name.split("."))  # (registered, with or without tensors, in this order)
         for t in layer.tensors:
             key = t.key(layer.name)
@@ -78,6 +90,8 @@ def to_json(net: ir.Net) -> dict:
         "name": net.name,
         "input": list(net.input_shape),
         "output": list(net.out_shape) if net.out_shape else None,
+        "outputs": [{"key": k, "tensor": name, "shape": list(net.tensors[name]) if net.tensors.get(name) else None}
+                    for k, name, _ in net.outputs],
         "params": t["params"],
         "trainable_params": t["trainable"],
         "macs": t["macs"],
@@ -105,7 +119,7 @@ def table(net: ir.Net) -> str:
 
     rule = "─" * len(line(head))
     t = totals(net)
-    out = [f"{net.name}  (input {fmt_shape(net.input_shape)}, output {fmt_shape(net.out_shape)})", rule, line(head), rule]
+    out = [f"{net.name}  (input {fmt_shape(net.input_shape)}, {outputs_text(net)})", rule, line(head), rule]
     out += [line(r) for r in body]
     out += [rule,
             f"Total params: {t['params']:,}" + (f"  (trainable {t['trainable']:,}, frozen {t['frozen']:,})" if t["frozen"] else ""),

@@ -476,8 +476,9 @@ def adaptive_avgpool(K, x, size, out=None, at=""):
     return out
 
 
-def upsample(kernel, x, scale, align_corners=False, *, bilinear, out=None, at=""):
-    Ho, Wo = int(x.shape[2] * scale), int(x.shape[3] * scale)
+def upsample(kernel, x, scale, align_corners=False, *, bilinear, size=None, out=None, at=""):
+    """By scale, or (scale None) to size: (H, W), a named tensor's (`upsample(size=@name)`)."""
+    Ho, Wo = (int(x.shape[2] * scale), int(x.shape[3] * scale)) if size is None else (int(size[0]), int(size[1]))
     if _grad.wanted(x):
         _no_out(out)
         return _grad.UpsampleFn.apply(x, (kernel, scale, align_corners, bilinear, (x.shape[0], x.shape[1], Ho, Wo)))

@@ -15,32 +15,33 @@ import math
 from . import ir
 from .diagnostics import Diagnostics
 from .elaborate import _notes
-from .ops import OPS, fmt_shape
+from .ops import OPS, TensorSize, fmt_shape
 
 
 def infer_shapes(net: ir.Net, diags: Diagnostics) -> ir.Net:
-    body = _seq(net.body, net.input_shape, diags)
-    return dataclasses.replace(net, body=body)
+    named: dict = {}  # each named tensor's shape (`as @name`), filled in execution order
+    body = _seq(net.body, net.input_shape, diags, named)
+    return dataclasses.replace(net, body=body, tensors=named)
 
 
-def _seq(seq: ir.Seq, shape, diags) -> ir.Seq:
+def _seq(seq: ir.Seq, shape, diags, named) -> ir.Seq:
     items, s = [], shape
     for node in seq.items:
-        node = _node(node, s, diags)
+        node = _node(node, s, diags, named)
         items.append(node)
         s = node.out_shape
     return ir.Seq(tuple(items), shape, s)
 
 
-def _node(node, shape, diags):
+def _node(node, shape, diags, named):
     if isinstance(node, ir.Layer):
-        return _layer(node, shape, diags)
+        return _layer(node, shape, diags, named)
     if isinstance(node, ir.Seq):
-        return _seq(node, shape, diags)
+        return _seq(node, shape, diags, named)
     if isinstance(node, ir.Join):
-        return _join(node, shape, diags)
+        return _join(node, shape, diags, named)
     if isinstance(node, ir.Dense):
-        return _dense(node, shape, diags)
+        return _dense(node, shape, diags, named)
     raise AssertionError(node)
 
 
@@ -49,11 +50,20 @@ def _node(node, shape, diags):
 _SPATIAL = {"conv", "conv_transpose", "maxpool", "avgpool", "adaptive_avgpool", "global_avgpool", "upsample", "lrn"}
 
 
-def _layer(layer: ir.Layer, shape, diags) -> ir.Layer:
+def _layer(layer: ir.Layer, shape, diags, named) -> ir.Layer:
+    if layer.op == "name":  # (named even when unknown, so that its readers report nothing more)
+        named[layer.attrs["tensor"]] = shape
+        return dataclasses.replace(layer, in_shape=shape, out_shape=shape)
+    if layer.op == "read":
+        return dataclasses.replace(layer, in_shape=shape, out_shape=named.get(layer.attrs["tensor"]))
     if layer.op == "unknown" or (shape is None and layer.op not in _SPATIAL):
         return dataclasses.replace(layer, in_shape=shape, out_shape=None)
     spec = OPS[layer.op]
     shape = shape if shape is not None else (None, None, None)
+    if isinstance(layer.attrs.get("size"), TensorSize):  # upsample(size=@name): that tensor's height and width
+        target = named.get(layer.attrs["size"].name)
+        layer = dataclasses.replace(layer, attrs=dict(layer.attrs, size=None, like=layer.attrs["size"].name,
+                                                      like_size=None if target is None else tuple(target[1:3])))
 
     def err(msg):
         diags.error(layer.pos, msg, _notes(layer.trace))
@@ -69,8 +79,8 @@ def _agree(a, b) -> bool:
     return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def _join(join: ir.Join, shape, diags) -> ir.Join:
-    branches = tuple(_seq(b, shape, diags) for b in join.branches)
+def _join(join: ir.Join, shape, diags, named) -> ir.Join:
+    branches = tuple(_seq(b, shape, diags, named) for b in join.branches)
     outs = [b.out_shape for b in branches]
     notes = _notes(join.trace)
     out = None
@@ -125,13 +135,13 @@ def _concat(shapes, pos, notes, diags, what):
     return (c, h, w)
 
 
-def _dense(dense: ir.Dense, shape, diags) -> ir.Dense:
+def _dense(dense: ir.Dense, shape, diags, named) -> ir.Dense:
     feats = [shape]
     steps = []
     notes = _notes(dense.trace)
     for step in dense.steps:
         cur = _concat(feats, dense.pos, notes, diags, "input") if all(f is not None for f in feats) else None
-        step = _seq(step, cur, diags)
+        step = _seq(step, cur, diags, named)
         steps.append(step)
         feats.append(step.out_shape)
     out = _concat(feats, dense.pos, notes, diags, "output") if all(f is not None for f in feats) else None

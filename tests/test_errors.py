@@ -248,7 +248,7 @@ def test_rendering_shows_line_and_caret():
 
 
 def test_label_must_be_a_valid_name():
-    line, col, msg = only('net N input(3, 8, 8) {\n  for s in ["a.b"] { x{s}: relu }\n}')
+    line, col, msg = only('net N input(3, 8, 8) {\n  for s in ["a..b"] { x{s}: relu }\n}')
     assert "not a valid layer name" in msg
 
 

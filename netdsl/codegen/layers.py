@@ -104,10 +104,15 @@ def module_expr(layer: ir.Layer) -> str:
     raise AssertionError(op)
 
 
+def owns_no_module(layer: ir.Layer) -> bool:
+    """A named tensor's write or read, and an upsampling to a named tensor's size (a call, not a module)."""
+    return layer.op in ("name", "read") or (layer.op == "upsample" and bool(layer.attrs.get("like")))
+
+
 def init_lines(net: ir.Net) -> list[str]:
     lines, seen = [], set()
     for layer in ir.walk_layers(net.body):
-        if layer.name in seen:
+        if layer.name in seen or owns_no_module(layer):
             continue
         seen.add(layer.name)
         if layer.op == "layer_scale":  # a bare parameter, not a module
@@ -123,7 +128,7 @@ def class_lines(net: ir.Net) -> list[str]:
     both register the same parameters under the same names."""
     lines = ["", "",
              f"class {net.name}(rt.NetModule):",
-             f'    """{net.name} ({where(net)}): input {shape_text(net.input_shape)}, output {shape_text(net.out_shape)}."""',
+             f'    """{net.name} ({where(net)}): input {shape_text(net.input_shape)}, {outputs_text(net)}."""',
              "",
              f"    input_shape = {tuple(net.input_shape)!r}",
              "",
@@ -141,6 +146,21 @@ def where(layer_or_pos, name: str | None = None) -> str:
 
 def shape_text(s) -> str:
     return "×".join(str(d) for d in s)
+
+
+def outputs_text(net: ir.Net) -> str:
+    if not net.outputs:
+        return f"output {shape_text(net.out_shape)}"
+    return "outputs " + ", ".join((f"{k!r}: " if k is not None else "") + shape_text(s) for k, s in net.output_shapes)
+
+
+def returned(net: ir.Net, named: dict, result: str) -> str:
+    """The forward's return expression: result, or the named outputs (one tensor, a tuple or a dict)."""
+    if not net.outputs:
+        return result
+    if net.outputs[0][0] is None:
+        return ", ".join(named[n] for _, n, _ in net.outputs)
+    return "{" + ", ".join(f"{k!r}: {named[n]}" for k, n, _ in net.outputs) + "}"
 
 
 def numel(s) -> int:

@@ -4,13 +4,14 @@ the tests compare against, and a way out for users who want plain PyTorch."""
 from __future__ import annotations
 
 from .. import ir
-from .layers import check_class_name, class_lines, where
+from .layers import check_class_name, class_lines, returned, where
 
 
 class _Forward:
     def __init__(self):
         self.lines: list[str] = []
         self.count = 0
+        self.named: dict[str, str] = {}  # named tensor -> its variable
 
     def var(self) -> str:
         self.count += 1
@@ -18,8 +19,18 @@ class _Forward:
 
     def emit(self, node, x: str) -> str:
         if isinstance(node, ir.Layer):
+            if node.op == "name":
+                self.named[node.attrs["tensor"]] = x
+                return x
+            if node.op == "read":
+                return self.named[node.attrs["tensor"]]
             v = self.var()
-            if node.op == "flatten":
+            if node.op == "upsample" and node.attrs.get("like"):
+                a = node.attrs
+                align = f", align_corners={a['align_corners']}" if a["mode"] == "bilinear" else ""
+                self.lines.append(f"{v} = nn.functional.interpolate({x}, size={self.named[a['like']]}.shape[-2:], "
+                                  f"mode={a['mode']!r}{align})  # {where(node)}")
+            elif node.op == "flatten":
                 self.lines.append(f"{v} = torch.flatten({x}, 1)  # {node.name}")
             elif node.op == "layer_scale":
                 self.lines.append(f"{v} = {x} * self.param({node.name!r})  # {where(node)}")
@@ -68,6 +79,6 @@ def generate(nets: list[ir.Net], source: str) -> str:
         out += class_lines(net)
         out += ["", "    def forward(self, x):"]
         out += [f"        {line}" for line in fwd.lines]
-        out += [f"        return {result}"]
+        out += [f"        return {returned(net, fwd.named, result)}"]
     out += ["", "", f"NETWORKS = {{{', '.join(f'{n.name!r}: {n.name}' for n in nets)}}}", ""]
     return "\n".join(out)

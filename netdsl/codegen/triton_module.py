@@ -17,7 +17,9 @@ from ..ops import ACTIVATIONS, act_kernel_args
 from ..fusion import split_input_activations
 from ..plan import inference_plan
 from ..plan.lower import preserves_size
+from ..plan.show import returned
 from .layers import check_class_name, class_lines, where
+from .layers import returned as returned_expr
 
 GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "bn_stats": knorm.BN_STATS,
@@ -190,6 +192,9 @@ class _Forward:
         self.defer = False  # the next fused conv leaves its BN + act to its consumer conv
         self.leave = False  # the next residual block's last conv leaves its output to the next block's conv1
         self.into: tuple | None = None  # (a Fused conv, "buffer, c0"): it stores its output in a concat's buffer
+        self.uses: dict[str, int] = {}  # named tensor -> its reads and outputs (set by generate)
+        self.named: dict[str, list] = {}  # named tensor -> the aliases its readers take, last first
+        self.made: dict[str, str] = {}  # named tensor -> the variable that holds it (for its size)
 
     def var(self) -> str:
         self.count += 1
@@ -324,9 +329,20 @@ class _Forward:
     def layer(self, l: ir.Layer, x: str) -> str:
         if l.op == "identity":
             return x
+        if l.op == "name":  # one alias for the chain going on, one for each read and output
+            name = l.attrs["tensor"]
+            self.made[name] = x
+            self.named[name] = self.fork(x, 1 + self.uses.get(name, 0))
+            return self.named[name].pop()
+        if l.op == "read":
+            return self.named[l.attrs["tensor"]].pop()
         v = self.var()
-        self.put(_layer_line(l, self.k, v, x, "", train=True))
+        size_of = self.made.get(l.attrs.get("like")) if l.op == "upsample" else None
+        self.put(_layer_line(l, self.k, v, x, "", train=True, size_of=size_of))
         return v
+
+    def returned(self, net: ir.Net, result: str) -> str:
+        return returned_expr(net, {name: self.named[name].pop() for _, name, _ in net.outputs}, result)
 
     def join(self, j: ir.Join, x: str) -> str:
         if j.kind == "concat":
@@ -422,8 +438,8 @@ def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
         elif isinstance(u, ir.Fused):
             lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o, op)
         else:
-            lines.append(_layer_line(u, kernels, v.name, x, o))
-    return lines, plan.ref(plan.result)
+            lines.append(_layer_line(u, kernels, v.name, x, o, size_of=reads[1] if len(reads) > 1 else None))
+    return lines, returned(plan, plan.ref)
 
 
 def _act_args(act) -> str:
@@ -456,8 +472,9 @@ def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv") -
     return [head, f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{o}, at={at!r})"]
 
 
-def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
-    """train: the autograd forward's (a pool takes the kernels a deferred BN's backward needs)."""
+def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False, size_of=None) -> str:
+    """train: the autograd forward's (a pool takes the kernels a deferred BN's backward needs);
+    size_of: the tensor whose size an upsampling takes (`upsample(size=@name)`)."""
     a, op = l.attrs, l.op
     at = f"{l.name} ({where(l)})"
     if op in ACTIVATIONS:
@@ -474,6 +491,9 @@ def _layer_line(l: ir.Layer, kernels: _Kernels, v, x, o, train=False) -> str:
     if op == "upsample":
         kern = kernels.get(kpool.UPSAMPLE2D, f"upsample_{a['mode']}", f"{l.name}  ({where(l)})", l.name,
                            BILINEAR=a["mode"] == "bilinear", ALIGN_CORNERS=a["align_corners"])
+        if a.get("like"):
+            return (f"{v} = rt.upsample({kern}, {x}, None, {a['align_corners']}, bilinear={a['mode'] == 'bilinear'}, "
+                    f"size={size_of}.shape[2:]{o}, at={at!r})")
         return (f"{v} = rt.upsample({kern}, {x}, {a['scale_factor']!r}, {a['align_corners']}, "
                 f"bilinear={a['mode'] == 'bilinear'}{o}, at={at!r})")
     if op == "layernorm":
@@ -514,6 +534,17 @@ def _pool_consts(l: ir.Layer) -> dict:
     return consts
 
 
+def _uses(net: ir.Net) -> dict:
+    """How many times each named tensor is read or returned (its aliases in the autograd forward)."""
+    uses: dict[str, int] = {}
+    for layer in ir.walk_layers(net.body):
+        if layer.op == "read":
+            uses[layer.attrs["tensor"]] = uses.get(layer.attrs["tensor"], 0) + 1
+    for _, name, _ in net.outputs:
+        uses[name] = uses.get(name, 0) + 1
+    return uses
+
+
 def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
     """disable: the fusions switched off (switches.py), checked by the caller."""
     kernels = _Kernels()
@@ -522,7 +553,8 @@ def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
         check_class_name(net)
         lines, result = _plan_lines(inference_plan(net, disable, fused=True), kernels)
         train = _Forward(kernels, disable=disable)
-        train_result = train.emit(split_input_activations(net).body, "x")
+        train.uses = _uses(net)
+        train_result = train.returned(net, train.emit(split_input_activations(net).body, "x"))
         classes.append((net, (lines, result), (train.lines, train_result)))
     out = [f'"""Generated by netdsl from {source}: Triton kernels and the nn.Modules that run them.',
            "",

@@ -467,6 +467,8 @@ def _upsample_ratios(H, W, Ho, Wo, scale, align_corners):
         rh = (H - 1) / (Ho - 1) if Ho > 1 else 0.0
         rw = (W - 1) / (Wo - 1) if Wo > 1 else 0.0
         return rh, rw
+    if scale is None:  # to a given size (torch's size=): the ratio of the sizes, as torch takes it
+        return H / Ho, W / Wo
     return 1.0 / scale, 1.0 / scale
 
 

@@ -63,6 +63,16 @@ class Plan:
     steps: tuple[Step, ...]
     values: dict = field(hash=False)  # name -> Value
     result: str
+    outputs: tuple = ()  # (dict key or None, value) for a network that returns named tensors; () returns result
+
+    def returned(self) -> tuple:
+        """The values the forward returns: its outputs, else its result."""
+        return tuple(v for _, v in self.outputs) or (self.result,)
+
+    def renamed(self, old: str, new: str) -> "Plan":
+        """result and outputs with value old read as new (a pass that removed old)."""
+        return replace(self, result=new if self.result == old else self.result,
+                       outputs=tuple((k, new if v == old else v) for k, v in self.outputs))
 
     def value(self, name: str) -> Value:
         return self.values[name]
@@ -90,4 +100,5 @@ class Plan:
         values = {names[k]: replace(v, name=names[k], base=names[v.base] if v.base else None)
                   for k, v in self.values.items()}
         steps = [replace(s, reads=tuple(names[r] for r in s.reads), out=names[s.out]) for s in self.steps]
-        return replace(self, steps=tuple(steps), values=values, result=names[self.result])
+        return replace(self, steps=tuple(steps), values=values, result=names[self.result],
+                       outputs=tuple((k, names[v]) for k, v in self.outputs))

@@ -30,7 +30,8 @@ def preserves_size(node) -> bool:
             kh, kw = a["kernel_size"]
             d = a.get("dilation", (1, 1))
             return a["stride"] == (1, 1) and all(2 * p == dd * (k - 1) for p, k, dd in zip(a["padding"], (kh, kw), d))
-        return node.op not in ("conv_transpose", "upsample", "adaptive_avgpool", "global_avgpool", "flatten", "linear")
+        return node.op not in ("conv_transpose", "upsample", "adaptive_avgpool", "global_avgpool", "flatten", "linear",
+                               "read")  # (a named tensor may have any size)
     if isinstance(node, ir.Fused):
         return all(preserves_size(l) for l in node.layers)
     if isinstance(node, ir.Join) and node.kind == "mul":  # the others broadcast to that branch's size
@@ -44,6 +45,7 @@ class _Lower:
         self.values = {"x": Value("x", tuple(net.input_shape), nchw=True)}
         self.count = 0
         self.residual: list[str] = []
+        self.named: dict[str, str] = {}  # named tensor -> its value
 
     def new(self, shape, nchw=False, base=None, c0=0) -> str:
         self.count += 1
@@ -71,6 +73,13 @@ class _Lower:
         if isinstance(node, ir.Layer):
             if node.op == "identity":
                 return x
+            if node.op == "name":
+                self.named[node.attrs["tensor"]] = x
+                return x
+            if node.op == "read":
+                return self.named[node.attrs["tensor"]]
+            if node.op == "upsample" and node.attrs.get("like"):  # (reads the named tensor's size)
+                return self.put("upsample", node, (x, self.named[node.attrs["like"]]), node.out_shape)
             if node.op == "channels":  # a view of x's channels: no launch, its readers address it by strides
                 return self.new(node.out_shape, base=x, c0=node.attrs["start"])
             op = _LAYER_OPS.get(node.op)
@@ -136,4 +145,5 @@ def lower(net: ir.Net) -> Plan:
     """The fused graph of net -> its inference plan, one step per kernel."""
     lo = _Lower(net)
     result = lo.emit(net.body, "x")
-    return Plan(net, tuple(lo.steps), lo.values, result)
+    outputs = tuple((key, lo.named[name]) for key, name, _ in net.outputs)
+    return Plan(net, tuple(lo.steps), lo.values, result, outputs)

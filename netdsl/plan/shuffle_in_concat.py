@@ -16,7 +16,7 @@ from .ir import Plan
 
 
 def shuffle_in_concat(plan: Plan) -> Plan:
-    steps, values, result = list(plan.steps), dict(plan.values), plan.result
+    steps, values, renames = list(plan.steps), dict(plan.values), []
     for s in [t for t in steps if t.op == "channel_shuffle"]:
         src, g = s.reads[0], s.unit.attrs["groups"]
         buf = values[src]
@@ -28,7 +28,7 @@ def shuffle_in_concat(plan: Plan) -> Plan:
                 or sorted(v.c0 for v in parts) != [i * width for i in range(g)]
                 or any(v.shape[0] != width or v.name not in copies or v.step != 1 for v in parts)
                 or any(v.base in {p.name for p in parts} for v in values.values())
-                or [t for t in steps if src in t.reads] != [s]):
+                or [t for t in steps if src in t.reads] != [s] or src in plan.returned()):
             continue
         for v in parts:
             values[v.name] = replace(v, c0=v.c0 // width, step=g)
@@ -38,5 +38,8 @@ def shuffle_in_concat(plan: Plan) -> Plan:
             if v.base == s.out:  # (a channel range of the shuffled tensor: of the buffer now)
                 values[name] = replace(v, base=src)
         del values[s.out]
-        result = src if result == s.out else result
-    return replace(plan.with_steps(steps, values), result=result)
+        renames.append((s.out, src))
+    plan = plan.with_steps(steps, values)
+    for old, new in renames:
+        plan = plan.renamed(old, new)
+    return plan
