@@ -272,7 +272,10 @@ class _Elaborator:
                 self.err(o.pos, f"output key \"{o.key}\" is already used at {keys[o.key]}", ())
                 continue
             keys[o.key] = o.pos
-            out.append((o.key, name, o.pos))
+            out.append(ir.NetOutput(o.key, name, o.pos, o.training))
+        if out and all(o.training for o in out):
+            self.err(ret.pos, "a network needs an output outside training mode", ())
+            return ()
         return tuple(out)
 
     # -- bodies

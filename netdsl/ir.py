@@ -196,6 +196,7 @@ class Output:
     key: str | None  # a dict key, or None in a tuple
     tensor: Label
     pos: Pos
+    training: bool = False  # `@aux if training`: returned in training mode only
 
 
 @dataclass(frozen=True)
@@ -381,9 +382,19 @@ Node = Union[Layer, Seq, Join, Dense, Fused]
 
 
 @dataclass(frozen=True)
+class NetOutput:
+    """One of a network's outputs: a named tensor, under a dict key or at its place in a tuple."""
+
+    key: str | None
+    tensor: str
+    pos: Pos
+    training: bool = False  # returned, and computed, in training mode only (Inception's auxiliary head)
+
+
+@dataclass(frozen=True)
 class Net:
-    """`outputs`: (dict key or None, tensor name, position) for a network that
-    returns named tensors (`return ...`); () returns what its body ends with.
+    """`outputs`: a NetOutput each for a network that returns named tensors
+    (`return ...`); () returns what its body ends with.
     `tensors`: each named tensor's shape, filled in by shape inference."""
 
     name: str
@@ -404,7 +415,7 @@ class Net:
         """(key, shape) for each output: key is None for its body's result or a tuple's item."""
         if not self.outputs:
             return [(None, self.body.out_shape)]
-        return [(key, self.tensors.get(name)) for key, name, _ in self.outputs]
+        return [(o.key, self.tensors.get(o.tensor)) for o in self.outputs]
 
 
 def children(node: Node) -> tuple:

@@ -252,8 +252,12 @@ class _Builder(Transformer):
     def return_(self, meta, *outputs):
         return ir.Return(tuple(outputs), self._p(meta))
 
-    def output(self, meta, key, tok):
-        return ir.Output(None if key is None else str(key)[1:-1], self._tensor(tok), _tpos(self.file, key or tok))
+    def output(self, meta, key, tok, training):
+        return ir.Output(None if key is None else str(key)[1:-1], self._tensor(tok), _tpos(self.file, key or tok),
+                         bool(training))
+
+    def training(self, meta):
+        return True
 
     # -- expressions
     def number(self, meta, tok):

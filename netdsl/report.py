@@ -15,7 +15,8 @@ def outputs_text(net: ir.Net) -> str:
     shapes = net.output_shapes
     if len(shapes) == 1 and shapes[0][0] is None and not net.outputs:
         return f"output {fmt_shape(shapes[0][1])}"
-    return "outputs " + ", ".join((f'"{k}": ' if k is not None else "") + fmt_shape(s) for k, s in shapes)
+    return "outputs " + ", ".join((f'"{k}": ' if k is not None else "") + fmt_shape(s)
+                                  + (" (training)" if o.training else "") for (k, s), o in zip(shapes, net.outputs))
 
 
 def rows(net: ir.Net):
@@ -91,7 +92,7 @@ def to_json(net: ir.Net) -> dict:
         "input": list(net.input_shape),
         "output": list(net.out_shape) if net.out_shape else None,
         "outputs": [{"key": k, "tensor": name, "shape": list(net.tensors[name]) if net.tensors.get(name) else None}
-                    for k, name, _ in net.outputs],
+                    for k, name in ((o.key, o.tensor) for o in net.outputs)],
         "params": t["params"],
         "trainable_params": t["trainable"],
         "macs": t["macs"],

@@ -151,16 +151,8 @@ def shape_text(s) -> str:
 def outputs_text(net: ir.Net) -> str:
     if not net.outputs:
         return f"output {shape_text(net.out_shape)}"
-    return "outputs " + ", ".join((f"{k!r}: " if k is not None else "") + shape_text(s) for k, s in net.output_shapes)
-
-
-def returned(net: ir.Net, named: dict, result: str) -> str:
-    """The forward's return expression: result, or the named outputs (one tensor, a tuple or a dict)."""
-    if not net.outputs:
-        return result
-    if net.outputs[0][0] is None:
-        return ", ".join(named[n] for _, n, _ in net.outputs)
-    return "{" + ", ".join(f"{k!r}: {named[n]}" for k, n, _ in net.outputs) + "}"
+    return "outputs " + ", ".join((f"{k!r}: " if k is not None else "") + shape_text(s)
+                                  + (" (training)" if o.training else "") for (k, s), o in zip(net.output_shapes, net.outputs))
 
 
 def numel(s) -> int:

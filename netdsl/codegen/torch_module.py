@@ -4,7 +4,9 @@ the tests compare against, and a way out for users who want plain PyTorch."""
 from __future__ import annotations
 
 from .. import ir
-from .layers import check_class_name, class_lines, returned, where
+from ..plan.lower import training_only
+from ..plan.ir import returned
+from .layers import check_class_name, class_lines, where
 
 
 class _Forward:
@@ -75,10 +77,15 @@ def generate(nets: list[ir.Net], source: str) -> str:
     for net in nets:
         check_class_name(net)
         fwd = _Forward()
-        result = fwd.emit(net.body, "x")
+        result, only = "x", training_only(net.body.items, net.outputs)
+        for i, item in enumerate(net.body.items):
+            start = len(fwd.lines)
+            result = fwd.emit(item, result)
+            if i in only and len(fwd.lines) > start:  # (as torchvision runs an auxiliary head: in training only)
+                fwd.lines[start:] = ["if self.training:"] + ["    " + line for line in fwd.lines[start:]]
         out += class_lines(net)
         out += ["", "    def forward(self, x):"]
         out += [f"        {line}" for line in fwd.lines]
-        out += [f"        return {returned(net, fwd.named, result)}"]
+        out += [f"        return {returned(net.outputs, fwd.named.__getitem__, result)}"]
     out += ["", "", f"NETWORKS = {{{', '.join(f'{n.name!r}: {n.name}' for n in nets)}}}", ""]
     return "\n".join(out)

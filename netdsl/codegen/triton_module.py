@@ -16,10 +16,9 @@ from ..kernels import ACTIVATION, ACTIVATION_GRAD, ACTIVATION_GRAD_INPUT, render
 from ..ops import ACTIVATIONS, act_kernel_args
 from ..fusion import split_input_activations
 from ..plan import inference_plan
-from ..plan.lower import preserves_size
-from ..plan.show import returned
+from ..plan.lower import preserves_size, training_only
+from ..plan.ir import returned
 from .layers import check_class_name, class_lines, where
-from .layers import returned as returned_expr
 
 GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "bn_stats": knorm.BN_STATS,
@@ -195,6 +194,7 @@ class _Forward:
         self.uses: dict[str, int] = {}  # named tensor -> its reads and outputs (set by generate)
         self.named: dict[str, list] = {}  # named tensor -> the aliases its readers take, last first
         self.made: dict[str, str] = {}  # named tensor -> the variable that holds it (for its size)
+        self.guard_end = -1  # where the last `if self.training:` block ends
 
     def var(self) -> str:
         self.count += 1
@@ -217,24 +217,35 @@ class _Forward:
             return self.dense(node, x)
         raise AssertionError(type(node).__name__)
 
-    def seq(self, node: ir.Seq, x: str, defer_last: bool = False, after_first=None) -> str:
+    def seq(self, node: ir.Seq, x: str, defer_last: bool = False, after_first=None, guard=frozenset()) -> str:
         """The items in order, each deferring its BN + act into the next where it can;
         defer_last: the last one defers too (into whatever consumes the sequence);
-        after_first: called once the first item is emitted (there are at least two)."""
+        after_first: called once the first item is emitted (there are at least two);
+        guard: the indices of items run in training mode only (plan.lower.training_only)."""
         if not node.items:
             return x
         for i, (item, nxt) in enumerate(zip(node.items, node.items[1:])):
-            self.defer = self._can_defer(item, nxt)
-            leave = self._can_leave(item, nxt)
+            self.defer = self._can_defer(item, nxt) and (i in guard) == (i + 1 in guard)
+            leave = self._can_leave(item, nxt) and (i in guard) == (i + 1 in guard)
             self.leave = self.leave or leave
-            x = self.emit(item, x)
+            x = self.guarded(i in guard, item, x)
             self.defer = False
             self.leave = self.leave and not leave
             if i == 0 and after_first is not None:
                 after_first()
         self.defer = defer_last
-        v = self.emit(node.items[-1], x)
+        v = self.guarded(len(node.items) - 1 in guard, node.items[-1], x)
         self.defer = False
+        return v
+
+    def guarded(self, training_only: bool, item, x: str) -> str:
+        """item's code; under `if self.training:` where only training's outputs need it."""
+        start = len(self.lines)
+        v = self.emit(item, x)
+        if training_only and len(self.lines) > start:
+            head = [] if start and start == self.guard_end else ["if self.training:  # (what only training's outputs need)"]
+            self.lines[start:] = head + ["    " + line for line in self.lines[start:]]
+            self.guard_end = len(self.lines)  # (the next guarded item joins this block)
         return v
 
     def _can_defer(self, item, nxt) -> bool:
@@ -342,7 +353,8 @@ class _Forward:
         return v
 
     def returned(self, net: ir.Net, result: str) -> str:
-        return returned_expr(net, {name: self.named[name].pop() for _, name, _ in net.outputs}, result)
+        refs = {o.tensor: self.named[o.tensor].pop() for o in net.outputs}
+        return returned(net.outputs, refs.__getitem__, result)
 
     def join(self, j: ir.Join, x: str) -> str:
         if j.kind == "concat":
@@ -418,9 +430,15 @@ class _Forward:
 
 
 def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
-    """The inference forward: one line a step of the plan (plan/), in its order."""
-    lines = []
+    """The inference forward: one line a step of the plan (plan/), in its order;
+    the steps that feed only training's outputs under `if self.training:`."""
+    lines, guarded = [], False
     for step in plan.steps:
+        if step.training_only != guarded:
+            guarded = step.training_only
+            if guarded:
+                lines.append("if self.training:  # (what only training's outputs need)")
+        start = len(lines)
         v = plan.value(step.out)
         reads = [plan.ref(r) for r in step.reads]
         x = reads[0]
@@ -439,7 +457,9 @@ def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
             lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o, op)
         else:
             lines.append(_layer_line(u, kernels, v.name, x, o, size_of=reads[1] if len(reads) > 1 else None))
-    return lines, returned(plan, plan.ref)
+        if guarded:
+            lines[start:] = ["    " + line for line in lines[start:]]
+    return lines, returned(plan.outputs, plan.ref, plan.ref(plan.result))
 
 
 def _act_args(act) -> str:
@@ -540,8 +560,8 @@ def _uses(net: ir.Net) -> dict:
     for layer in ir.walk_layers(net.body):
         if layer.op == "read":
             uses[layer.attrs["tensor"]] = uses.get(layer.attrs["tensor"], 0) + 1
-    for _, name, _ in net.outputs:
-        uses[name] = uses.get(name, 0) + 1
+    for o in net.outputs:
+        uses[o.tensor] = uses.get(o.tensor, 0) + 1
     return uses
 
 
@@ -554,7 +574,8 @@ def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
         lines, result = _plan_lines(inference_plan(net, disable, fused=True), kernels)
         train = _Forward(kernels, disable=disable)
         train.uses = _uses(net)
-        train_result = train.returned(net, train.emit(split_input_activations(net).body, "x"))
+        body = split_input_activations(net).body
+        train_result = train.returned(net, train.seq(body, "x", guard=training_only(body.items, net.outputs)))
         classes.append((net, (lines, result), (train.lines, train_result)))
     out = [f'"""Generated by netdsl from {source}: Triton kernels and the nn.Modules that run them.',
            "",

@@ -30,7 +30,7 @@ def concat_in_place(plan: Plan) -> Plan:
         readers = [k for k, t in enumerate(steps) if src in t.reads]
         # (the buffer must exist before the part is made: a dense block's input is made before its buffer)
         if maker is None or maker < buf or steps[maker].op not in STORES_ANYWHERE or readers != [i] \
-                or values[src].base is not None:
+                or values[src].base is not None or steps[maker].training_only != steps[buf].training_only:
             i += 1
             continue
         # the part becomes those channels of the buffer; its maker stores there

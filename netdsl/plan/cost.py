@@ -60,12 +60,14 @@ def launches(plan: Plan, batch: int, dtype: str = "fp32") -> Figures:
         return batch * math.prod(plan.value(name).shape) * e
 
     for s in plan.steps:
-        if s.op == "buffer" or (s.op == "flatten" and _is_view_flatten(plan, s)):
+        if s.op == "buffer" or (s.op == "flatten" and _is_view_flatten(plan, s)) or s.training_only:
             continue
         stored = plan.value(s.out).base is not None
         if s.op == "dropout" and not stored:  # eval: the input itself
             continue
-        operands = {_root(plan, r): size(r) for r in s.reads}
+        # (an upsampling to a tensor's size reads only its shape)
+        reads = s.reads[:1] if s.op == "upsample" and s.unit.attrs.get("like") else s.reads
+        operands = {_root(plan, r): size(r) for r in reads}
         operands[_root(plan, s.out)] = size(s.out)
         nbytes = sum(operands.values())
         u = s.unit

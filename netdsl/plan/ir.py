@@ -32,6 +32,7 @@ class Step:
     reads: tuple[str, ...]  # the input, then a residual or second operand
     out: str
     in_place: bool = False  # a buffer whose parts may be stored in it by their producers (they keep its size)
+    training_only: bool = False  # feeds only outputs returned in training mode (`@aux if training`)
 
     @property
     def layers(self) -> tuple:
@@ -63,16 +64,17 @@ class Plan:
     steps: tuple[Step, ...]
     values: dict = field(hash=False)  # name -> Value
     result: str
-    outputs: tuple = ()  # (dict key or None, value) for a network that returns named tensors; () returns result
+    # (dict key or None, value, training only) for a network that returns named tensors; () returns result
+    outputs: tuple = ()
 
     def returned(self) -> tuple:
         """The values the forward returns: its outputs, else its result."""
-        return tuple(v for _, v in self.outputs) or (self.result,)
+        return tuple(v for _, v, _ in self.outputs) or (self.result,)
 
     def renamed(self, old: str, new: str) -> "Plan":
         """result and outputs with value old read as new (a pass that removed old)."""
         return replace(self, result=new if self.result == old else self.result,
-                       outputs=tuple((k, new if v == old else v) for k, v in self.outputs))
+                       outputs=tuple((k, new if v == old else v, t) for k, v, t in self.outputs))
 
     def value(self, name: str) -> Value:
         return self.values[name]
@@ -101,4 +103,24 @@ class Plan:
                   for k, v in self.values.items()}
         steps = [replace(s, reads=tuple(names[r] for r in s.reads), out=names[s.out]) for s in self.steps]
         return replace(self, steps=tuple(steps), values=values, result=names[self.result],
-                       outputs=tuple((k, names[v]) for k, v in self.outputs))
+                       outputs=tuple((k, names[v], t) for k, v, t in self.outputs))
+
+
+def returned(outputs, ref, result: str) -> str:
+    """The forward's return expression: result, or the outputs ((key, name,
+    training) each, or ir.NetOutputs) as ref(name) writes them: one tensor, a
+    tuple or a dict; `x if self.training else y` where some are training's only."""
+    outputs = [(o.key, o.tensor, o.training) if isinstance(o, ir.NetOutput) else o for o in outputs]
+    if not outputs:
+        return result
+
+    def expr(outs):
+        if outs[0][0] is None:
+            names = ", ".join(ref(n) for _, n, _ in outs)
+            return names if len(outs) == 1 else f"({names})"
+        return "{" + ", ".join(f"{k!r}: {ref(n)}" for k, n, _ in outs) + "}"
+
+    always = [o for o in outputs if not o[2]]
+    if len(always) == len(outputs):
+        return expr(outputs)
+    return f"{expr(outputs)} if self.training else {expr(always)}"

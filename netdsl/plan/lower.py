@@ -46,6 +46,7 @@ class _Lower:
         self.count = 0
         self.residual: list[str] = []
         self.named: dict[str, str] = {}  # named tensor -> its value
+        self.training = False  # the steps being made feed only training's outputs
 
     def new(self, shape, nchw=False, base=None, c0=0) -> str:
         self.count += 1
@@ -58,7 +59,7 @@ class _Lower:
 
     def put(self, op, unit, reads, shape, nchw=False, in_place=False) -> str:
         out = self.new(shape, nchw)
-        self.steps.append(Step(op, unit, tuple(reads), out, in_place))
+        self.steps.append(Step(op, unit, tuple(reads), out, in_place, self.training))
         return out
 
     def emit(self, node, x: str) -> str:
@@ -138,12 +139,38 @@ class _Lower:
         return buf
 
     def copy(self, unit, src: str, dst: str):
-        self.steps.append(Step("copy", unit, (src,), dst))
+        self.steps.append(Step("copy", unit, (src,), dst, training_only=self.training))
+
+
+def training_only(items, outputs) -> frozenset:
+    """The indices of a network body's items that feed only its outputs
+    returned in training mode (`return @x, @aux if training`): its forward
+    runs them under `if self.training`."""
+    if not any(o.training for o in outputs):
+        return frozenset()
+
+    def needed(tensors) -> set:
+        need, keep, flow = set(tensors), set(), False  # flow: the item after needs this one's output
+        for i in reversed(range(len(items))):
+            layers = list(ir.walk_layers(items[i]))
+            if flow or any(l.op == "name" and l.attrs["tensor"] in need for l in layers):
+                keep.add(i)
+                need |= {l.attrs["tensor"] for l in layers if l.op == "read"}
+                need |= {l.attrs["like"] for l in layers if l.op == "upsample" and l.attrs.get("like")}
+                flow = not (isinstance(items[i], ir.Layer) and items[i].op == "read")
+            else:
+                flow = False
+        return keep
+
+    return frozenset(needed(o.tensor for o in outputs) - needed(o.tensor for o in outputs if not o.training))
 
 
 def lower(net: ir.Net) -> Plan:
     """The fused graph of net -> its inference plan, one step per kernel."""
     lo = _Lower(net)
-    result = lo.emit(net.body, "x")
-    outputs = tuple((key, lo.named[name]) for key, name, _ in net.outputs)
+    only, result = training_only(net.body.items, net.outputs), "x"
+    for i, item in enumerate(net.body.items):
+        lo.training = i in only
+        result = lo.emit(item, result)
+    outputs = tuple((o.key, lo.named[o.tensor], o.training) for o in net.outputs)
     return Plan(net, tuple(lo.steps), lo.values, result, outputs)

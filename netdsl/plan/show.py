@@ -4,7 +4,7 @@ from __future__ import annotations
 from .. import ir
 from ..codegen.layers import shape_text, where
 from .cost import Figures
-from .ir import Plan, Step
+from .ir import Plan, Step, returned
 
 
 def kernel_text(step: Step) -> str:
@@ -93,14 +93,7 @@ def listing(plan: Plan) -> str:
     for s in plan.steps:
         kernel = "buffer" if s.op == "buffer" else kernel_text(s)
         names = " ".join(name for name, _ in covers(s))
-        lines.append(f"{_ref(plan, s.out)} = {kernel}({', '.join(_ref(plan, r) for r in s.reads)})  {names}")
-    return "\n".join(lines + [f"return {returned(plan, lambda v: _ref(plan, v))}"])
+        lines.append(f"{_ref(plan, s.out)} = {kernel}({', '.join(_ref(plan, r) for r in s.reads)})  {names}"
+                     + ("  (training)" if s.training_only else ""))
+    return "\n".join(lines + [f"return {returned(plan.outputs, lambda v: _ref(plan, v), _ref(plan, plan.result))}"])
 
-
-def returned(plan: Plan, ref) -> str:
-    """What the forward returns, each value as ref(value) writes it: one, a tuple or a dict."""
-    if not plan.outputs:
-        return ref(plan.result)
-    if plan.outputs[0][0] is None:  # (one unkeyed output: that tensor, not a tuple of one)
-        return ", ".join(ref(v) for _, v in plan.outputs)
-    return "{" + ", ".join(f"{k!r}: {ref(v)}" for k, v in plan.outputs) + "}"
