@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 from . import launch as rt
 from .kernels import FROM_INPUT
 from .kernels import conv as _conv
+from .kernels import depthwise as _dw
 from .kernels import elementwise as _ew
 from .kernels import groupnorm as _gn
 from .kernels import layernorm as _ln
@@ -1008,6 +1009,38 @@ class SoftmaxFn(torch.autograd.Function):
         dx = rt.empty(tuple(dy.shape), out, channels_last=rt._is_cl(out))
         _norm.softmax_backward(_rt, ctx.K.softmax_backward, rt.as4d(out), rt.as4d(dy), rt.as4d(dx))
         return dx, None
+
+
+class DepthwiseFn(torch.autograd.Function):
+    """A depthwise conv (+ bias) by the direct kernel; keeps its input and
+    weight.  Backward: the direct input-gradient kernel, and the weight and
+    bias gradients' partial sums and their in-order sum."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec):
+        K, kernel, shape = spec
+        out = rt.empty(shape, x)
+        _dw.depthwise2d(_rt, kernel, x, weight, out, shift=bias)
+        ctx.save_for_backward(x, weight)
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        K, kernel, _ = ctx.spec
+        bw = _backward_of(kernel)
+        wants = ctx.needs_input_grad
+        dx = dw = db = None
+        if wants[0]:
+            dx = rt.empty(tuple(x.shape), dy)
+            _dw.depthwise2d_dgrad(_rt, bw.dgrad, dy, weight, dx)
+        if wants[1] or wants[2]:
+            dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            db = torch.empty((weight.shape[0],), device=dy.device, dtype=weight.dtype) if ctx.has_bias else None
+            _dw.depthwise2d_wgrad(_rt, bw.wgrad, K.depthwise_wgrad_sum, x, dy, dw, db)
+        return dx, dw if wants[1] else None, db if wants[2] else None, None
 
 
 class LayerNormFn(torch.autograd.Function):

@@ -203,16 +203,20 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
 
 
 def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
-    """A depthwise conv [+ BN] [+ residual] [+ act] by the direct kernel
-    (the inference plan's; the autograd forward runs rt.conv).  Eval: BN
-    folded into the epilogue.  Train mode without gradients: the conv with
-    its bias and the BN statistics' per-tile sums in its epilogue, their
-    merge (bn_stats), one apply kernel."""
-    if _grad.wanted(x, layer.weight, layer.bias):
-        raise AssertionError(f"{at}: the inference plan runs only where no gradient is wanted")
+    """A depthwise conv [+ BN] [+ residual] [+ act] by the direct kernel.
+    Eval: BN folded into the epilogue.  Train mode without gradients: the
+    conv with its bias and the BN statistics' per-tile sums in its epilogue,
+    their merge (bn_stats), one apply kernel.  Where a gradient is wanted
+    (the autograd forward): the conv and its bias only, with its direct
+    backward kernels; the generated code runs its batch norm next."""
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     shape = (x.shape[0], layer.out_channels, Ho, Wo)
+    if _grad.wanted(x, layer.weight, layer.bias):
+        if bn is not None or residual is not None or act is not None or out is not None:
+            raise AssertionError(f"{at}: the autograd forward's depthwise conv takes no epilogue")
+        x, weight = _autocast(K, x, layer.weight)
+        return _grad.DepthwiseFn.apply(x, weight, layer.bias, (K, kernel, shape))
     if residual is not None and tuple(residual.shape) != shape:
         raise ShapeError(f"{at}: residual add of unequal shapes {list(shape)} and {list(residual.shape)}")
     x, weight = _autocast(K, x, layer.weight)

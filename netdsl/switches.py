@@ -19,8 +19,8 @@ SWITCHES = {
                        "of being stored there by the kernels that make them",
     "shuffle_in_concat": "a channel shuffle after a concatenation of equal parts is a launch of its own instead of "
                          "the parts being stored interleaved in the concatenation's buffer (inference forward)",
-    "depthwise_direct": "a depthwise conv runs the implicit GEMM instead of the direct depthwise kernel "
-                        "(inference forward)",
+    "depthwise_direct": "a depthwise conv runs the implicit GEMM instead of the direct depthwise kernels "
+                        "(forward and backward)",
     "combo": "a conv's input and weight gradients run as two launches instead of one",
     "wgrad_add": "a 1×1 stride-1 conv's weight gradient is summed by its own programs instead of added into by "
                  "its dgrad's (atomic adds)",

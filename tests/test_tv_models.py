@@ -1,8 +1,8 @@
 """The zoo against torchvision's own model files (loaded by tests/tv_models.py):
 the same state_dict keys and shapes, torchvision's weights load strictly, and
-the same outputs on those weights: SqueezeNet 1.1 whole, MobileNetV2's and
-MNASNet's inverted residual blocks one at a time (the whole networks'
-depthwise convs are too slow for the interpreter)."""
+the same outputs on those weights: blocks one at a time with their
+gradients, whole networks in eval mode, and MobileNetV2's and
+MobileNetV3Small's train-mode gradients."""
 import functools
 import os
 import sys
@@ -105,19 +105,17 @@ def test_batch_norm_settings_match_torchvision():
 BLOCKS = [
     ("mobilenet.net", "InvertedResidual(4, 4, 1, 2)", "mobilenetv2", "InvertedResidual", (4, 4, 1, 2), (4, 5, 5), True),
     ("mobilenet.net", "InvertedResidual(4, 8, 2, 1)", "mobilenetv2", "InvertedResidual", (4, 8, 2, 1), (4, 5, 5),
-     False),
+     True),
     ("mnasnet.net", "InvertedResidual(4, 4, 5, 1, 2, 1 - 0.9997)", "mnasnet", "_InvertedResidual",
-     (4, 4, 5, 1, 2, 1 - 0.9997), (4, 5, 5), False),
+     (4, 4, 5, 1, 2, 1 - 0.9997), (4, 5, 5), True),
 ]
 
 
 @pytest.mark.parametrize("file,call,module,cls,args,shape,grads", BLOCKS, ids=[b[1] for b in BLOCKS])
 def test_an_inverted_residual_block_against_torchvision(tmp_path, file, call, module, cls, args, shape, grads):
     """One block, spec'd with the zoo file's own block, against torchvision's
-    class: outputs and running statistics in eval and train mode; for
-    MobileNetV2's residual block also the train-mode gradients (a depthwise
-    conv's backward is the interpreter's slowest launch: test_grad.py's
-    Depthwise case covers it on its own)."""
+    class: outputs and running statistics in eval and train mode, and the
+    train-mode gradients."""
     (tmp_path / file).write_text((SPECS / file).read_text())
     (tmp_path / "b.net").write_text(f'import "{file}"\nnet B input({", ".join(map(str, shape))}) {{ {call} }}\n')
     torch.manual_seed(len(call))
@@ -134,7 +132,7 @@ def test_an_inverted_residual_block_against_torchvision(tmp_path, file, call, mo
 # MobileNetV3's bneck rows (torchvision's InvertedResidualConfig arguments):
 # SE and hardswish with the input added back, and SE and relu with stride 2
 BNECKS = [pytest.param((8, 3, 16, 8, True, "HS", 1), (8, 6, 6), True, id="SE-hardswish-residual"),
-          pytest.param((8, 5, 24, 16, True, "RE", 2), (8, 7, 7), False, marks=pytest.mark.slow, id="SE-relu-stride2")]
+          pytest.param((8, 5, 24, 16, True, "RE", 2), (8, 7, 7), True, id="SE-relu-stride2")]
 
 
 @pytest.mark.parametrize("row,shape,grads", BNECKS)
@@ -177,9 +175,8 @@ def test_efficientnet_stochastic_depth_rates_match_torchvision():
 
 
 # EfficientNet's MBConv (torchvision's MBConvConfig: expansion, kernel, stride, input, output, layers)
-# (the residual one's gradients through two depthwise convs take the interpreter half a minute: slow run)
-MBCONVS = [pytest.param((2, 3, 1, 8, 8, 1), (8, 5, 5), True, marks=pytest.mark.slow, id="expand2-residual"),
-           pytest.param((1, 5, 2, 8, 16, 1), (8, 7, 7), False, id="expand1-stride2")]
+MBCONVS = [pytest.param((2, 3, 1, 8, 8, 1), (8, 5, 5), True, id="expand2-residual"),
+           pytest.param((1, 5, 2, 8, 16, 1), (8, 7, 7), True, id="expand1-stride2")]
 
 
 @pytest.mark.parametrize("cfg,shape,grads", MBCONVS)
@@ -255,6 +252,21 @@ def test_whole_network_in_eval_mode_matches_torchvision(file, net, module, facto
         y, yr = ours(x), ref(x)
     assert y.shape == yr.shape == (2, 1000) and yr.abs().max() > 0.01
     assert rel_err(y, yr) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("net,module,factory", [("MobileNetV2", "mobilenetv2", "mobilenet_v2"),
+                                                ("MobileNetV3Small", "mobilenetv3", "mobilenet_v3_small")])
+def test_whole_network_train_mode_gradients_match_torchvision(net, module, factory):
+    """Every parameter's and the input's gradient in train mode (batch
+    statistics of two 32×32 images), through the direct depthwise backward
+    kernels, judged by grad_compare's rule against torchvision's model."""
+    torch.manual_seed(0)
+    ref = tv_model(module, factory)
+    randomize(ref, seed=3)
+    ours = netdsl.build(SPECS / "mobilenet.net", net)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    grad_compare(ours, ref, torch.randn(2, 3, 32, 32), modes=("train",))
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "layernorm_param_grad": kln.LAYERNORM_PARAM_GRAD,
     "groupnorm": kgn.GROUPNORM,
     "groupnorm_backward": kgn.GROUPNORM_BACKWARD,
+    "depthwise_wgrad_sum": kdw.DEPTHWISE_WGRAD_SUM,
 }
 
 # The backward kernels of a spec-specific forward template: (name prefix,
@@ -48,6 +49,8 @@ BACKWARD = {
     kpool.POOL2D: (("backward", "pool_backward", kpool.POOL2D_BACKWARD),),
     kpool.UPSAMPLE2D: (("backward", "upsample_backward", kpool.UPSAMPLE2D_BACKWARD),),
     knorm.LRN: (("backward", "lrn_backward", knorm.LRN_BACKWARD),),
+    kdw.DEPTHWISE2D: (("dgrad", "depthwise_dgrad", kdw.DEPTHWISE2D_DGRAD),
+                      ("wgrad", "depthwise_wgrad", kdw.DEPTHWISE2D_WGRAD)),
 }
 
 # The @triton.jit helpers the kernels call, by these names: (template, name, doc).
@@ -97,6 +100,7 @@ _GENERIC_DOC = {
     "layernorm_param_grad": "backward of layer and group norm: dγ and dβ from the partial sums",
     "groupnorm": "group norm: one program per sample and group",
     "groupnorm_backward": "backward of group norm: dx, and each sample's per-channel sums for dγ and dβ",
+    "depthwise_wgrad_sum": "backward of a depthwise conv: its weight and bias gradients from per-program partials",
 }
 
 
@@ -258,8 +262,21 @@ class _Forward:
                 and "deferred_bn" not in self.disable):
             return False
         if isinstance(nxt, ir.Layer) and nxt.op in ("maxpool", "avgpool"):
-            return item.kind == "conv"  # (its backward's apply rides in the producing conv's dgrad and wgrad)
-        return item.kind in ("conv", "bn") and isinstance(nxt, ir.Fused) and nxt.kind == "conv"
+            # (its backward's apply rides in the producing conv's dgrad and wgrad: the implicit GEMM's)
+            return item.kind == "conv" and not self._direct_depthwise(item)
+        return (item.kind in ("conv", "bn") and isinstance(nxt, ir.Fused) and nxt.kind == "conv"
+                and not self._direct_depthwise(nxt))  # (the direct kernel applies no BN as it loads)
+
+    def _direct_depthwise(self, f) -> bool:
+        """A depthwise conv the autograd forward runs by the direct kernel
+        (kernels/depthwise.py), and what its epilogue would do by the kernels
+        after it: its batch norm (with the residual add and activation) by
+        the BN kernels, an activation alone by the elementwise kernel.  Not
+        where its output is stored into a concatenation's buffer, nor a
+        residual add without a batch norm."""
+        return (isinstance(f, ir.Fused) and f.kind == "conv" and kdw.is_depthwise(f.main.attrs)
+                and "depthwise_direct" not in self.disable and (f.bn is not None or not f.residual)
+                and not (self.into is not None and self.into[0] is f))
 
     def _can_leave(self, item, nxt) -> bool:
         """A residual block (its add and activation fused into its last conv's
@@ -273,7 +290,7 @@ class _Forward:
             return False
         end = item.branches[0].items[-1:]
         return bool(end and isinstance(end[0], ir.Fused) and end[0].kind == "conv" and end[0].bn is not None
-                    and end[0].residual)
+                    and end[0].residual and not self._direct_depthwise(end[0]))
 
     @staticmethod
     def _makes_input(j) -> bool:
@@ -298,7 +315,7 @@ class _Forward:
         return self.seq(short, x, defer_last=(
             "deferred_bn" not in self.disable and isinstance(last, ir.Fused)
             and last.kind == "conv" and last.bn is not None and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
-            and end.bn is not None and end.residual))
+            and end.bn is not None and end.residual and not self._direct_depthwise(end)))
 
     def fork(self, x: str, n: int) -> list[str]:
         """n names for x, one per consumer.  In the autograd forward they are
@@ -317,6 +334,14 @@ class _Forward:
         act = _act_args(f.act)
         res = f", residual={self.residual[-1]}" if f.residual else ""
         self.put(f"# {_chain_text(f)}")
+        if self._direct_depthwise(f):
+            consts = _conv_consts(main.attrs)
+            consts.pop("GROUPS")
+            kern = self.k.get(kdw.DEPTHWISE2D, "depthwise_conv", f"{main.name}  ({where(main)})", main.name, **consts)
+            self.put(f"{v} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}, at={at!r})")
+            if f.bn is not None:
+                return self.fused(ir.Fused("bn", (f.bn,), f.act, f.residual), v)
+            return self.layer(f.act, v) if f.act is not None else v
         if f.kind == "conv":
             kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
             bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""

@@ -10,8 +10,12 @@ fp32 (ACC), and applies the conv epilogue: a per-channel scale (a folded
 batch norm) and shift (bias or BN), a residual and an activation, or (a
 train-mode batch norm after it) per-tile sums for the BN statistics.  The
 inference plan uses it for every depthwise conv (the `depthwise_direct`
-pass); the training forward keeps the implicit GEMM, whose epilogue also
-leaves the batch-norm partial sums its backward fusions build on."""
+pass).  The training forward runs a depthwise conv followed by a batch norm
+here too (the conv and its bias; the batch norm by its own kernels), with
+two direct backward kernels: DEPTHWISE2D_DGRAD (each input element gathers
+the outputs its taps reached) and DEPTHWISE2D_WGRAD (per-program partial
+sums of dy·x for each tap, and of dy for the bias), whose partials
+DEPTHWISE_WGRAD_SUM adds up in a fixed order: no atomics."""
 import torch
 import triton
 
@@ -77,10 +81,127 @@ def $NAME(
         tl.store(pm2_ptr + tl.program_id(0) * C + offs_c, tl.sum(d * d, axis=0), mask=c_mask)
 '''
 
+DEPTHWISE2D_DGRAD = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    dy_ptr, w_ptr, dx_ptr,
+    # sizes
+    N, C, H, W, Ho, Wo,
+    # strides
+    sdn, sdc, sdh, sdw, swc, swh, sww, sxn, sxc, sxh, sxw,
+    # meta-parameters
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    $GEOMETRY
+    # [BLOCK_M input pixels, BLOCK_C channels]: each gathers dy·w over the outputs whose window held it
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if IDX64:  # past 2^31 elements
+        offs_m = offs_m.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+    m_mask = offs_m < N * H * W
+    c_mask = offs_c < C
+    iw = offs_m % W
+    ih = (offs_m // W) % H
+    n = offs_m // (W * H)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    for kh in range(KH):
+        th = ih + PH - kh * DH
+        oh = th // SH
+        for kw in range(KW):
+            tw = iw + PW - kw * DW
+            ow = tw // SW
+            # (a negative th or tw is masked before its quotient matters)
+            ok = m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < Ho) & (ow < Wo)
+            dy = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + offs_c[None, :] * sdc,
+                         mask=ok[:, None] & c_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_c * swc + kh * swh + kw * sww, mask=c_mask, other=0.0)
+            acc += dy.to(ACC) * w.to(ACC)[None, :]
+    tl.store(dx_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+             acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+'''
+
+DEPTHWISE2D_WGRAD = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    x_ptr, dy_ptr, part_ptr,
+    # sizes
+    N, C, H, W, Ho, Wo,
+    # strides
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+    # meta-parameters
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    $GEOMETRY
+    # this program's [BLOCK_M output pixels] share of each channel's weight gradient, tap by tap, and of its
+    # bias gradient: row program_id(0) of the partials, laid out [C, KH·KW + 1]
+    TAPS: tl.constexpr = KH * KW
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if IDX64:  # past 2^31 elements
+        offs_m = offs_m.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+    m_mask = offs_m < N * Ho * Wo
+    c_mask = offs_c < C
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    n = offs_m // (Wo * Ho)
+    mask = m_mask[:, None] & c_mask[None, :]
+    dy = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask,
+                 other=0.0).to(ACC)
+    row = part_ptr + tl.program_id(0) * C * (TAPS + 1) + offs_c * (TAPS + 1)
+    for kh in range(KH):
+        ih = oh * SH - PH + kh * DH
+        for kw in range(KW):
+            iw = ow * SW - PW + kw * DW
+            ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+                        mask=ok[:, None] & c_mask[None, :], other=0.0)
+            tl.store(row + kh * KW + kw, tl.sum(dy * x.to(ACC), axis=0).to(part_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(row + TAPS, tl.sum(dy, axis=0).to(part_ptr.dtype.element_ty), mask=c_mask)
+'''
+
+DEPTHWISE_WGRAD_SUM = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    part_ptr, dw_ptr, db_ptr,
+    # sizes
+    T, C, TAPS,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    # column j = c·(TAPS + 1) + tap of the partials, summed over their T rows in order: tap < TAPS is the
+    # weight gradient's [c, 0, kh, kw], tap == TAPS the bias gradient's [c]
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    J = C * (TAPS + 1)
+    j_mask = j < J
+    acc = tl.zeros((BLOCK_J,), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        v = tl.load(part_ptr + rows[:, None] * J + j[None, :], mask=(rows < T)[:, None] & j_mask[None, :], other=0.0)
+        acc += tl.sum(v.to(ACC), axis=0)
+    c = j // (TAPS + 1)
+    tap = j % (TAPS + 1)
+    tl.store(dw_ptr + c * TAPS + tap, acc.to(dw_ptr.dtype.element_ty), mask=j_mask & (tap < TAPS))
+    if HAS_BIAS:
+        tl.store(db_ptr + c, acc.to(db_ptr.dtype.element_ty), mask=j_mask & (tap == TAPS))
+'''
+
 
 def is_depthwise(attrs) -> bool:
     """A conv the direct kernel runs: one input channel per output channel."""
     return attrs["groups"] > 1 and attrs["groups"] == attrs["in_channels"] == attrs["out_channels"]
+
+
+def _tiles(rt, x, M, C):
+    if rt.gpu_tiles(x):
+        return 32, max(16, min(64, triton.next_power_of_2(C)))
+    # the interpreter runs each program in Python: few, large tiles
+    bc = min(512, triton.next_power_of_2(C))
+    return max(2, min((1 << 16) // bc, triton.next_power_of_2(M))), bc
 
 
 def depthwise2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
@@ -90,11 +211,7 @@ def depthwise2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=Non
     N, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
     M = N * Ho * Wo
-    if rt.gpu_tiles(x):
-        bm, bc = 32, max(16, min(64, triton.next_power_of_2(C)))
-    else:  # the interpreter runs each program in Python: few, large tiles
-        bc = min(512, triton.next_power_of_2(C))
-        bm = max(2, min((1 << 16) // bc, triton.next_power_of_2(M)))
+    bm, bc = _tiles(rt, x, M, C)
     r = residual if residual is not None else out
     grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
     psum = pm2 = out
@@ -107,3 +224,31 @@ def depthwise2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=Non
               HAS_RES=residual is not None, ACT=ACT_CODES[act], STATS=stats, ACC=rt.acc(x),
               IDX64=rt.needs_int64(x, out, r), BLOCK_M=bm, BLOCK_C=bc)
     return (psum, pm2, bm) if stats else None
+
+
+def depthwise2d_dgrad(rt, kernel, dy, weight, dx):
+    """dx[N, C, H, W]: the input gradient of a depthwise conv, from dy[N, C, Ho, Wo]."""
+    N, C, H, W = dx.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    bm, bc = _tiles(rt, dy, N * H * W, C)
+    rt.launch(kernel, (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc)), dy, weight, dx, N, C, H, W, Ho, Wo,
+              *dy.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dx.stride(), ACC=rt.acc(dy),
+              IDX64=rt.needs_int64(dy, dx), BLOCK_M=bm, BLOCK_C=bc)
+
+
+def depthwise2d_wgrad(rt, kernel, sum_kernel, x, dy, dweight, dbias=None):
+    """dweight[C, 1, KH, KW] (and dbias[C]) of a depthwise conv: per-program partials, then their sum."""
+    N, C, H, W = x.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    taps = dweight.shape[2] * dweight.shape[3]
+    bm, bc = _tiles(rt, dy, N * Ho * Wo, C)
+    grid = (triton.cdiv(N * Ho * Wo, bm), triton.cdiv(C, bc))
+    part = torch.empty((grid[0], C * (taps + 1)), device=x.device, dtype=reduce_dtype(rt, x))
+    rt.launch(kernel, grid, x, dy, part, N, C, H, W, Ho, Wo, *x.stride(), *dy.stride(), ACC=rt.acc(dy),
+              IDX64=rt.needs_int64(x, dy), BLOCK_M=bm, BLOCK_C=bc)
+    J = C * (taps + 1)
+    bj = 64 if rt.gpu_tiles(x) else min(4096, triton.next_power_of_2(J))
+    bt = 16 if rt.gpu_tiles(x) else min(256, triton.next_power_of_2(grid[0]))
+    rt.launch(sum_kernel, (triton.cdiv(J, bj),), part, dweight, dbias if dbias is not None else dweight,
+              grid[0], C, taps, HAS_BIAS=dbias is not None, ACC=rt.acc(part), BLOCK_T=bt, BLOCK_J=bj)
+
