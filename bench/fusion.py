@@ -38,7 +38,7 @@ FREE = plan_cost.FREE  # allocations and views
 def nbytes(t):
     if isinstance(t, rt.TensorInfo):
         return t.nbytes
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+    return rt.distinct_bytes(t) if isinstance(t, torch.Tensor) else 0
 
 
 def distinct_tensors(values):

@@ -185,7 +185,15 @@ class TensorInfo(tuple):
 
     @classmethod
     def of(cls, t):
-        return cls((t.dtype, tuple(t.shape), tuple(t.stride()), t.data_ptr(), t.numel() * t.element_size()))
+        return cls((t.dtype, tuple(t.shape), tuple(t.stride()), t.data_ptr(), distinct_bytes(t)))
+
+
+def distinct_bytes(t) -> int:
+    """The bytes of the elements a tensor addresses: a broadcast view's (stride 0) once each."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride != 0 else min(size, 1)
+    return n * t.element_size()
 
 
 def in_launch() -> bool:

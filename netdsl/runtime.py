@@ -18,7 +18,7 @@ from .kernels import layernorm as _ln
 from .kernels import norm as _norm
 from .kernels import pool as _pool
 from .launch import (  # noqa: F401  (the generated modules' and the tools' rt.*)
-    _COUNTERS, ChannelStats, Kernels, TensorInfo, _bn_scale_shift, _is_cl, _rt, acc, as4d, batch_stats_empty,
+    _COUNTERS, ChannelStats, Kernels, TensorInfo, distinct_bytes, _bn_scale_shift, _is_cl, _rt, acc, as4d, batch_stats_empty,
     channel_range, compile_only, concat_buffer, copy, counters, dry, empty, gpu_tiles, grid_merge,
     in_launch, kernel_log, launch, needs_int64, plan_launches, precision, shuffled_grid, stat_empty, tuned)
 from .ops import window_out
@@ -133,7 +133,7 @@ def _makes_block(layer, x):
 
 
 def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, defer=False, into=None,
-         leave=False, at=""):
+         leave=False, gate=None, at=""):
     """conv [+ BN] [+ residual] [+ act].  Eval: one kernel, BN folded into the
     epilogue.  Training: the conv (whose epilogue leaves per-tile sums), BN
     statistics merged from those sums, then one apply kernel.  defer (the
@@ -144,7 +144,9 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     c0 on, where the concatenation finds it in place.  leave (the autograd
     forward, a residual block's last conv whose output's first consumer is a
     1×1 stride-1 conv): no apply kernel; that conv makes the output as it
-    loads this conv's (conv2d's block), and stores it."""
+    loads this conv's (conv2d's block), and stores it.  gate (the inference
+    plan's gate_in_prologue): the conv reads x · gate, gate one value per
+    sample and channel (squeeze-and-excitation's), as it loads x."""
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     N = x.shape[0]
@@ -167,6 +169,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     if inp is not None or rdef is not None or _grad.wanted(x, weight, layer.bias, residual,
                                                            *((bn.weight, bn.bias) if bn is not None else ())):
         _no_out(out)
+        if gate is not None:
+            raise AssertionError(f"{at}: a gate rides in the inference plan's convs only")
         # defer: this BN + act go into the (only) consumer conv's loads
         held = _grad.Deferred(bn, act, slope) if defer and bn is not None and residual is None else None
         own_bn = bn is not None and held is None
@@ -186,6 +190,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
     if out is None:
         out = empty((N, layer.out_channels, Ho, Wo), x)
     kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    if gate is not None:
+        kw["gate"] = gate
     if bn is None:
         return tuned.conv2d(_rt, kernel, x, weight, out, shift=layer.bias, residual=residual,
                             act=act, slope=slope, **kw)

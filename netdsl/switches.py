@@ -21,6 +21,8 @@ SWITCHES = {
                          "the parts being stored interleaved in the concatenation's buffer (inference forward)",
     "depthwise_direct": "a depthwise conv runs the implicit GEMM instead of the direct depthwise kernels "
                         "(forward and backward)",
+    "gate_in_prologue": "a squeeze-and-excitation product x · gate is a launch of its own instead of being made "
+                        "by its conv as it loads x (inference forward)",
     "combo": "a conv's input and weight gradients run as two launches instead of one",
     "wgrad_add": "a 1×1 stride-1 conv's weight gradient is summed by its own programs instead of added into by "
                  "its dgrad's (atomic adds)",

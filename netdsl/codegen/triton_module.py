@@ -479,7 +479,8 @@ def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
         elif op in ("add", "mul"):
             lines.append(f"{v.name} = rt.{op}(K, {x}, {reads[1]}{o}, at={(u.name or op) + ' (' + where(u) + ')'!r})")
         elif isinstance(u, ir.Fused):
-            lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o, op)
+            lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o, op,
+                                  gate=reads[-1] if "gate" in step.prologue else None)
         else:
             lines.append(_layer_line(u, kernels, v.name, x, o, size_of=reads[1] if len(reads) > 1 else None))
         if guarded:
@@ -494,7 +495,7 @@ def _act_args(act) -> str:
     return f", act={name!r}" + "".join(f", {k}={v!r}" for k, v in extra.items())
 
 
-def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv") -> list[str]:
+def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv", gate=None) -> list[str]:
     main = f.main
     at = f"{main.name} ({where(main)})"
     act = _act_args(f.act)
@@ -509,7 +510,8 @@ def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv") -
     if f.kind == "conv":
         kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
         bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
-        return [head, f"{v} = rt.conv(K, {kern}, {_conv_module(main)}, {x}{bn}{res}{act}{o}, at={at!r})"]
+        g = f", gate={gate}" if gate is not None else ""
+        return [head, f"{v} = rt.conv(K, {kern}, {_conv_module(main)}, {x}{bn}{res}{act}{g}{o}, at={at!r})"]
     if f.kind == "linear":
         kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
                            KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)

@@ -108,9 +108,12 @@ def $NAME(
     STATS: tl.constexpr, MERGE: tl.constexpr, BN_AFFINE: tl.constexpr, BN_TRACK: tl.constexpr,
     IN_BN: tl.constexpr, IN_CENTER: tl.constexpr, IN_ACT: tl.constexpr,
     IN_RES: tl.constexpr, IN_RES_BN: tl.constexpr, IN_RES_CENTER: tl.constexpr, IN_BITS: tl.constexpr,
-    IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    IN_GATE: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # IN_GATE (without IN_BN): in_scale_ptr is a squeeze-and-excitation gate,
+    # one value per sample and input channel ([N, C_in]), and the conv reads
+    # x · gate: the product is never written.
     # IN_RES (with IN_BN; a 1×1, stride-1 conv): x is a residual block's raw
     # conv output, and the block's output act(BN(x) + ir) is made here as it
     # is loaded (ir normalised too with IN_RES_BN, a downsample's deferred
@@ -169,6 +172,9 @@ def $NAME(
         elif IN_BN:
             a = bn_act_prologue(a, a_mask, g * cin_g + offs_k, k_mask, in_center_ptr, in_scale_ptr, in_shift_ptr,
                                 IN_CENTER, IN_ACT, in_slope, ACC).to(x_ptr.dtype.element_ty)
+        elif IN_GATE:
+            gate = tl.load(in_scale_ptr + (n * C_in)[:, None] + (g * cin_g + offs_k)[None, :], mask=a_mask, other=0.0)
+            a = (a.to(ACC) * gate.to(ACC)).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + co[None, :] * swo + offs_k[:, None] * swi + kh * swh + kw * sww,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)
@@ -679,12 +685,13 @@ def _flags(**named) -> str:
 
 
 def _conv_site(x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01, stride=(1, 1),
-               padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None, block=None):
+               padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None, block=None,
+               gate=None):
     return (x, weight, out), _flags(scale=scale is not None, shift=shift is not None, res=residual is not None,
                                     act=ACT_CODES[act], stats=stats, merge=merge is not None,
                                     prologue=prologue is not None and 1 + ACT_CODES[prologue[3]],
                                     block=block is not None and 1 + (block.res_affine is not None)
-                                    + 2 * (block.bits is not None))
+                                    + 2 * (block.bits is not None), gate=gate is not None)
 
 
 def _config_options(rt, x, options, config):
@@ -696,7 +703,7 @@ def _config_options(rt, x, options, config):
 
 def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
            stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, stats=False, prologue=None, merge=None,
-           block=None, config=None):
+           block=None, gate=None, config=None):
     """out[N, C_out, Ho, Wo] = act(conv(x, weight) · scale + shift + residual).
     With stats, returns (out, (psum, pm2, tile)): the per-tile partial sums
     norm.bn_stats merges into batch statistics.  merge (with stats, a batch
@@ -708,7 +715,8 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
     BlockInput; with prologue, whose act is the block's, on a 1×1 stride-1
     conv): x is a residual block's raw conv output and the block's output
     act(BN(x) + residual) is made as x is loaded, and stored in block.out
-    (and its bits).  config: a
+    (and its bits).  gate ([N, C_in, 1, 1], no prologue): the conv reads
+    x · gate, a squeeze-and-excitation product, as it loads x.  config: a
     tuned {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages} (tuning.py) over
     the defaults below; None: the tuned one for this shape, if any."""
     config = config or {}
@@ -731,6 +739,10 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
         ps = reduce_dtype(rt, x)
         psum, pm2 = (torch.empty((grid[0], C_out), device=x.device, dtype=ps) for _ in range(2))
     pptrs, pslope, pmeta = _prologue_args(prologue, dummy)
+    if gate is not None:
+        assert prologue is None and tuple(gate.shape) == (N, C_in, 1, 1) and gate.stride()[:2] == (C_in, 1), \
+            "a gate is one value per sample and input channel, loaded in place of a deferred batch norm's"
+        pptrs = (dummy, gate, dummy)
     bptrs, bstrides, bmeta = _block_args(block, dummy)
     if block is not None:
         assert prologue is not None and (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) \
@@ -749,7 +761,7 @@ def conv2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, ac
               *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *bstrides,
               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
               ACT=ACT_CODES[act], STATS=stats, MERGE=merge is not None, **mmeta, **pmeta, **bmeta,
-              IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
+              IN_GATE=gate is not None, IDX64=rt.needs_int64(x, weight, out, r), PRECISION=rt.precision(x),
               ACC=rt.acc(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **options)
     if not stats:
         return out

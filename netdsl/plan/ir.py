@@ -33,6 +33,7 @@ class Step:
     out: str
     in_place: bool = False  # a buffer whose parts may be stored in it by their producers (they keep its size)
     training_only: bool = False  # feeds only outputs returned in training mode (`@aux if training`)
+    prologue: tuple = ()  # what a conv does to its input as it loads it: ("gate",) multiplies by its last read
 
     @property
     def layers(self) -> tuple:

@@ -11,7 +11,8 @@ def kernel_text(step: Step) -> str:
     """What a launch does: conv_bn_relu, conv_bn_add_relu, maxpool, copy, ..."""
     u = step.unit
     if isinstance(u, ir.Fused):
-        return ("depthwise_" if step.op == "depthwise" else "") + u.describe()
+        return ("depthwise_" if step.op == "depthwise" else "") + "".join(f"{p}_" for p in step.prologue) \
+            + u.describe()
     if step.op in ("copy", "add", "mul"):
         return step.op
     return u.op if isinstance(u, ir.Layer) else step.op
