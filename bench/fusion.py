@@ -1,7 +1,7 @@
 """Fusion figures: kernel launches and device-memory bytes per forward pass,
 netdsl's plan against eager PyTorch running the --target torch twin.
 
-    python bench/fusion.py [--batch B] [--breakdown NET]
+    python bench/fusion.py [--batch B] [--breakdown NET] [--net NET ...] [--disable FUSION ...]
 
 Eval figures are the compiler's kernel plan (`netdsl plan`: nothing runs),
 in the steady state: batch-norm folds run on the first call after a
@@ -139,6 +139,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--breakdown", metavar="NET", help="one network's training step by kernel (e.g. ResNet50)")
+    ap.add_argument("--net", action="append", metavar="NET", help="only these networks (repeatable)")
+    ap.add_argument("--disable", action="append", default=[], metavar="FUSION",
+                    help="compile without this fusion (netdsl compile --disable; repeatable)")
     args = ap.parse_args()
     if args.breakdown:
         file = next(f for f, n in NETS if n == args.breakdown)
@@ -152,7 +155,9 @@ def main():
     print(f"{'network':16} {'mode':5} {'netdsl launches':>15} {'eager ops':>9} {'ratio':>6} "
           f"{'netdsl MB':>10} {'eager MB':>10} {'ratio':>6}")
     for file, name in NETS:
-        tri = netdsl.build(str(ROOT / "specs" / file), name)
+        if args.net and name not in args.net:
+            continue
+        tri = netdsl.build(str(ROOT / "specs" / file), name, disable=args.disable)
         ref = netdsl.build(str(ROOT / "specs" / file), name, target="torch")
         x = torch.randn(args.batch, 3, 224, 224)
         net = checked_net(str(ROOT / "specs" / file), name)
@@ -160,7 +165,7 @@ def main():
             tri.train(mode == "train")
             ref.train(mode == "train")
             if mode == "eval":  # the compiler's plan, and eager's ops traced on the meta device
-                fig = plan_cost.launches(inference_plan(net), args.batch)
+                fig = plan_cost.launches(inference_plan(net, frozenset(args.disable)), args.batch)
                 (launches, nb), (ops, eb) = (len(fig.launches), fig.total_bytes), plan_cost.eager(net, args.batch)
             else:
                 launches, nb = netdsl_forward(tri, x)
