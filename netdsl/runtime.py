@@ -52,9 +52,9 @@ def one_step(module, x, train: bool = True, backward: bool | None = None, out_gr
             with torch.enable_grad():
                 for p in params:  # (a backward would add into them)
                     p.grad = None
-                y = module(x)
-                if y.requires_grad:  # (a network with nothing to train has no backward)
-                    y.backward(out_grad(y))
+                outs = [y for y in outputs(module(x)) if y.requires_grad]  # (several, for a network that
+                if outs:  # returns a tuple or dict; none where it has nothing to train)
+                    torch.autograd.backward(outs, [out_grad(y) for y in outs])
         else:
             with torch.no_grad():
                 module(x)
@@ -65,6 +65,13 @@ def one_step(module, x, train: bool = True, backward: bool | None = None, out_gr
         if state is not None:
             module.load_state_dict(state)
         module.train(was)
+
+
+def outputs(y) -> list:
+    """A network's output tensors: the tensor, or those of its tuple or dict (`return ...`), in order."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    return [t for v in (y.values() if isinstance(y, dict) else y) for t in outputs(v)]
 
 
 # ------------------------------------------------------------------ tensors

@@ -117,7 +117,7 @@ def train(opts: Options, log=print) -> EpochResult:
     input_shape = tuple(model.input_shape)
     if len(input_shape) != 3:
         raise TrainError(f"{opts.net} takes [N, {input_shape[0]}] features; training needs an image network [N, C, H, W]")
-    out_features = _out_features(model, input_shape, device)
+    out_features = _out_features(model, input_shape, device, opts.net)
     if out_features < dataset.classes:
         raise TrainError(f"{opts.net} has {out_features} outputs but {dataset.name} has {dataset.classes} classes "
                          f"(set the class count, e.g. --set num_classes={dataset.classes})")
@@ -147,8 +147,7 @@ def train(opts: Options, log=print) -> EpochResult:
                 x = D.prepare(images, input_shape, mean, std, augment, g).to(device)
                 y = labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                logits, loss = _loss(model(x), y)
                 loss.backward()
                 optimizer.step()
                 n = len(labels)
@@ -185,12 +184,26 @@ def _has_bn(model) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _out_features(model, input_shape, device) -> int:
+def _loss(out, y):
+    """(logits, loss): a classifier's cross-entropy; a network that returns auxiliary logits in training
+    (Inception-v3's `return @logits, @aux if training`) adds theirs at 0.4, as torchvision's reference
+    training does."""
+    if isinstance(out, torch.Tensor):
+        return out, F.cross_entropy(out, y)
+    logits, *aux = out
+    return logits, F.cross_entropy(logits, y) + sum(0.4 * F.cross_entropy(a, y) for a in aux)
+
+
+def _out_features(model, input_shape, device, net) -> int:
     from .runtime import plan_launches
 
     with torch.no_grad(), plan_launches():  # shapes only: no kernel runs
         model.eval()
-        return model(torch.empty(2, *input_shape, device=device)).shape[1]
+        out = model(torch.empty(2, *input_shape, device=device))
+    if not isinstance(out, torch.Tensor):
+        raise TrainError(f"{net} returns {'a dict' if isinstance(out, dict) else 'a tuple'} in eval mode; "
+                         "netdsl train trains a classifier that returns its logits")
+    return out.shape[1]
 
 
 def _save_checkpoint(path, model, optimizer, epoch, opts: Options):

@@ -139,6 +139,16 @@ def test_a_feature_pyramid_computes_what_torchvisions_does(small):
     assert max(errs.values()) < 1e-5, errs
 
 
+def test_a_step_of_a_network_with_several_outputs_is_planned(small):
+    """aot and netdsl.precompile record a step: its backward seeds every output."""
+    from netdsl import aot
+
+    model = netdsl.build(small, "SmallFPN")
+    names = {k.fn.__name__.split("__")[0] for k, _, _ in
+             aot.signatures(model, torch.randn(2, 3, 18, 18), train=True, backward=True)}
+    assert {"conv_backward", "upsample_backward", "pool_backward"} <= names
+
+
 def test_the_pyramids_plan(small):
     net = checked_net(small, "SmallFPN")
     assert listing(inference_plan(net)) == FPN_PLAN

@@ -88,6 +88,29 @@ def test_train_checkpoint_resume_and_json(tmp_path):
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
 
 
+def test_auxiliary_logits_add_to_the_loss_at_0_4():
+    """A network that returns (logits, auxiliary logits) in training: the loss is torchvision's reference
+    training's for Inception-v3."""
+    from netdsl.train import _loss
+
+    torch.manual_seed(0)
+    logits, aux, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    out, loss = _loss((logits, aux), y)
+    assert out is logits
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(loss, ce(logits, y) + 0.4 * ce(aux, y))
+    assert torch.equal(_loss(logits, y)[1], ce(logits, y))
+
+
+def test_a_network_returning_a_dict_is_not_trained(tmp_path):
+    spec = tmp_path / "pyramid.net"
+    spec.write_text("net P input(1, 12, 12) {\n  conv(4, 3) -> as @a\n  maxpool(2) -> as @b\n"
+                    "  return \"a\": @a, \"b\": @b\n}\n")
+    p = _train(spec, "--net", "P", "--epochs", 1, "--limit", 8)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "P returns a dict in eval mode; netdsl train trains a classifier that returns its logits" in p.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--data", "imagenet"], "unknown dataset 'imagenet'"),
     (["--data", "mnist"], "'mnist' needs a folder"),
