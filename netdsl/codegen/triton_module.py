@@ -79,6 +79,7 @@ HELPERS = (
     (kconv.MERGE_COLUMN, "merge_column", "a merging kernel's two-level tree over its column of tiles' partials"),
     (kconv.LAST_TO_ARRIVE, "last_to_arrive", "true in the last program to arrive at a counter (a grid-wide merge)"),
     (knorm.STORE_SIGN_BITS, "store_sign_bits", "act(...) > 0 as bits, 8 channels a byte: a relu' mask for a dgrad"),
+    (kdw.PIXEL_TILE, "pixel_tile", "a [pixels, channels] tile of an N×H×W grid: its indices and masks"),
     (knorm.BN_GRAD_FINISH, "bn_grad_finish",
      "batch-norm backward: parameter gradients and the input gradient's coefficients, from the batch sums"),
 )

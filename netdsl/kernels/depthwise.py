@@ -22,6 +22,19 @@ import triton
 from . import ACT_CODES
 from .norm import reduce_dtype
 
+PIXEL_TILE = r'''
+@triton.jit
+def $NAME(N, C, H, W, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # this program's [BLOCK_M pixels of an N×H×W grid, BLOCK_C channels]: (n, h, w, channels, pixel mask,
+    # channel mask); offsets in int64 past 2^31 elements
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+    return offs_m // (W * H), (offs_m // W) % H, offs_m % W, offs_c, offs_m < N * H * W, offs_c < C
+'''
+
 DEPTHWISE2D = r'''
 @triton.jit
 def $NAME(
@@ -36,16 +49,7 @@ def $NAME(
     ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     $GEOMETRY
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if IDX64:  # past 2^31 elements
-        offs_m = offs_m.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-    m_mask = offs_m < N * Ho * Wo
-    c_mask = offs_c < C
-    ow = offs_m % Wo
-    oh = (offs_m // Wo) % Ho
-    n = offs_m // (Wo * Ho)
+    n, oh, ow, offs_c, m_mask, c_mask = pixel_tile(N, C, Ho, Wo, IDX64, BLOCK_M, BLOCK_C)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
@@ -95,16 +99,7 @@ def $NAME(
 ):
     $GEOMETRY
     # [BLOCK_M input pixels, BLOCK_C channels]: each gathers dy·w over the outputs whose window held it
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if IDX64:  # past 2^31 elements
-        offs_m = offs_m.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-    m_mask = offs_m < N * H * W
-    c_mask = offs_c < C
-    iw = offs_m % W
-    ih = (offs_m // W) % H
-    n = offs_m // (W * H)
+    n, ih, iw, offs_c, m_mask, c_mask = pixel_tile(N, C, H, W, IDX64, BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for kh in range(KH):
         th = ih + PH - kh * DH
@@ -138,16 +133,7 @@ def $NAME(
     # this program's [BLOCK_M output pixels] share of each channel's weight gradient, tap by tap, and of its
     # bias gradient: row program_id(0) of the partials, laid out [C, KH·KW + 1]
     TAPS: tl.constexpr = KH * KW
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if IDX64:  # past 2^31 elements
-        offs_m = offs_m.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-    m_mask = offs_m < N * Ho * Wo
-    c_mask = offs_c < C
-    ow = offs_m % Wo
-    oh = (offs_m // Wo) % Ho
-    n = offs_m // (Wo * Ho)
+    n, oh, ow, offs_c, m_mask, c_mask = pixel_tile(N, C, Ho, Wo, IDX64, BLOCK_M, BLOCK_C)
     mask = m_mask[:, None] & c_mask[None, :]
     dy = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask,
                  other=0.0).to(ACC)
