@@ -63,8 +63,10 @@ def test_shapes_and_table():
 
 def test_the_plan_of_squeeze_and_excitation(spec):
     """(branches share their join's scope, as torchvision's SqueezeExcitation
-    holds fc1 and fc2 directly: its keys are se.fc1.weight, ...)"""
-    plan = inference_plan(checked_net(spec, "Gate"))
+    holds fc1 and fc2 directly: its keys are se.fc1.weight, ...)  The product
+    is made by the conv after it as it loads x (the gate_in_prologue pass,
+    test_gate.py)."""
+    plan = inference_plan(checked_net(spec, "Gate"), disable={"gate_in_prologue"})
     assert listing(plan) == """\
 t1 = conv_bn_relu(x)  0 1 2
 t2 = global_avgpool(t1)  se.1
@@ -73,6 +75,9 @@ t4 = conv_hardsigmoid(t3)  se.fc2 se.5
 t5 = mul(t1, t4)  se
 t6 = conv(t5)  4
 return t6"""
+    assert listing(inference_plan(checked_net(spec, "Gate"))).endswith("""\
+t5 = gate_conv(t1, t4)  4
+return t5""")
 
 
 @pytest.mark.parametrize("net", ["Gate", "Spatial", "Outer"])
