@@ -94,7 +94,8 @@ def test_one_launch_gives_both_gradients(tmp_path, monkeypatch, combo):
     assert grids[True, False] == [(32,)] and grids[False, True] == [(18,)]
 
 
-@pytest.mark.parametrize("split", [3, pytest.param(7, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("split", [3, 7])
 def test_split_k_weight_gradient(tmp_path, monkeypatch, split):
     """Where a wgrad has few tiles (a first layer; a 1×1 conv of 64 channels),
     its pixels are split into chunks too, one program each, and the last of a

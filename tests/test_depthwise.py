@@ -114,7 +114,7 @@ def test_the_generated_forward_calls_the_direct_kernel(spec):
     assert "rt.depthwise(" not in src.split("def forward_autograd")[1]
 
 
-@pytest.mark.parametrize("disable,layout", [((), "nchw"), ((), "channels_last")])
+@pytest.mark.parametrize("disable,layout", [((), "channels_last"), pytest.param((), "nchw", marks=pytest.mark.slow)])
 def test_gradients_against_torch(spec, disable, layout):
     """Train and eval mode: the input's and every parameter's gradients, through the direct backward
     kernels (input, weight and bias gradients) and the batch-norm kernels after them."""

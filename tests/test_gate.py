@@ -111,7 +111,7 @@ def test_no_change_without_a_product_a_conv_alone_reads():
     assert gate_in_prologue(plan) == plan
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", pytest.param("channels_last", marks=pytest.mark.slow)])
 def test_against_torch(spec, layout):
     tri, ref = twins(spec, "Gated")
     torch.manual_seed(7)

@@ -68,8 +68,8 @@ def _launched_flags(module, x):
     return {f for _, _, meta in launches for f, v in meta.items() if v is True}
 
 
-@pytest.mark.parametrize("spec, net, shape", [(BOTTLENECKS, "N", (3, 16, 8, 8)), (POOLED, "P", (4, 3, 12, 12))],
-                         ids=["bottlenecks", "pools"])
+@pytest.mark.parametrize("spec, net, shape", [pytest.param(BOTTLENECKS, "N", (3, 16, 8, 8), marks=pytest.mark.slow),
+                                              (POOLED, "P", (4, 3, 12, 12))], ids=["bottlenecks", "pools"])
 def test_a_training_step_is_the_same_in_three_grid_orders(tmp_path, monkeypatch, spec, net, shape):
     """One training step in the interpreter's order and in three shuffled
     orders: the same outputs, gradients and running statistics (to rounding:

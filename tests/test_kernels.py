@@ -116,7 +116,8 @@ def test_dropout_in_kernel(tmp_path):
         assert not torch.equal(m(x), y)  # a fresh mask per call
 
 
-@pytest.mark.parametrize("merge", ["1", pytest.param("0", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", ["1", "0"])
 def test_bn_statistics_from_many_conv_tiles(tmp_path, monkeypatch, merge):
     """Train-mode BN takes its statistics from the conv epilogue's per-tile
     sums (Chan's merge), merged by the conv's last program of each channel

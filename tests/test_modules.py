@@ -336,6 +336,7 @@ def test_int64_indexing_reaches_the_split_reductions():
         assert re.search(r"\b(div|rem|mul\.lo)\.s64\b", ptx), kernel.fn.__name__
 
 
+@pytest.mark.slow
 def test_compile_report_prints_registers_and_spills(tmp_path):
     p = subprocess.run([sys.executable, "-m", "netdsl", "compile", "specs/lenet.net", "-o", str(tmp_path / "l.py"),
                         "--report", "--batch", "16"], cwd=ROOT, capture_output=True, text=True)

@@ -211,8 +211,8 @@ def test_autocast_half_inputs_fp32_master_gradients(small_spec):
     assert all(t.dtype == torch.float32 for k, t in tri.state_dict().items() if "running" in k)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)],
-                         ids=["bf16", "fp16"])
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_training_step_compiles_for_gpus(small_spec, dtype):
     """bf16 cannot run under the CPU interpreter: a planned autocast training
     step (forward and backward) compiles every launch for sm_90 and sm_80
