@@ -14,9 +14,7 @@ from ..kernels import norm as knorm
 from ..kernels import pool as kpool
 from ..kernels import ACTIVATION, ACTIVATION_GRAD, ACTIVATION_GRAD_INPUT, render
 from ..ops import ACTIVATIONS, act_kernel_args
-from ..fusion import split_input_activations
-from ..plan import inference_plan
-from ..plan.lower import preserves_size, training_only
+from ..plan import inference_plan, train_plan
 from ..plan.ir import returned
 from .layers import check_class_name, class_lines, where
 
@@ -175,284 +173,69 @@ def _chain_text(f: ir.Fused) -> str:
     return f"{' -> '.join(names)}  ({where(f.main)})"
 
 
-def _last_conv(node):
-    """The fused conv whose kernel stores node's output, if one does."""
-    while isinstance(node, ir.Seq) and node.items:
-        node = node.items[-1]
-    return node if isinstance(node, ir.Fused) and node.kind == "conv" else None
-
-
-class _Forward:
-    """Emits the training forward as straight-line code: every op returns a
-    fresh tensor (autograd Functions) and concats are explicit.  (The
-    inference forward is printed from its plan: _plan_lines.)"""
-
-    def __init__(self, kernels: _Kernels, disable=frozenset()):
-        self.k = kernels
-        self.disable = disable  # the fusions switched off (switches.py)
-        self.lines: list[str] = []
-        self.count = 0
-        self.residual: list[str] = []  # shortcut tensors awaiting a fused epilogue
-        self.defer = False  # the next fused conv leaves its BN + act to its consumer conv
-        self.leave = False  # the next residual block's last conv leaves its output to the next block's conv1
-        self.into: tuple | None = None  # (a Fused conv, "buffer, c0"): it stores its output in a concat's buffer
-        self.uses: dict[str, int] = {}  # named tensor -> its reads and outputs (set by generate)
-        self.named: dict[str, list] = {}  # named tensor -> the aliases its readers take, last first
-        self.made: dict[str, str] = {}  # named tensor -> the variable that holds it (for its size)
-        self.guard_end = -1  # where the last `if self.training:` block ends
-
-    def var(self) -> str:
-        self.count += 1
-        return f"t{self.count}"
-
-    def put(self, line: str):
-        self.lines.append(line)
-
-    def emit(self, node, x: str) -> str:
-        """Emit code computing node(x)."""
-        if isinstance(node, ir.Seq):
-            return self.seq(node, x)
-        if isinstance(node, ir.Fused):
-            return self.fused(node, x)
-        if isinstance(node, ir.Layer):
-            return self.layer(node, x)
-        if isinstance(node, ir.Join):
-            return self.join(node, x)
-        if isinstance(node, ir.Dense):
-            return self.dense(node, x)
-        raise AssertionError(type(node).__name__)
-
-    def seq(self, node: ir.Seq, x: str, defer_last: bool = False, after_first=None, guard=frozenset()) -> str:
-        """The items in order, each deferring its BN + act into the next where it can;
-        defer_last: the last one defers too (into whatever consumes the sequence);
-        after_first: called once the first item is emitted (there are at least two);
-        guard: the indices of items run in training mode only (plan.lower.training_only)."""
-        if not node.items:
-            return x
-        for i, (item, nxt) in enumerate(zip(node.items, node.items[1:])):
-            self.defer = self._can_defer(item, nxt) and (i in guard) == (i + 1 in guard)
-            leave = self._can_leave(item, nxt) and (i in guard) == (i + 1 in guard)
-            self.leave = self.leave or leave
-            x = self.guarded(i in guard, item, x)
-            self.defer = False
-            self.leave = self.leave and not leave
-            if i == 0 and after_first is not None:
-                after_first()
-        self.defer = defer_last
-        v = self.guarded(len(node.items) - 1 in guard, node.items[-1], x)
-        self.defer = False
-        return v
-
-    def guarded(self, training_only: bool, item, x: str) -> str:
-        """item's code; under `if self.training:` where only training's outputs need it."""
-        start = len(self.lines)
-        v = self.emit(item, x)
-        if training_only and len(self.lines) > start:
-            head = [] if start and start == self.guard_end else ["if self.training:  # (what only training's outputs need)"]
-            self.lines[start:] = head + ["    " + line for line in self.lines[start:]]
-            self.guard_end = len(self.lines)  # (the next guarded item joins this block)
-        return v
-
-    def _can_defer(self, item, nxt) -> bool:
-        """A train-mode conv→BN(→act) or BN(→act) whose only consumer is a
-        conv, or a conv→BN(→act) whose only consumer is a max or average pool
-        (a stem's): its BN apply and activation move into that consumer's
-        loads (autograd forward; the inference forward folds BN into the conv
-        epilogue instead)."""
-        if not (isinstance(item, ir.Fused) and item.bn is not None and not item.residual
-                and "deferred_bn" not in self.disable):
-            return False
-        if isinstance(nxt, ir.Layer) and nxt.op in ("maxpool", "avgpool"):
-            # (its backward's apply rides in the producing conv's dgrad and wgrad: the implicit GEMM's)
-            return item.kind == "conv" and not self._direct_depthwise(item)
-        return (item.kind in ("conv", "bn") and isinstance(nxt, ir.Fused) and nxt.kind == "conv"
-                and not self._direct_depthwise(nxt))  # (the direct kernel applies no BN as it loads)
-
-    def _direct_depthwise(self, f) -> bool:
-        """A depthwise conv the autograd forward runs by the direct kernel
-        (kernels/depthwise.py), and what its epilogue would do by the kernels
-        after it: its batch norm (with the residual add and activation) by
-        the BN kernels, an activation alone by the elementwise kernel.  Not
-        where its output is stored into a concatenation's buffer, nor a
-        residual add without a batch norm."""
-        return (isinstance(f, ir.Fused) and f.kind == "conv" and kdw.is_depthwise(f.main.attrs)
-                and "depthwise_direct" not in self.disable and (f.bn is not None or not f.residual)
-                and not (self.into is not None and self.into[0] is f))
-
-    def _can_leave(self, item, nxt) -> bool:
-        """A residual block (its add and activation fused into its last conv's
-        BN apply) followed by one whose body starts with a 1×1, stride-1 conv
-        (_makes_input): that conv runs first of the output's consumers, before
-        a downsample shortcut too, and makes the output as it loads the last
-        conv's own output, and stores it (autograd forward): no apply kernel
-        writes it and nothing reads it back for that conv."""
-        if not (isinstance(item, ir.Join) and item.kind == "residual" and item.fused
-                and "block_outputs" not in self.disable and self._makes_input(nxt)):
-            return False
-        end = item.branches[0].items[-1:]
-        return bool(end and isinstance(end[0], ir.Fused) and end[0].kind == "conv" and end[0].bn is not None
-                    and end[0].residual and not self._direct_depthwise(end[0]))
-
-    @staticmethod
-    def _makes_input(j) -> bool:
-        """A fused residual block whose body starts with a 1×1, stride-1 conv
-        (rt._makes_block's) that another layer follows: the conv can make a
-        block output it is given as it loads it, and runs before the shortcut."""
-        if not (isinstance(j, ir.Join) and j.kind == "residual" and j.fused):
-            return False
-        body = j.branches[0].items
-        if len(body) < 2 or not (isinstance(body[0], ir.Fused) and body[0].kind == "conv"):
-            return False
-        a = body[0].main.attrs
-        return (tuple(a["kernel_size"]) == (1, 1) and tuple(a["stride"]) == (1, 1) and tuple(a["padding"]) == (0, 0)
-                and tuple(a["dilation"]) == (1, 1) and a["groups"] == 1)
-
-    def shortcut(self, short: ir.Seq, body: ir.Seq, x: str) -> str:
-        """A fused residual's shortcut.  Where it ends in conv→BN (no act) and
-        the body in a conv→BN whose epilogue adds it (a downsample), the
-        autograd forward defers the shortcut's BN apply into that add: the
-        body's apply kernel normalises the shortcut as it loads it."""
-        last, end = short.items[-1], body.items[-1] if body.items else None
-        return self.seq(short, x, defer_last=(
-            "deferred_bn" not in self.disable and isinstance(last, ir.Fused)
-            and last.kind == "conv" and last.bn is not None and last.act is None and not last.residual and isinstance(end, ir.Fused) and end.kind == "conv"
-            and end.bn is not None and end.residual and not self._direct_depthwise(end)))
-
-    def fork(self, x: str, n: int) -> list[str]:
-        """n names for x, one per consumer.  In the autograd forward they are
-        aliases from rt.fork, whose backward sums the consumers' gradients
-        with a kernel (autograd's engine would otherwise sum them with torch)."""
-        if n == 1:
-            return [x] * n
-        names = [self.var() for _ in range(n)]
-        self.put(f"{', '.join(names)} = rt.fork(K, {x}, {n})")
-        return names[::-1]  # consumers pop from the end: the first consumer gets the first alias
-
-    def fused(self, f: ir.Fused, x: str) -> str:
-        v = self.var()
-        main = f.main
-        at = f"{main.name} ({where(main)})"
-        act = _act_args(f.act)
-        res = f", residual={self.residual[-1]}" if f.residual else ""
-        self.put(f"# {_chain_text(f)}")
-        if self._direct_depthwise(f):
+def _train_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
+    """The training forward: one line a step of its plan (plan.train_plan),
+    each an autograd Function with Triton backward kernels; the steps that
+    feed only training's outputs under `if self.training:`."""
+    lines, guarded, prev = [], False, None
+    for step in plan.steps:
+        if step.training_only != guarded:
+            guarded = step.training_only
+            if guarded:
+                lines.append("if self.training:  # (what only training's outputs need)")
+        start = len(lines)
+        v, u, op, reads = step.out, step.unit, step.op, step.reads
+        x = reads[0] if reads else None
+        if op == "fork":
+            lines.append(f"{', '.join(step.outs)} = rt.fork(K, {x}, {len(step.outs)})")
+        elif op == "buffer":
+            what = "dense block" if isinstance(u, ir.Dense) else "concat"
+            lines.append(f"{v} = rt.concat_buffer({x}, {plan.value(v).shape[0]}, {x}.shape[2], {x}.shape[3])  "
+                         f"# {what} {u.name} ({where(u)})")
+        elif op == "concat":
+            into = f", into={step.into[0]}" if step.into else ""
+            at = f"{u.name} ({where(u)})" if isinstance(u, ir.Dense) else (u.name or "concat") + f" ({where(u)})"
+            lines.append(f"{v} = rt.concat(K, [{', '.join(reads)}]{into}, at={at!r})")
+        elif op in ("add", "mul"):
+            chained = prev is not None and prev.unit is u and prev.op == op and x == prev.out
+            at = "" if chained else f", at={(u.name or op) + ' (' + where(u) + ')'!r}"
+            lines.append(f"{v} = rt.{op}(K, {x}, {reads[1]}{at})")
+        elif op == "depthwise":  # (the direct kernel: its BN and act are the next steps')
+            main = u.main
             consts = _conv_consts(main.attrs)
             consts.pop("GROUPS")
-            kern = self.k.get(kdw.DEPTHWISE2D, "depthwise_conv", f"{main.name}  ({where(main)})", main.name, **consts)
-            self.put(f"{v} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}, at={at!r})")
-            if f.bn is not None:
-                return self.fused(ir.Fused("bn", (f.bn,), f.act, f.residual), v)
-            return self.layer(f.act, v) if f.act is not None else v
-        if f.kind == "conv":
-            kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
-            bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
-            if self.defer:
-                bn += ", defer=True"
-            if self.into is not None and self.into[0] is f:
-                bn += f", into=({self.into[1]})"
-            if self.leave and f.residual and f.bn is not None:
-                bn += ", leave=True"
-                self.leave = False
-            self.put(f"{v} = rt.conv(K, {kern}, {_conv_module(main)}, {x}{bn}{res}{act}, at={at!r})")
-        elif f.kind == "linear":
-            kern = self.k.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
-                              KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
-            self.put(f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}, at={at!r})")
+            kern = kernels.get(kdw.DEPTHWISE2D, "depthwise_conv", f"{main.name}  ({where(main)})", main.name, **consts)
+            lines += [f"# {_chain_text(u)}",
+                      f"{v} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}, at={main.name + ' (' + where(main) + ')'!r})"]
+        elif isinstance(u, ir.Fused):
+            lines += _train_fused_lines(step, kernels)
         else:
-            defer = ", defer=True" if self.defer else ""
-            self.put(f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{defer}, at={at!r})")
-        return v
+            lines.append(_layer_line(u, kernels, v, x, "", train=True, size_of=reads[1] if len(reads) > 1 else None))
+        if guarded:
+            lines[start:] = ["    " + line for line in lines[start:]]
+        prev = step
+    return lines, returned(plan.outputs, str, plan.result)
 
-    def layer(self, l: ir.Layer, x: str) -> str:
-        if l.op == "identity":
-            return x
-        if l.op == "name":  # one alias for the chain going on, one for each read and output
-            name = l.attrs["tensor"]
-            self.made[name] = x
-            self.named[name] = self.fork(x, 1 + self.uses.get(name, 0))
-            return self.named[name].pop()
-        if l.op == "read":
-            return self.named[l.attrs["tensor"]].pop()
-        v = self.var()
-        size_of = self.made.get(l.attrs.get("like")) if l.op == "upsample" else None
-        self.put(_layer_line(l, self.k, v, x, "", train=True, size_of=size_of))
-        return v
 
-    def returned(self, net: ir.Net, result: str) -> str:
-        refs = {o.tensor: self.named[o.tensor].pop() for o in net.outputs}
-        return returned(net.outputs, refs.__getitem__, result)
-
-    def join(self, j: ir.Join, x: str) -> str:
-        if j.kind == "concat":
-            return self.concat(j, x)
-        body, short = j.branches if j.kind == "residual" else (j.branches[0], None)
-        xs = self.fork(x, len(j.branches))
-        if j.fused:
-            if not short.items:
-                self.residual.append(xs[1])
-                v = self.emit(body, xs[0])
-            elif "block_outputs" not in self.disable and self._makes_input(j):
-                # conv1 first: where x is a block output left to it, conv1 makes it and the shortcut reads it
-                v = self.seq(body, xs[0], after_first=lambda: self.residual.append(
-                    self.shortcut(short, body, xs[1])))
-            else:
-                self.residual.append(self.shortcut(short, body, xs[1]))
-                v = self.emit(body, xs[0])
-            self.residual.pop()
-            return v
-        outs = [self.emit(b, xi) for b, xi in zip(j.branches, xs)]
-        op = "mul" if j.kind == "mul" else "add"
-        v = self.var()
-        self.put(f"{v} = rt.{op}(K, {outs[0]}, {outs[1]}, "
-                 f"at={(j.name or op) + ' (' + where(j) + ')'!r})")
-        for extra in outs[2:]:
-            w = self.var()
-            self.put(f"{w} = rt.{op}(K, {v}, {extra})")
-            v = w
-        return v
-
-    def concat(self, j: ir.Join, x: str) -> str:
-        C = j.out_shape[0]
-        xs = self.fork(x, len(j.branches))
-        buf = None
-        if all(preserves_size(b) for b in j.branches) and "concat_in_place" not in self.disable:
-            # each branch whose last kernel is a conv stores its output in its channels of the buffer
-            buf = self.var()
-            self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # concat {j.name} ({where(j)})")
-        outs, c0 = [], 0
-        for b, xi in zip(j.branches, xs):
-            self.into = (_last_conv(b), f"{buf}, {c0}") if buf is not None else None
-            outs.append(self.emit(b, xi))
-            self.into = None
-            c0 += b.out_shape[0]
-        v = self.var()
-        into = f", into={buf}" if buf is not None else ""
-        self.put(f"{v} = rt.concat(K, [{', '.join(outs)}]{into}, at={(j.name or 'concat') + ' (' + where(j) + ')'!r})")
-        return v
-
-    def dense(self, d: ir.Dense, x: str) -> str:
-        """Each layer reads the concat of all earlier features, as torchvision's, held in one buffer:
-        each concat copies only the features not in it yet."""
-        C = d.out_shape[0]
-        L = len(d.steps)
-        at = f"{d.name} ({where(d)})"
-        buf = self.var()
-        self.put(f"{buf} = rt.concat_buffer({x}, {C}, {x}.shape[2], {x}.shape[3])  # dense block {d.name} ({where(d)})")
-        # feature j feeds the steps j..L-1 (all of them for the input) and the final concat
-        aliases = [self.fork(x, L + 1)]
-        c = d.in_shape[0]
-        for k, step in enumerate(d.steps):
-            # (the first layer's input too goes through the buffer: its BN's statistics are kept there)
-            inp = self.var()
-            self.put(f"{inp} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
-            if "concat_in_place" not in self.disable:  # the feature is stored in its channels straight away
-                self.into = (_last_conv(step), f"{buf}, {c}")
-            aliases.append(self.fork(self.emit(step, inp), L - (k + 1) + 1))
-            self.into = None
-            c += step.out_shape[0]
-        v = self.var()
-        self.put(f"{v} = rt.concat(K, [{', '.join(a.pop() for a in aliases)}], into={buf}, at={at!r})")
-        return v
+def _train_fused_lines(step, kernels: _Kernels) -> list[str]:
+    f, v, x = step.unit, step.out, step.reads[0]
+    main = f.main
+    at = f"{main.name} ({where(main)})"
+    act = _act_args(f.act)
+    res = f", residual={step.reads[1]}" if f.residual else ""
+    head = f"# {_chain_text(f)}"
+    defer = ", defer=True" if step.defer else ""
+    if f.kind == "conv":
+        kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
+        bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
+        into = f", into=({step.into[0]}, {step.into[1]})" if step.into else ""
+        leave = ", leave=True" if step.leave else ""
+        return [head, f"{v} = rt.conv(K, {kern}, {_conv_module(main)}, {x}{bn}{defer}{into}{leave}{res}{act}, at={at!r})"]
+    if f.kind == "linear":
+        kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
+                           KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
+        return [head, f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}, at={at!r})"]
+    return [head, f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{defer}, at={at!r})"]
 
 
 def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
@@ -582,17 +365,6 @@ def _pool_consts(l: ir.Layer) -> dict:
     return consts
 
 
-def _uses(net: ir.Net) -> dict:
-    """How many times each named tensor is read or returned (its aliases in the autograd forward)."""
-    uses: dict[str, int] = {}
-    for layer in ir.walk_layers(net.body):
-        if layer.op == "read":
-            uses[layer.attrs["tensor"]] = uses.get(layer.attrs["tensor"], 0) + 1
-    for o in net.outputs:
-        uses[o.tensor] = uses.get(o.tensor, 0) + 1
-    return uses
-
-
 def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
     """disable: the fusions switched off (switches.py), checked by the caller."""
     kernels = _Kernels()
@@ -600,11 +372,8 @@ def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
     for net in nets:
         check_class_name(net)
         lines, result = _plan_lines(inference_plan(net, disable, fused=True), kernels)
-        train = _Forward(kernels, disable=disable)
-        train.uses = _uses(net)
-        body = split_input_activations(net).body
-        train_result = train.returned(net, train.seq(body, "x", guard=training_only(body.items, net.outputs)))
-        classes.append((net, (lines, result), (train.lines, train_result)))
+        train_lines, train_result = _train_lines(train_plan(net, disable, fused=True), kernels)
+        classes.append((net, (lines, result), (train_lines, train_result)))
     out = [f'"""Generated by netdsl from {source}: Triton kernels and the nn.Modules that run them.',
            "",
            "On CUDA tensors the kernels run compiled; on CPU tensors through Triton's interpreter.",

@@ -1,25 +1,30 @@
-"""The kernel plan of a network's inference forward, made at compile time.
+"""The kernel plans of a network's forwards, made at compile time.
 
     graph --fuse--> fused graph --lower--> plan --shuffle_in_concat--> plan
           --depthwise_direct--> plan --gate_in_prologue--> plan --concat_in_place--> plan
+    fused graph --split_input_activations--> --lower_train--> plan --concat_in_place_train--> plan
+          --depthwise_direct_train--> plan --block_outputs--> plan --deferred_bn--> plan
 
-Each pass is a pure function; `inference_plan` lists them in order.  The
-code generator prints the result as the generated `forward` (one line a
-step), and `netdsl plan` prints it with the bytes each launch moves
-(cost.py).  A pass can be switched off (switches.py's names).  The training forward
-and backward are not planned here yet:
-their fusions are decided as the autograd forward runs (codegen's _Forward
-and grad.py)."""
+Each pass is a pure function; `inference_plan` and `train_plan` list them
+in order.  The code generator prints the results as the generated `forward`
+and `forward_autograd` (one line a step), and `netdsl plan` prints the
+inference plan with the bytes each launch moves (cost.py).  A pass can be
+switched off (switches.py's names).  The training backward is not planned
+here: each step's autograd Function runs its backward kernels, and the
+fusions between them are settled as they run (grad.py)."""
 from __future__ import annotations
 
 from .. import ir
-from ..fusion import fuse
-from .concat_in_place import concat_in_place
-from .depthwise_direct import depthwise_direct
+from ..fusion import fuse, split_input_activations
+from .block_outputs import block_outputs
+from .concat_in_place import concat_in_place, concat_in_place_train
+from .deferred_bn import deferred_bn
+from .depthwise_direct import depthwise_direct, depthwise_direct_train
 from .gate_in_prologue import gate_in_prologue
 from .shuffle_in_concat import shuffle_in_concat
 from .ir import Plan
 from .lower import lower
+from .lower_train import lower_train
 
 def inference_plan(net: ir.Net, disable=frozenset(), fused: bool = False) -> Plan:
     """net (shape-checked; fused=True: already through fuse) -> its inference plan."""
@@ -33,4 +38,19 @@ def inference_plan(net: ir.Net, disable=frozenset(), fused: bool = False) -> Pla
         p = gate_in_prologue(p)  # a squeeze-and-excitation product made by its conv as it loads x
     if "concat_in_place" not in disable:
         p = concat_in_place(p)  # branch and dense-layer outputs stored straight into their channels
+    return p.renumbered()  # t1, t2, ... in the order the forward makes them
+
+
+def train_plan(net: ir.Net, disable=frozenset(), fused: bool = False) -> Plan:
+    """net (shape-checked; fused=True: already through fuse) -> the plan of its training forward."""
+    g = split_input_activations(net if fused else fuse(net))  # silu, hardswish, gelu after their kernel
+    p = lower_train(g)  # one step per autograd Function; a fork where a tensor has several consumers
+    if "concat_in_place" not in disable:
+        p = concat_in_place_train(p)  # convs store a concatenation's parts and dense features in its buffer
+    if "depthwise_direct" not in disable:
+        p = depthwise_direct_train(p)  # depthwise convs by the direct kernel; their BN and act by the kernels after
+    if "block_outputs" not in disable:
+        p = block_outputs(p)  # a residual block's output made by the next block's first 1×1 conv as it loads
+    if "deferred_bn" not in disable:
+        p = deferred_bn(p)  # a conv's BN apply and act left to the conv or pool that consumes it
     return p.renumbered()  # t1, t2, ... in the order the forward makes them

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ir import Plan
-from .lower import STORES_ANYWHERE
+from .. import ir
+from .ir import Plan, Step, Value
+from .lower import STORES_ANYWHERE, preserves_size
 
 
 def concat_in_place(plan: Plan) -> Plan:
@@ -39,4 +40,49 @@ def concat_in_place(plan: Plan) -> Plan:
             del steps[maker]
             i -= 1
         del steps[i]
+    return plan.with_steps(steps, values)
+
+
+def last_conv(node):
+    """The fused conv whose kernel makes node's output, if one does."""
+    while isinstance(node, ir.Seq) and node.items:
+        node = node.items[-1]
+    return node if isinstance(node, ir.Fused) and node.kind == "conv" else None
+
+
+def concat_in_place_train(plan: Plan) -> Plan:
+    """The training forward's: a concatenation whose parts keep its input's
+    size gets its buffer before its parts, and each part a conv makes is
+    stored in its channels (its concat step then copies only the others).
+    A dense block's buffer is there already; each layer's last conv stores
+    its feature there."""
+    steps, values = list(plan.steps), dict(plan.values)
+    index = {id(s.unit): k for k, s in enumerate(steps) if s.op == "conv"}
+
+    def store(f, buf, c0):
+        k = index.get(id(f)) if f is not None else None
+        if k is not None:
+            steps[k] = replace(steps[k], into=(buf, c0))
+
+    for s in list(steps):
+        u = s.unit
+        if s.op == "concat" and isinstance(u, ir.Join) and all(preserves_size(b) for b in u.branches):
+            fork = next((k for k, t in enumerate(steps) if t.op == "fork" and t.unit is u), None)
+            if fork is None:  # (one branch: nothing to gain)
+                continue
+            buf = f"{s.out}_buffer"
+            values[buf] = Value(buf, values[s.out].shape)
+            steps.insert(fork + 1, Step("buffer", u, steps[fork].reads, buf, in_place=True,
+                                        training_only=s.training_only))
+            steps[steps.index(s)] = replace(s, into=(buf, 0))
+            index = {id(t.unit): k for k, t in enumerate(steps) if t.op == "conv"}
+            c0 = 0
+            for b in u.branches:
+                store(last_conv(b), buf, c0)
+                c0 += b.out_shape[0]
+        elif s.op == "buffer" and isinstance(u, ir.Dense):
+            c = u.in_shape[0]
+            for layer in u.steps:
+                store(last_conv(layer), s.out, c)
+                c += layer.out_shape[0]
     return plan.with_steps(steps, values)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from .. import ir
 from ..kernels.depthwise import is_depthwise
-from .ir import Plan
+from .ir import Plan, Step
 
 
 def depthwise_direct(plan: Plan) -> Plan:
@@ -18,3 +18,32 @@ def depthwise_direct(plan: Plan) -> Plan:
         return s.op == "conv" and isinstance(u, ir.Fused) and u.kind == "conv" and is_depthwise(u.main.attrs)
 
     return plan.with_steps([replace(s, op="depthwise") if direct(s) else s for s in plan.steps])
+
+
+def depthwise_direct_train(plan: Plan) -> Plan:
+    """The training forward's: the conv and its bias run in the direct
+    kernel, and what its epilogue would do in the kernels after it: its
+    batch norm (with the residual add and activation) in the BN kernels, an
+    activation alone in the elementwise kernel.  Not where its output is
+    stored into a concatenation's buffer, nor a residual add without a batch
+    norm (no kernel after it would add the shortcut)."""
+    steps, values = [], dict(plan.values)
+    for s in plan.steps:
+        f = s.unit
+        if not (s.op == "conv" and isinstance(f, ir.Fused) and f.kind == "conv" and is_depthwise(f.main.attrs)
+                and (f.bn is not None or not f.residual) and not s.into):
+            steps.append(s)
+            continue
+        conv = ir.Fused("conv", (f.main,), None, False)  # (the direct kernel's part: conv and bias)
+        if f.bn is None and f.act is None:
+            steps.append(replace(s, op="depthwise", unit=conv))
+            continue
+        raw = f"{s.out}_raw"
+        values[raw] = replace(values[s.out], name=raw)
+        steps.append(replace(s, op="depthwise", unit=conv, reads=s.reads[:1], out=raw))
+        if f.bn is not None:
+            steps.append(Step("batchnorm", ir.Fused("bn", (f.bn,), f.act, f.residual), (raw,) + s.reads[1:], s.out,
+                              training_only=s.training_only))
+        else:
+            steps.append(Step("activation", f.act, (raw,), s.out, training_only=s.training_only))
+    return plan.with_steps(steps, values)

@@ -1,7 +1,8 @@
-"""The kernel plan: the launches of a network's inference forward, in
-order, and the tensors between them.  The compiler makes it (plan/__init__.py
-lists the passes); the code generator prints it as the generated forward,
-and `netdsl plan` prints it with what each launch moves.
+"""The kernel plan: the launches of a network's forward, in order, and the
+tensors between them; one plan for inference and one for the training
+(autograd) forward.  The compiler makes them (plan/__init__.py lists the
+passes); the code generator prints them as the generated forwards, and
+`netdsl plan` prints the inference plan with what each launch moves.
 
 Tensors are named as the generated forward names them ("x", "t3").  A value
 may be a channel range of another (a concatenation's buffer): a step that
@@ -34,6 +35,11 @@ class Step:
     in_place: bool = False  # a buffer whose parts may be stored in it by their producers (they keep its size)
     training_only: bool = False  # feeds only outputs returned in training mode (`@aux if training`)
     prologue: tuple = ()  # what a conv does to its input as it loads it: ("gate",) multiplies by its last read
+    # the training forward's (train_plan):
+    defer: bool = False  # its BN apply and activation are left to its one consumer, a conv or pool, as it loads
+    leave: bool = False  # a residual block's output, made by the next block's first conv as it loads (block_outputs)
+    into: tuple = ()  # (buffer, first channel): a conv stores its output there; a concat copies only what is not
+    outs: tuple = ()  # a fork's aliases of its read, one for each consumer, in the order they run
 
     @property
     def layers(self) -> tuple:
@@ -96,13 +102,16 @@ class Plan:
         """The values named t1, t2, ... in the order steps make them (after passes removed some)."""
         names = {"x": "x"}
         for s in self.steps:
-            if s.out not in names and s.op != "copy":  # (a copy's destination is read as its buffer's channels)
-                names[s.out] = f"t{len(names)}"
+            for out in s.outs or (s.out,):
+                if out not in names and s.op != "copy":  # (a copy's destination is read as its buffer's channels)
+                    names[out] = f"t{len(names)}"
         for v in self.values:  # channel ranges no step makes (a dense layer's input)
             names.setdefault(v, f"t{len(names)}")
         values = {names[k]: replace(v, name=names[k], base=names[v.base] if v.base else None)
                   for k, v in self.values.items()}
-        steps = [replace(s, reads=tuple(names[r] for r in s.reads), out=names[s.out]) for s in self.steps]
+        steps = [replace(s, reads=tuple(names[r] for r in s.reads), out=names[s.out],
+                         outs=tuple(names[o] for o in s.outs), into=(names[s.into[0]], s.into[1]) if s.into else ())
+                 for s in self.steps]
         return replace(self, steps=tuple(steps), values=values, result=names[self.result],
                        outputs=tuple((k, names[v], t) for k, v, t in self.outputs))
 

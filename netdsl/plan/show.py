@@ -13,7 +13,7 @@ def kernel_text(step: Step) -> str:
     if isinstance(u, ir.Fused):
         return ("depthwise_" if step.op == "depthwise" else "") + "".join(f"{p}_" for p in step.prologue) \
             + u.describe()
-    if step.op in ("copy", "add", "mul"):
+    if step.op in ("copy", "add", "mul", "fork", "concat"):
         return step.op
     return u.op if isinstance(u, ir.Layer) else step.op
 
@@ -94,7 +94,10 @@ def listing(plan: Plan) -> str:
     for s in plan.steps:
         kernel = "buffer" if s.op == "buffer" else kernel_text(s)
         names = " ".join(name for name, _ in covers(s))
-        lines.append(f"{_ref(plan, s.out)} = {kernel}({', '.join(_ref(plan, r) for r in s.reads)})  {names}"
-                     + ("  (training)" if s.training_only else ""))
+        # (the training forward's: what is left to a consumer, where a conv stores)
+        flags = [f for f in ("defer", "leave") if getattr(s, f)] + ([f"into {s.into[0]}[{s.into[1]}:]"] if s.into else [])
+        outs = ", ".join(s.outs) if s.outs else _ref(plan, s.out)
+        lines.append(f"{outs} = {kernel}({', '.join(_ref(plan, r) for r in s.reads)})  {names}"
+                     + "".join(f"  ({f})" for f in flags) + ("  (training)" if s.training_only else ""))
     return "\n".join(lines + [f"return {returned(plan.outputs, lambda v: _ref(plan, v), _ref(plan, plan.result))}"])
 
