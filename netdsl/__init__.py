@@ -10,12 +10,20 @@ __all__ = ["build", "check_file", "check_text", "checked_net", "compile_to_modul
            "Diagnostic", "NetdslError"]
 
 
-def build(path, net: str, target: str = "triton", disable=(), **overrides):
+def build(path, net: str, target: str = "triton", disable=(), sync_bn: bool = False, **overrides):
     """Compile (or fetch from the cache) and instantiate one network of a spec
-    file; disable: fusions to compile it without (netdsl.switches.SWITCHES)."""
+    file; disable: fusions to compile it without (netdsl.switches.SWITCHES).
+    sync_bn: its batch norms are nn.SyncBatchNorm, whose train-mode statistics
+    are the global batch's of the processes of torch.distributed (the state
+    dict is the same)."""
     from .cache import build as _build
 
-    return _build(path, net, target, disable, **overrides)
+    model = _build(path, net, target, disable, **overrides)
+    if sync_bn:
+        import torch
+
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def compile_to_module(path, net=None, target: str = "triton", disable=(), **overrides):

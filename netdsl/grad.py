@@ -137,8 +137,22 @@ def _bn_sums(K, bn, dy4, x4, mean, rstd, train, conv_bias=None, **kw):
     if isinstance(kw.get("partials"), _norm.BNSums):
         return kw["partials"][:4]
     s = _bn_sums_empty(bn, x4, mean, train, conv_bias)
+    group = rt.synced(bn) if train else None
+    if group is None:
+        _norm.channel_grad(_rt, K.channel_grad, dy4, x4=x4, mean=mean, rstd=rstd, weight=s.weight, train=train,
+                           dweight=s.dgamma, dbias=s.dbeta, dcbias=s.dcbias, coef=s.coef, **kw)
+        return s[:4]
+    # synchronised over processes: the input gradient's coefficients from the group's sums (one all-reduce),
+    # the parameter gradients from this process's, as nn.SyncBatchNorm's
+    C = bn.num_features
+    sums = torch.empty((2, 2 * C + 1), device=x4.device, dtype=_norm.reduce_dtype(_rt, x4))
     _norm.channel_grad(_rt, K.channel_grad, dy4, x4=x4, mean=mean, rstd=rstd, weight=s.weight, train=train,
-                       dweight=s.dgamma, dbias=s.dbeta, dcbias=s.dcbias, coef=s.coef, **kw)
+                       dweight=s.dgamma, dbias=s.dbeta, coef=s.coef, sync=sums, **kw)
+    if not rt.dry():
+        torch.distributed.all_reduce(sums[1], group=group)
+    # (a conv bias's gradient needs this process's mean of x, which its Σ x̂ comes from)
+    lstats = rt.local_stats(K, bn, x4) if s.dcbias is not None else None
+    _norm.bn_grad_sync_finish(_rt, K.bn_grad_sync_finish, sums, mean, rstd, s.weight, s.coef, lstats, s.dcbias)
     return s[:4]
 
 
@@ -441,7 +455,7 @@ class ConvFn(torch.autograd.Function):
             if pass_back:
                 din_w, din_b = _deferred_bn_sums(K, inp, rt.as4d(x), got)
             elif block is not None:
-                block.dgamma, block.dbeta = _deferred_bn_sums(K, block, rt.as4d(x), got)
+                block.dgamma, block.dbeta = _deferred_bn_sums(K, block, block.raw, got)
                 block.g, block.task = dx, torch._C._current_graph_task_id()
         if pass_back:  # dx stays the deferred activation's gradient: what the producer expects
             dx = dx if nx else None

@@ -280,8 +280,22 @@ def grid_merge(bn, rt):
     """bn, where a conv's programs merge its batch statistics (and a dgrad's
     its backward's sums): the default; None where the module was compiled
     with grid_merge off, which leaves them to bn_stats / channel_grad launches
-    over the same partial sums.  rt: the module's _RT (K.rt)."""
-    return bn if "grid_merge" not in rt.disabled else None
+    over the same partial sums, and for a batch norm synchronised over
+    processes (whose sums are all-reduced between the two).  rt: the
+    module's _RT (K.rt)."""
+    return bn if "grid_merge" not in rt.disabled and synced(bn) is None else None
+
+
+def synced(bn):
+    """The process group a train-mode nn.SyncBatchNorm (netdsl.build(...,
+    sync_bn=True)) takes its batch statistics over, when torch.distributed
+    runs more than one process in it; else None (statistics of this
+    process's batch, as nn.SyncBatchNorm's own with one process)."""
+    if not (isinstance(bn, torch.nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        return None
+    group = bn.process_group or torch.distributed.group.WORLD
+    return group if torch.distributed.get_world_size(group) > 1 else None
 
 
 def batch_stats_empty(C, like):
@@ -432,6 +446,9 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=No
             return partials
         _norm.check_batch(bn, y4.shape)
         out = batch_stats_empty(C, y4)
+        group = synced(bn)
+        if group is not None:
+            return _synced_stats(K, bn, y4, partials, group, out)
         st = channel_stats if channel_stats is not None and partials is None and C <= channel_stats.mean.shape[0] \
             else None
         _norm.bn_stats(_rt, K.bn_stats, bn, y4, out, partials=partials,
@@ -457,6 +474,29 @@ def _bn_scale_shift(K, bn, y4, training, conv_bias=None, cache=True, partials=No
         refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
         _FOLDS[bn] = (refs, versions, scale, shift, rstd)
     return scale, shift, None, rstd
+
+
+def _synced_stats(K, bn, y4, partials, group, out):
+    """A synchronised batch norm's statistics: this process's count, mean and
+    variance, all-gathered, then merged in rank order (norm.bn_sync_finish)."""
+    C = bn.num_features
+    local = local_stats(K, bn, y4, partials)
+    P = torch.distributed.get_world_size(group)
+    stats = torch.empty((P, 3, C), device=local.device, dtype=local.dtype)
+    if not dry():
+        torch.distributed.all_gather(list(stats.unbind(0)), local, group=group)
+    _norm.bn_sync_finish(_rt, K.bn_sync_finish, bn, stats, out)
+    return out
+
+
+def local_stats(K, bn, y4, partials=None):
+    """[3, C]: the count, mean and variance per channel of this process's y4
+    (from the producing conv's partials when given), for a synchronised batch norm."""
+    C = bn.num_features
+    local = torch.empty((3, C), device=y4.device, dtype=_norm.reduce_dtype(_rt, y4))
+    _norm.bn_stats(_rt, K.bn_stats, bn, y4, _norm.BatchStats(local[0], local[0], local[1], local[2]),
+                   partials=partials, sync=True)
+    return local
 
 
 def copy(K, x, out):

@@ -36,6 +36,8 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "groupnorm": kgn.GROUPNORM,
     "groupnorm_backward": kgn.GROUPNORM_BACKWARD,
     "depthwise_wgrad_sum": kdw.DEPTHWISE_WGRAD_SUM,
+    "bn_sync_finish": knorm.BN_SYNC_FINISH,
+    "bn_grad_sync_finish": knorm.BN_GRAD_SYNC_FINISH,
 }
 
 # The backward kernels of a spec-specific forward template: (name prefix,
@@ -72,6 +74,7 @@ HELPERS = (
      "batch-norm statistics from per-tile partial sums (bn_stats, or a conv's merging programs)"),
     (knorm.BN_FINISH, "bn_finish",
      "batch-norm mean, rstd, scale/shift from the batch statistics, and the running-stat update"),
+    (knorm.BN_KEEP, "bn_keep", "a synchronised batch norm's count, mean and variance over this process's batch"),
     (knorm.CHANNEL_SUMS, "channel_sums", "per-channel sums of two buffers of per-tile partials"),
     (kconv.MERGE_SLOTS, "merge_slots", "a merging kernel's place in its two-level tree: its group and counters"),
     (kconv.MERGE_COLUMN, "merge_column", "a merging kernel's two-level tree over its column of tiles' partials"),
@@ -100,6 +103,8 @@ _GENERIC_DOC = {
     "groupnorm": "group norm: one program per sample and group",
     "groupnorm_backward": "backward of group norm: dx, and each sample's per-channel sums for dγ and dβ",
     "depthwise_wgrad_sum": "backward of a depthwise conv: its weight and bias gradients from per-program partials",
+    "bn_sync_finish": "a batch norm synchronised over processes: the global batch's statistics from each process's",
+    "bn_grad_sync_finish": "its backward: the input gradient's coefficients from the sums all-reduced over processes",
 }
 
 

@@ -31,8 +31,8 @@ def $NAME(
     # strides
     sxn, sxc, sxh, sxw,
     # meta-parameters
-    PARTIALS: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, CACHED: tl.constexpr, ACC: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIALS: tl.constexpr, AFFINE: tl.constexpr, TRACK: tl.constexpr, CACHED: tl.constexpr, SYNC: tl.constexpr,
+    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # ACC: the accumulation type; fp64 where torch's own kernels use double (CPU)
     # PARTIALS: the producing conv's epilogue left per-tile sums (T rows of TILE
@@ -47,14 +47,20 @@ def $NAME(
     # channels are read, then cached.  Channel blocks from KNOWN // BLOCK_C on
     # are reduced (n_fresh columns of grid_m programs); each block below takes
     # its statistics from the cache (one program each, after those).
+    # SYNC (a batch norm synchronised over processes): nothing is finished
+    # here; this process's count, mean and variance go to scale / mean / rstd
+    # (bn_keep), for the all-gather that BN_SYNC_FINISH's merge follows.
     M = N * H * W
     pid = tl.program_id(0)
     if PARTIALS:
         offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
         mean, m2 = bn_merge(psum_ptr, pm2_ptr, offs_c, c_mask, C, 0, T, 1, TILE, M, ACC, BLOCK_M, BLOCK_C)
-        bn_finish(mean, m2 / M, offs_c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
-                  rstd_ptr, scale_ptr, shift_ptr, M, eps, momentum, pid == 0, AFFINE, TRACK)
+        if SYNC:
+            bn_keep(mean, m2 / M, offs_c, c_mask, M, scale_ptr, mean_ptr, rstd_ptr)
+        else:
+            bn_finish(mean, m2 / M, offs_c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
+                      rstd_ptr, scale_ptr, shift_ptr, M, eps, momentum, pid == 0, AFFINE, TRACK)
     elif pid < grid_m * n_fresh:
         pid_m = pid % grid_m
         col = pid // grid_m
@@ -81,8 +87,11 @@ def $NAME(
                 var = tl.where(fresh, var, tl.load(cvar_ptr + offs_c, mask=c_mask & ~fresh, other=0.0).to(ACC))
                 tl.store(cmean_ptr + offs_c, mean.to(cmean_ptr.dtype.element_ty), mask=c_mask & fresh)
                 tl.store(cvar_ptr + offs_c, var.to(cvar_ptr.dtype.element_ty), mask=c_mask & fresh)
-            bn_finish(mean, var, offs_c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
-                      rstd_ptr, scale_ptr, shift_ptr, M, eps, momentum, col == 0, AFFINE, TRACK)
+            if SYNC:
+                bn_keep(mean, var, offs_c, c_mask, M, scale_ptr, mean_ptr, rstd_ptr)
+            else:
+                bn_finish(mean, var, offs_c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr,
+                          rstd_ptr, scale_ptr, shift_ptr, M, eps, momentum, col == 0, AFFINE, TRACK)
     else:  # a block of cached channels only
         b = pid - grid_m * n_fresh
         offs_c = b * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -160,6 +169,52 @@ def $NAME(mean, var, c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_p
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 '''
 
+# A synchronised batch norm's statistics over this process's batch, kept for
+# the all-gather instead of finished: its count, mean and (biased) variance.
+BN_KEEP = r'''
+@triton.jit
+def $NAME(mean, var, c, c_mask, M, count_ptr, mean_ptr, var_ptr):
+    tl.store(count_ptr + c, (tl.zeros_like(mean) + M).to(count_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(mean_ptr + c, mean.to(mean_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(var_ptr + c, var.to(var_ptr.dtype.element_ty), mask=c_mask)
+'''
+
+# A batch norm synchronised over P processes (nn.SyncBatchNorm's): the
+# statistics of the global batch from each process's count, mean and
+# variance (bn_keep's rows, all-gathered in rank order), merged in that order
+# by Chan et al.'s formula, so every process finishes with the same values
+# bit for bit and a process with a smaller batch weighs less; then finished
+# as a one-process batch norm is (BN_FINISH, the running statistics too).
+BN_SYNC_FINISH = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    stats_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
+    # sizes
+    P, C, eps, momentum,
+    # meta-parameters
+    AFFINE: tl.constexpr, TRACK: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    n = tl.zeros((BLOCK_C,), dtype=ACC)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC)
+    for p in range(0, P):  # stats: [P, 3, C], each process's (count, mean, var)
+        n_b = tl.load(stats_ptr + p * 3 * C + c, mask=c_mask, other=0.0).to(ACC)
+        mean_b = tl.load(stats_ptr + p * 3 * C + C + c, mask=c_mask, other=0.0).to(ACC)
+        var_b = tl.load(stats_ptr + p * 3 * C + 2 * C + c, mask=c_mask, other=0.0).to(ACC)
+        total = n + n_b
+        w = tl.where(total > 0, n_b / tl.maximum(total, 1.0), 0.0)  # (a process with an empty batch adds nothing)
+        delta = mean_b - mean
+        m2 = m2 + var_b * n_b + delta * delta * n * w
+        mean = mean + delta * w
+        n = total
+    bn_finish(mean, m2 / n, c, c_mask, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, rstd_ptr,
+              scale_ptr, shift_ptr, n, eps, momentum, pid == 0, AFFINE, TRACK)
+'''
+
 # Per-channel sums of rows t_begin, t_begin + STEP, ... below t_end of two
 # [rows, C] buffers of per-tile partials, one pass (each block reduced as it
 # comes: in a conv's epilogue, few registers are free).
@@ -204,6 +259,47 @@ def $NAME(sg, sgx, sx, c, c_mask, C, M, rstd, weight_ptr, dweight_ptr, dbias_ptr
     tl.store(coef_ptr + 2 * C + c, cc.to(coef_ptr.dtype.element_ty), mask=c_mask)
     if CONV_BIAS:
         tl.store(dcbias_ptr + c, (a * sg + M * b + cc * sx).to(dcbias_ptr.dtype.element_ty), mask=c_mask)
+'''
+
+# A synchronised batch norm's backward: coef (A, B, C) of its input gradient
+# from the group's sums (the second row of sums, all-reduced: the global
+# batch's Σg, Σg·x̂ and count), as BN_GRAD_FINISH makes it from one
+# process's.  CONV_BIAS: a producing conv bias's gradient, Σ dx over this
+# process's batch, A·Σg + M·B + C·Σx̂ from the first row, where Σx̂ =
+# M·(mean_p − mean)·rstd is not 0 (mean_p, this process's mean: lstats, as
+# BN_STATS's SYNC keeps them).
+BN_GRAD_SYNC_FINISH = r'''
+@triton.jit
+def $NAME(
+    # pointers
+    sums_ptr, mean_ptr, rstd_ptr, weight_ptr, lstats_ptr, dcbias_ptr, coef_ptr,
+    # sizes
+    C,
+    # meta-parameters
+    AFFINE: tl.constexpr, CONV_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    R = 2 * C + 1
+    sg = tl.load(sums_ptr + R + c, mask=c_mask, other=0.0).to(ACC)
+    sgx = tl.load(sums_ptr + R + C + c, mask=c_mask, other=0.0).to(ACC)
+    m = tl.load(sums_ptr + R + 2 * C).to(ACC)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    a = rstd
+    if AFFINE:
+        a = a * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    b = -a * sg / m
+    cc = -a * sgx / m
+    tl.store(coef_ptr + c, a.to(coef_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(coef_ptr + C + c, b.to(coef_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, cc.to(coef_ptr.dtype.element_ty), mask=c_mask)
+    if CONV_BIAS:
+        m_p = tl.load(sums_ptr + 2 * C).to(ACC)
+        sg_p = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        mean_p = tl.load(lstats_ptr + C + c, mask=c_mask, other=0.0).to(ACC)
+        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        sx = m_p * (mean_p - mean) * rstd
+        tl.store(dcbias_ptr + c, (a * sg_p + m_p * b + cc * sx).to(dcbias_ptr.dtype.element_ty), mask=c_mask)
 '''
 
 BN_FOLD = r'''
@@ -392,7 +488,7 @@ CHANNEL_GRAD = r'''
 def $NAME(
     # pointers
     dy_ptr, y_ptr, x_ptr, mean_ptr, rstd_ptr, weight_ptr, scale_ptr, shift_ptr, g_ptr, pg_ptr, pgx_ptr, count_ptr,
-    dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr,
+    dweight_ptr, dbias_ptr, dcbias_ptr, coef_ptr, sums_ptr,
     # sizes
     N, C, H, W, T, slope,
     # strides
@@ -400,8 +496,13 @@ def $NAME(
     # meta-parameters
     ACC: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, TRAIN: tl.constexpr, AFFINE: tl.constexpr,
     Y_FROM_X: tl.constexpr, CENTER: tl.constexpr, STORE_G: tl.constexpr, PARTIALS: tl.constexpr,
-    CONV_BIAS: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    CONV_BIAS: tl.constexpr, SYNC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
+    # SYNC (a batch norm synchronised over processes): the sums Σg, Σg·x̂
+    # and the count are also stored, twice, in sums ([2, 2C + 1]): one copy
+    # to keep, one to all-reduce; BN_GRAD_SYNC_FINISH then makes coef from
+    # the group's (dγ and dβ stay this process's, as nn.SyncBatchNorm's).
     # Y_FROM_X: the output y was never stored (its BN and activation were
     # deferred into the consumer's loads): recompute it as that prologue did,
     # y = act((x − mean)·scale + shift) (x·scale + shift when not CENTER)
@@ -459,6 +560,13 @@ def $NAME(
             # (Σ x̂, for a conv bias's gradient: 0 with batch statistics, and unused without)
             bn_grad_finish(sg, sgx, tl.zeros_like(sg), offs_c, c_mask, C, M, rstd, weight_ptr, dweight_ptr, dbias_ptr,
                            dcbias_ptr, coef_ptr, AFFINE, TRAIN, CONV_BIAS)
+            if SYNC:
+                for r in range(0, 2):
+                    row = sums_ptr + r * (2 * C + 1)
+                    tl.store(row + offs_c, sg.to(sums_ptr.dtype.element_ty), mask=c_mask)
+                    tl.store(row + C + offs_c, sgx.to(sums_ptr.dtype.element_ty), mask=c_mask)
+                    tl.store(row + 2 * C + offs_c * 0, (tl.zeros_like(sg) + M).to(sums_ptr.dtype.element_ty),
+                             mask=offs_c == 0)
         elif CONV_BIAS:
             tl.store(dcbias_ptr + offs_c, sg.to(dcbias_ptr.dtype.element_ty), mask=c_mask)
 '''
@@ -658,12 +766,14 @@ def bn_operands(bn, st: BatchStats):
     return ptrs, (float(bn.eps), float(momentum)), dict(AFFINE=bn.affine, TRACK=track and bn.training)
 
 
-def bn_stats(rt, kernel, bn, x4, st: BatchStats, partials=None, cache=None):
+def bn_stats(rt, kernel, bn, x4, st: BatchStats, partials=None, cache=None, sync=False):
     """Training: batch mean, rstd, scale and shift of `bn` over x4 into st, and its
     running-stat update; from the producing conv's per-tile partials when given
     (x4 is then not read).  cache = (cmean, cvar, known): per-channel batch
     mean and variance of x4's data, valid for its first `known` channels;
-    only the others are read, and their statistics are added to the cache."""
+    only the others are read, and their statistics are added to the cache.
+    sync: only this process's count, mean and variance, into st's scale,
+    mean and rstd (for bn_sync_finish, after an all-gather)."""
     N, C, H, W = x4.shape
     cmean, cvar, known = cache if cache is not None else (st.mean, st.mean, 0)
     grid_m = n_fresh = 1
@@ -689,8 +799,29 @@ def bn_stats(rt, kernel, bn, x4, st: BatchStats, partials=None, cache=None):
     options = {"maxnreg": 255} if rt.gpu_tiles(x4) else {}
     rt.launch(kernel, grid, x, psum, pm2, count, *ptrs, cmean, cvar,
               N, C, H, W, psum.shape[0] if partials is not None else 1, tile, known, grid_m, n_fresh, *scalars,
-              *x4.stride(), PARTIALS=partials is not None, CACHED=cache is not None, **meta,
+              *x4.stride(), PARTIALS=partials is not None, CACHED=cache is not None, SYNC=sync, **meta,
               ACC=reduce_acc(rt, x4), IDX64=rt.needs_int64(x4), BLOCK_M=bm, BLOCK_C=bc, **options)
+
+
+def bn_sync_finish(rt, kernel, bn, stats, st: BatchStats):
+    """A synchronised batch norm's statistics into st (and its running-stat
+    update) from stats, [P, 3, C]: each process's bn_stats(sync=True)."""
+    P, _, C = stats.shape
+    ptrs, scalars, meta = bn_operands(bn, st)
+    bc = min(triton.next_power_of_2(C), 128)
+    rt.launch(kernel, (triton.cdiv(C, bc),), stats, *ptrs, P, C, *scalars, **meta, ACC=reduce_acc(rt, stats),
+              BLOCK_C=bc)
+
+
+def bn_grad_sync_finish(rt, kernel, sums, mean, rstd, weight, coef, lstats=None, dcbias=None):
+    """coef of a synchronised batch norm's input gradient from sums (channel_grad's
+    sync rows, the second all-reduced); dcbias (with lstats, this process's
+    bn_stats(sync=True) of the conv output): the producing conv bias's gradient."""
+    C = rstd.shape[0]
+    bc = min(triton.next_power_of_2(C), 128)
+    rt.launch(kernel, (triton.cdiv(C, bc),), sums, mean, rstd, weight if weight is not None else rstd,
+              lstats if lstats is not None else rstd, dcbias if dcbias is not None else rstd, coef, C,
+              AFFINE=weight is not None, CONV_BIAS=dcbias is not None, ACC=reduce_acc(rt, rstd), BLOCK_C=bc)
 
 
 def reduce_acc(rt, x):
@@ -746,14 +877,17 @@ def channel_affine(rt, kernel, x4, scale, shift, out4, residual4=None, act=None,
 
 
 def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None, weight=None,
-                 deferred=None, train=False, g4=None, partials=None, dweight=None, dbias=None, dcbias=None, coef=None):
+                 deferred=None, train=False, g4=None, partials=None, dweight=None, dbias=None, dcbias=None, coef=None,
+                 sync=None):
     """Per-channel sums of g = dy·act'(y) (and of g·x̂, x̂ with BN): the BN
     parameter gradients, a conv bias's gradient, and coef (A, B, C: dx =
     A·g + B + C·x̂) for CHANNEL_GRAD_APPLY or a conv's bn_grad_prologue.
     With g4, g is also written out.  deferred = (scale, shift, centered): y
     was never stored, it is recomputed as act((x − mean)·scale + shift)
     (not centered: x·scale + shift).  partials = (Σg, Σg·x̂ per tile, tile), from a
-    dgrad's epilogue: dy4 is then not read (only its shape counts)."""
+    dgrad's epilogue: dy4 is then not read (only its shape counts).  sync: a
+    [2, 2C + 1] buffer for the sums of a batch norm synchronised over
+    processes (see bn_grad_sync_finish)."""
     N, C, H, W = dy4.shape
     norm = mean is not None
     anyc = coef if coef is not None else (dcbias if dcbias is not None else mean)
@@ -779,10 +913,12 @@ def channel_grad(rt, kernel, dy4, *, y4=None, act=None, slope=0.01, x4=None, mea
               scale, shift, tensors[3], pg, pgx, count,
               dweight if dweight is not None else anyc, dbias if dbias is not None else anyc,
               dcbias if dcbias is not None else anyc, coef if coef is not None else anyc,
+              sync if sync is not None else anyc,
               N, C, H, W, pg.shape[0] if partials is not None else 1, float(slope), *strides,
               ACC=acc, ACT=ACT_CODES[act], NORM=norm, TRAIN=train, AFFINE=weight is not None,
               Y_FROM_X=deferred is not None, CENTER=centered, STORE_G=g4 is not None, PARTIALS=partials is not None,
-              CONV_BIAS=dcbias is not None, IDX64=rt.needs_int64(*tensors), BLOCK_M=bm, BLOCK_C=bc)
+              CONV_BIAS=dcbias is not None, SYNC=sync is not None, IDX64=rt.needs_int64(*tensors), BLOCK_M=bm,
+              BLOCK_C=bc)
 
 
 def channel_grad_apply(rt, kernel, dy4, coef, dx4, *, y4=None, act=None, slope=0.01, x4=None, mean=None, rstd=None,
