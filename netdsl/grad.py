@@ -509,13 +509,13 @@ class BatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, residual, spec):
-        K, bn, act, slope = spec
+        K, bn, act, slope, partials = spec  # partials: x's per-tile sums, from its producer's epilogue
         out = rt.empty(tuple(x.shape), x)
         x4, out4 = rt.as4d(x), rt.as4d(out)
         mean, rstd, batch_stats = _BN.forward(K, bn, x4, out4, rt.as4d(residual) if residual is not None else None,
-                                              act, slope, channel_stats=getattr(x, "_netdsl_stats", None))
+                                              act, slope, partials, channel_stats=getattr(x, "_netdsl_stats", None))
         ctx.save_for_backward(x, out if act is not None else None, mean, rstd)
-        ctx.spec, ctx.stats = spec, batch_stats
+        ctx.spec, ctx.stats = spec[:4], batch_stats
         ctx.fork, ctx.concat = _fork_of(x), getattr(x, "_netdsl_concat", None)
         return out
 
@@ -1027,23 +1027,31 @@ class SoftmaxFn(torch.autograd.Function):
 
 class DepthwiseFn(torch.autograd.Function):
     """A depthwise conv (+ bias) by the direct kernel; keeps its input and
-    weight.  Backward: the direct input-gradient kernel, and the weight and
-    bias gradients' partial sums and their in-order sum."""
+    weight.  With stats, it also returns the per-tile sums of its output its
+    epilogue left for the batch norm after it (psum, pm2: no gradient flows
+    through them).  Backward: the direct input-gradient kernel, and the
+    weight and bias gradients' partial sums and their in-order sum."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec):
-        K, kernel, shape = spec
+        K, kernel, shape, stats = spec
         out = rt.empty(shape, x)
-        _dw.depthwise2d(_rt, kernel, x, weight, out, shift=bias)
+        partials = _dw.depthwise2d(_rt, kernel, x, weight, out, shift=bias, stats=stats)
         ctx.save_for_backward(x, weight)
         ctx.spec, ctx.has_bias = spec, bias is not None
-        return out
+        if not stats:
+            return out
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*partials[:2])
+        return out, *partials  # (the tile, a number, passes through as it is)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_):
         x, weight = ctx.saved_tensors
-        K, kernel, _ = ctx.spec
+        K, kernel, _, _ = ctx.spec
+        if dy is None:  # (the output went unused)
+            return None, None, None, None
         bw = _backward_of(kernel)
         wants = ctx.needs_input_grad
         dx = dw = db = None

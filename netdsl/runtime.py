@@ -215,21 +215,35 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
                         act=act, slope=slope, **kw)
 
 
-def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, at=""):
+def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, stats=None, at=""):
     """A depthwise conv [+ BN] [+ residual] [+ act] by the direct kernel.
     Eval: BN folded into the epilogue.  Train mode without gradients: the
     conv with its bias and the BN statistics' per-tile sums in its epilogue,
-    their merge (bn_stats), one apply kernel.  Where a gradient is wanted
-    (the autograd forward): the conv and its bias only, with its direct
-    backward kernels; the generated code runs its batch norm next."""
+    their merge (bn_stats), one apply kernel.  The autograd forward's (no
+    epilogue): the conv and its bias only, with its direct backward kernels;
+    the generated code runs its batch norm next.  Given stats (True or
+    False: the module's training mode) it returns (out, partials): with True
+    the per-tile sums that batch norm takes its statistics from
+    (rt.batchnorm's partials), so it never reads out for them; else None."""
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     shape = (x.shape[0], layer.out_channels, Ho, Wo)
+    if stats is False:
+        return depthwise(K, kernel, layer, x, at=at), None
+    if stats:
+        if bn is not None or residual is not None or act is not None or out is not None:
+            raise AssertionError(f"{at}: a depthwise conv that leaves its BN's sums takes no epilogue")
+        x, weight = _autocast(K, x, layer.weight)
+        if _grad.wanted(x, weight, layer.bias):
+            y, *partials = _grad.DepthwiseFn.apply(x, weight, layer.bias, (K, kernel, shape, True))
+            return y, tuple(partials)
+        y = empty(shape, x)
+        return y, _dw.depthwise2d(_rt, kernel, x, weight, y, shift=layer.bias, stats=True)
     if _grad.wanted(x, layer.weight, layer.bias):
         if bn is not None or residual is not None or act is not None or out is not None:
             raise AssertionError(f"{at}: the autograd forward's depthwise conv takes no epilogue")
         x, weight = _autocast(K, x, layer.weight)
-        return _grad.DepthwiseFn.apply(x, weight, layer.bias, (K, kernel, shape))
+        return _grad.DepthwiseFn.apply(x, weight, layer.bias, (K, kernel, shape, False))
     if residual is not None and tuple(residual.shape) != shape:
         raise ShapeError(f"{at}: residual add of unequal shapes {list(shape)} and {list(residual.shape)}")
     x, weight = _autocast(K, x, layer.weight)
@@ -286,26 +300,29 @@ def linear(K, kernel, layer, x, *, act=None, slope=0.01, out=None, at=""):
     return out
 
 
-def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, defer=False, at=""):
+def batchnorm(K, bn, x, *, act=None, slope=0.01, residual=None, out=None, defer=False, partials=None, at=""):
     """BN [+ residual] [+ act].  defer (the autograd forward, when the only
     consumer is a conv): the statistics only, and a Deferred whose apply and
-    act the consumer conv does as it loads x (DenseNet's BN→ReLU→conv)."""
+    act the consumer conv does as it loads x (DenseNet's BN→ReLU→conv).
+    partials: the per-tile sums of x its producer's epilogue left (a direct
+    depthwise conv's), which batch statistics come from instead of a pass over x."""
     _channels(x, bn.num_features, at)
     _check_residual(residual, x, at)
+    batch_stats = bn.training or bn.running_mean is None
+    partials = partials if batch_stats else None
     if _grad.wanted(x, bn.weight, bn.bias, residual):
         _no_out(out)
         if defer and residual is None and x.dim() == 4:
             held = _grad.Deferred(bn, act, slope)
-            batch_stats = bn.training or bn.running_mean is None
-            held.set_stats(batch_stats, *_bn_scale_shift(K, bn, x, batch_stats, cache=False,
+            held.set_stats(batch_stats, *_bn_scale_shift(K, bn, x, batch_stats, cache=False, partials=partials,
                                                          channel_stats=getattr(x, "_netdsl_stats", None)))
             held.raw = x
             return held
-        return _grad.BatchNormFn.apply(x, bn.weight, bn.bias, residual, (K, bn, act, slope))
+        return _grad.BatchNormFn.apply(x, bn.weight, bn.bias, residual, (K, bn, act, slope, partials))
     x4 = as4d(x)
     if out is None:
         out = empty(tuple(x.shape), x)
-    scale, shift, mean, _ = _bn_scale_shift(K, bn, x4, bn.training)
+    scale, shift, mean, _ = _bn_scale_shift(K, bn, x4, bn.training, partials=partials)
     _norm.channel_affine(_rt, K.channel_affine, x4, scale, shift, as4d(out),
                          as4d(residual) if residual is not None else None, act, slope, center=mean)
     return out

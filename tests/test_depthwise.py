@@ -106,10 +106,12 @@ def test_the_generated_forward_calls_the_direct_kernel(spec):
     assert forward.count("rt.depthwise(K, depthwise_") == 4
     assert "def depthwise_conv_bn_relu6__0(" in src
     # the autograd forward: the conv by the direct kernel, its batch norm (with the residual add) and activation
-    # by the kernels after it
+    # by the kernels after it; the batch norm's statistics from the sums the direct kernel's epilogue leaves
     assert autograd.count("rt.depthwise(K, depthwise_") == 4 and "rt.conv(K" in autograd
-    assert "rt.batchnorm(K, self.layer('4'), t5, residual=t3, act='relu'" in autograd
-    assert "rt.activation(K, t7, 'hardswish')" in autograd
+    assert "t6, t7 = rt.depthwise(K, depthwise_conv_bn_add_relu__3, self.layer('3'), t5, stats=self.training" \
+        in autograd
+    assert "rt.batchnorm(K, self.layer('4'), t6, residual=t4, act='relu', partials=t7" in autograd
+    assert "rt.activation(K, t9, 'hardswish')" in autograd
     src = _source(netdsl.build(spec, "Depthwise", disable=["depthwise_direct"]))
     assert "rt.depthwise(" not in src.split("def forward_autograd")[1]
 

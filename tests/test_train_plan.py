@@ -183,19 +183,20 @@ t8 = linear(t7)  head.2
 return t8"""
 
 # the direct kernel does each depthwise conv (and its bias); its BN and activation run in the kernels after
-# (the BN kernels for a BN, the elementwise kernel for an activation alone)
+# (the BN kernels for a BN, the elementwise kernel for an activation alone); a BN's statistics come from the
+# per-tile sums the direct kernel's epilogue leaves (t2)
 DEPTHWISE_DIRECT = """\
-t1 = depthwise_conv(x)  dw1
-t2 = bn_relu6(t1)  bn1 2
-t3 = conv_bn(t2)  pw bn2
-t4 = hardswish(t3)  5
-t5 = depthwise_conv(t4)  dw2
-t6 = relu(t5)  7
-t7 = depthwise_conv(t6)  dw3
-t8 = global_avgpool(t7)  head.0
-t9 = flatten(t8)  head.1
-t10 = linear(t9)  head.2
-return t10"""
+t1, t2 = depthwise_conv(x)  dw1
+t3 = bn_relu6(t1)  bn1 2  (partials t2)
+t4 = conv_bn(t3)  pw bn2
+t5 = hardswish(t4)  5
+t6 = depthwise_conv(t5)  dw2
+t7 = relu(t6)  7
+t8 = depthwise_conv(t7)  dw3
+t9 = global_avgpool(t8)  head.0
+t10 = flatten(t9)  head.1
+t11 = linear(t10)  head.2
+return t11"""
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,7 @@ def test_depthwise_direct_before_and_after(spec):
     assert listing(p.renumbered()) == DEPTHWISE_LOWERED
     assert listing(depthwise_direct_train(p).renumbered()) == DEPTHWISE_DIRECT
     # the BN after the direct kernel is then deferred into the pointwise conv, which applies it as it loads
-    assert "t2 = bn_relu6(t1)  bn1 2  (defer)\n" in listing(train_plan(checked_net(spec, "Depthwise")))
+    assert "t3 = bn_relu6(t1)  bn1 2  (defer)  (partials t2)\n" in listing(train_plan(checked_net(spec, "Depthwise")))
 
 
 def test_each_pass_leaves_a_plan_without_its_pattern_alone(spec):

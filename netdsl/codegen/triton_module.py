@@ -210,8 +210,11 @@ def _train_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
             consts = _conv_consts(main.attrs)
             consts.pop("GROUPS")
             kern = kernels.get(kdw.DEPTHWISE2D, "depthwise_conv", f"{main.name}  ({where(main)})", main.name, **consts)
+            # (with a second output: the sums of the first its BN's statistics come from, in train mode)
+            outs, stats = (", ".join(step.outs), ", stats=self.training") if step.outs else (v, "")
             lines += [f"# {_chain_text(u)}",
-                      f"{v} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}, at={main.name + ' (' + where(main) + ')'!r})"]
+                      f"{outs} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}{stats}, "
+                      f"at={main.name + ' (' + where(main) + ')'!r})"]
         elif isinstance(u, ir.Fused):
             lines += _train_fused_lines(step, kernels)
         else:
@@ -240,7 +243,8 @@ def _train_fused_lines(step, kernels: _Kernels) -> list[str]:
         kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name,
                            KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, GROUPS=1)
         return [head, f"{v} = rt.linear(K, {kern}, self.layer({main.name!r}), {x}{act}, at={at!r})"]
-    return [head, f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{defer}, at={at!r})"]
+    sums = f", partials={step.partials}" if step.partials else ""
+    return [head, f"{v} = rt.batchnorm(K, self.layer({main.name!r}), {x}{res}{act}{defer}{sums}, at={at!r})"]
 
 
 def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from .. import ir
 from ..kernels.depthwise import is_depthwise
-from .ir import Plan, Step
+from .ir import Plan, Step, Value
 
 
 def depthwise_direct(plan: Plan) -> Plan:
@@ -24,7 +24,9 @@ def depthwise_direct_train(plan: Plan) -> Plan:
     """The training forward's: the conv and its bias run in the direct
     kernel, and what its epilogue would do in the kernels after it: its
     batch norm (with the residual add and activation) in the BN kernels, an
-    activation alone in the elementwise kernel.  Not where its output is
+    activation alone in the elementwise kernel.  The direct kernel's epilogue
+    leaves the per-tile sums of its output that the batch norm's statistics
+    come from, so nothing reads the output again for them.  Not where its output is
     stored into a concatenation's buffer, nor a residual add without a batch
     norm (no kernel after it would add the shortcut)."""
     steps, values = [], dict(plan.values)
@@ -40,10 +42,13 @@ def depthwise_direct_train(plan: Plan) -> Plan:
             continue
         raw = f"{s.out}_raw"
         values[raw] = replace(values[s.out], name=raw)
-        steps.append(replace(s, op="depthwise", unit=conv, reads=s.reads[:1], out=raw))
-        if f.bn is not None:
+        if f.bn is not None:  # (its epilogue leaves the per-tile sums the batch norm's statistics come from)
+            sums = f"{s.out}_sums"
+            values[sums] = Value(sums, ())
+            steps.append(replace(s, op="depthwise", unit=conv, reads=s.reads[:1], out=raw, outs=(raw, sums)))
             steps.append(Step("batchnorm", ir.Fused("bn", (f.bn,), f.act, f.residual), (raw,) + s.reads[1:], s.out,
-                              training_only=s.training_only))
+                              training_only=s.training_only, partials=sums))
         else:
+            steps.append(replace(s, op="depthwise", unit=conv, reads=s.reads[:1], out=raw))
             steps.append(Step("activation", f.act, (raw,), s.out, training_only=s.training_only))
     return plan.with_steps(steps, values)

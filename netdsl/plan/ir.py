@@ -39,7 +39,9 @@ class Step:
     defer: bool = False  # its BN apply and activation are left to its one consumer, a conv or pool, as it loads
     leave: bool = False  # a residual block's output, made by the next block's first conv as it loads (block_outputs)
     into: tuple = ()  # (buffer, first channel): a conv stores its output there; a concat copies only what is not
-    outs: tuple = ()  # a fork's aliases of its read, one for each consumer, in the order they run
+    outs: tuple = ()  # a fork's aliases of its read, one for each consumer, in the order they run; or an
+    # output and the per-tile sums of it its epilogue left for a batch norm
+    partials: str = ""  # a batch norm's: those sums of its input (in train mode), instead of a pass over it
 
     @property
     def layers(self) -> tuple:
@@ -110,7 +112,8 @@ class Plan:
         values = {names[k]: replace(v, name=names[k], base=names[v.base] if v.base else None)
                   for k, v in self.values.items()}
         steps = [replace(s, reads=tuple(names[r] for r in s.reads), out=names[s.out],
-                         outs=tuple(names[o] for o in s.outs), into=(names[s.into[0]], s.into[1]) if s.into else ())
+                         outs=tuple(names[o] for o in s.outs), into=(names[s.into[0]], s.into[1]) if s.into else (),
+                         partials=names[s.partials] if s.partials else "")
                  for s in self.steps]
         return replace(self, steps=tuple(steps), values=values, result=names[self.result],
                        outputs=tuple((k, names[v], t) for k, v, t in self.outputs))

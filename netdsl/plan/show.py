@@ -95,7 +95,8 @@ def listing(plan: Plan) -> str:
         kernel = "buffer" if s.op == "buffer" else kernel_text(s)
         names = " ".join(name for name, _ in covers(s))
         # (the training forward's: what is left to a consumer, where a conv stores)
-        flags = [f for f in ("defer", "leave") if getattr(s, f)] + ([f"into {s.into[0]}[{s.into[1]}:]"] if s.into else [])
+        flags = [f for f in ("defer", "leave") if getattr(s, f)] + ([f"into {s.into[0]}[{s.into[1]}:]"] if s.into else []) \
+            + ([f"partials {s.partials}"] if s.partials else [])
         outs = ", ".join(s.outs) if s.outs else _ref(plan, s.out)
         lines.append(f"{outs} = {kernel}({', '.join(_ref(plan, r) for r in s.reads)})  {names}"
                      + "".join(f"  ({f})" for f in flags) + ("  (training)" if s.training_only else ""))
