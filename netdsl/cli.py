@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="CKPT.pt", help="save a checkpoint (model, optimizer, epoch) after each epoch")
     t.add_argument("--resume", metavar="CKPT.pt", help="resume from a checkpoint")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: batch norms normalise by the statistics of the whole batch over the "
+                        "processes (nn.SyncBatchNorm)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit", type=int, default=0, help="train on only this many examples")
     t.add_argument("--set", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
@@ -159,12 +162,14 @@ def cmd_train(args) -> int:
     opts = T.Options(file=args.file, net=args.net, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
                      lr=args.lr, optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
                      out=args.out, resume=args.resume, augment=args.augment, device=args.device, seed=args.seed,
-                     limit=args.limit, overrides=dict(args.set), progress=sys.stderr.isatty())
+                     limit=args.limit, overrides=dict(args.set), progress=sys.stderr.isatty(), sync_bn=args.sync_bn)
     try:
         result = T.train(opts)
     except (DataError, T.TrainError, ShapeError) as e:
         sys.stderr.write(f"netdsl: error: {e}\n")
         return EXIT_INVALID
+    if not T.reporting_process():  # (under torchrun, process 0 reports)
+        return EXIT_OK
     if args.json:
         print(T.result_json(result))
     else:

@@ -133,3 +133,28 @@ def test_lenet5_learns_the_digits_through_triton_kernels():
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["accuracy"] > 0.9, result
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_with_sync_bn_train_as_one(tmp_path):
+    """`torchrun --nproc_per_node=2 -m netdsl train --sync-bn`: each process trains half of every batch, and
+    the checkpoint is one process's on the whole batches (fp32 rounding apart); without --sync-bn each
+    process's batch norm normalises its half, and the running statistics differ."""
+    spec = tmp_path / "tiny.net"
+    spec.write_text(TINY)
+    common = ["--net", "Tiny", "--epochs", 1, "--limit", 64, "--batch-size", 16, "--device", "cpu", "--json"]
+    one = _train(spec, *common, "--out", tmp_path / "one.pt")
+    assert one.returncode == 0, one.stderr
+    runs = {}
+    for flag in ("--sync-bn", None):
+        out = tmp_path / f"two{flag or ''}.pt"
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "netdsl", "train", str(spec), *map(str, common), "--out", str(out)]
+                           + ([flag] if flag else []), cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert len(p.stdout.strip().splitlines()) == 1  # (process 0 reports)
+        runs[flag] = torch.load(out, weights_only=True)["model"]
+    single = torch.load(tmp_path / "one.pt", weights_only=True)["model"]
+    for k, v in single.items():
+        assert torch.allclose(runs["--sync-bn"][k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+    assert not torch.allclose(runs[None]["1.running_var"], single["1.running_var"], rtol=1e-3)
