@@ -1113,6 +1113,36 @@ class ChannelsFn(torch.autograd.Function):
         return dx, None
 
 
+class SplitChannelsFn(torch.autograd.Function):
+    """Disjoint channel ranges of x, views.  Backward: one tensor with each
+    range's gradient copied into its channels (the first range's by the kernel
+    that also writes zeros everywhere else, where the ranges leave channels
+    out or a range got no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        K, ranges = spec
+        ctx.set_materialize_grads(False)
+        ctx.spec, ctx.shape, ctx.cl = spec, tuple(x.shape), rt._is_cl(x)
+        return tuple(x[:, a:b] for a, b in ranges)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        K, ranges = ctx.spec
+        got = [(r, g) for r, g in zip(ranges, grads) if g is not None]
+        if not got:
+            return None, None
+        dx = rt.empty(ctx.shape, got[0][1], channels_last=ctx.cl)
+        covered = sum(b - a for (a, b), _ in got) == ctx.shape[1]
+        for i, ((a, b), g) in enumerate(got):
+            if i == 0 and not covered:
+                _ew.elementwise(_rt, K.elementwise, 10, g, dx, k0=a, k1=b)
+            else:
+                rt.copy(K, g, dx[:, a:b])
+        return dx, None
+
+
 def channel_shuffle(K, x, groups, out=None):
     """torchvision's channel_shuffle: out's channel j·groups + i is x's channel i·C/groups + j."""
     if out is None:

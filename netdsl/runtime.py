@@ -585,6 +585,17 @@ def channels(K, x, start, stop, at=""):
     return x[:, start:stop]
 
 
+def split_channels(K, x, ranges, at=""):
+    """x's channel ranges [start, stop), views; where a gradient is wanted, one
+    autograd Function whose backward writes their gradients side by side."""
+    for start, stop in ranges:
+        if x.dim() != 4 or x.shape[1] < stop:
+            raise ShapeError(f"{at}: channels({start}, {stop}) of an input of shape {list(x.shape)}")
+    if _grad.wanted(x):
+        return _grad.SplitChannelsFn.apply(x, (K, tuple(ranges)))
+    return tuple(x[:, a:b] for a, b in ranges)
+
+
 def channel_shuffle(K, x, groups, out=None, at=""):
     if x.dim() != 4 or x.shape[1] % groups:
         raise ShapeError(f"{at}: channel_shuffle in {groups} groups of an input of shape {list(x.shape)}")

@@ -21,6 +21,9 @@ SWITCHES = {
                          "the parts being stored interleaved in the concatenation's buffer (inference forward)",
     "depthwise_direct": "a depthwise conv runs the implicit GEMM instead of the direct depthwise kernels "
                         "(forward and backward)",
+    "split_channels": "a tensor read only as channel ranges (ShuffleNet's halves) is forked, each range's "
+                      "gradient written whole-size with zeros and the fork adding them, instead of one split "
+                      "writing the ranges' gradients side by side (training)",
     "gate_in_prologue": "a squeeze-and-excitation product x · gate is a launch of its own instead of being made "
                         "by its conv as it loads x (inference forward)",
     "combo": "a conv's input and weight gradients run as two launches instead of one",

@@ -115,12 +115,14 @@ def test_gradcheck_float64(spec):
 
 def test_kernels_compile_for_sm90_and_sm80(spec):
     from netdsl import aot
-    m = netdsl.build(spec, "Units")
-    kernels = aot.signatures(m, torch.randn(2, 8, 5, 6), train=True, backward=True)
+    kernels = []
+    for off in ((), ("split_channels",)):  # a split's gradient is copies; a channel range's alone, op 10's
+        m = netdsl.build(spec, "Units", disable=list(off))
+        kernels += aot.signatures(m, torch.randn(2, 8, 5, 6), train=True, backward=True)
     ops = {meta["OP"] for k, _, meta in kernels if k.fn.__name__ == "elementwise"}
-    assert {9, 10} <= ops  # the shuffle, and a channel range's gradient
+    assert {3, 9, 10} <= ops  # the copies of a split's gradient, the shuffle, and a channel range's gradient
     for kernel, sig, meta in kernels:
-        if kernel.fn.__name__ == "elementwise" and meta["OP"] in (9, 10):
+        if kernel.fn.__name__ == "elementwise" and meta["OP"] in (3, 9, 10):
             for arch in (90, 80):
                 info = aot.ptxas_info(aot.compile_one(kernel, sig, meta, arch), arch)
                 assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (meta["OP"], arch, info)

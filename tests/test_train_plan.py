@@ -17,6 +17,7 @@ from netdsl.plan.concat_in_place import concat_in_place_train
 from netdsl.plan.deferred_bn import deferred_bn
 from netdsl.plan.depthwise_direct import depthwise_direct_train
 from netdsl.plan.lower_train import lower_train
+from netdsl.plan.split_channels import split_channels
 from netdsl.plan.show import listing
 from twin import compare, grad_compare, twins
 
@@ -53,6 +54,26 @@ net Mixed input(4, 8, 8) {
         d: identity
     }
     dense: dense { for j in range(2) { layer{j}: { bn -> relu -> conv(4, 3, padding=1, bias=false) } } }
+    head: { global_avgpool -> flatten -> linear(5) }
+}
+
+block Half(c) {
+    concat {
+        channels(0, c // 2)
+        channels(c // 2, c) -> b: { conv(c // 2, 1, bias=false) -> bn -> relu }
+    }
+    channel_shuffle(2)
+}
+
+net Shuffle input(8, 6, 6) {
+    conv(8, 3, padding=1, bias=false) -> bn -> relu
+    u: Half(8)
+    head: { global_avgpool -> flatten -> linear(5) }
+}
+
+net Gap input(8, 6, 6) {  # channels 3 and 4 go unused: their gradient is 0
+    conv(8, 3, padding=1, bias=false) -> bn -> relu
+    concat { channels(0, 3) ; channels(5, 8) -> conv(3, 1) }
     head: { global_avgpool -> flatten -> linear(5) }
 }
 
@@ -199,6 +220,35 @@ t11 = linear(t10)  head.2
 return t11"""
 
 
+# ShuffleNet's halves: a fork, each half's channels step (whose gradient is whole-size, zeros in the other half)
+SHUFFLE_IN_PLACE = """\
+t1 = conv_bn_relu(x)  0 1 2
+t2, t3 = fork(t1)  u
+t4 = buffer(t1)  u
+t5 = channels(t3)  u.0
+t6 = channels(t2)  u.1
+t7 = conv_bn_relu(t6)  u.b.0 u.b.1 u.b.2  (into t4[4:])
+t8 = concat(t5, t7)  u  (into t4[0:])
+t9 = channel_shuffle(t8)  u.3
+t10 = global_avgpool(t9)  head.0
+t11 = flatten(t10)  head.1
+t12 = linear(t11)  head.2
+return t12"""
+
+# one split: its backward writes the halves' gradients side by side
+SHUFFLE_SPLIT = """\
+t1 = conv_bn_relu(x)  0 1 2
+t2, t3 = split(t1)  u.0 u.1
+t4 = buffer(t1)  u
+t5 = conv_bn_relu(t3)  u.b.0 u.b.1 u.b.2  (into t4[4:])
+t6 = concat(t2, t5)  u  (into t4[0:])
+t7 = channel_shuffle(t6)  u.3
+t8 = global_avgpool(t7)  head.0
+t9 = flatten(t8)  head.1
+t10 = linear(t9)  head.2
+return t10"""
+
+
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
     p = tmp_path_factory.mktemp("train_plan") / "blocks.net"
@@ -235,10 +285,19 @@ def test_depthwise_direct_before_and_after(spec):
     assert "t3 = bn_relu6(t1)  bn1 2  (defer)  (partials t2)\n" in listing(train_plan(checked_net(spec, "Depthwise")))
 
 
+def test_split_channels_before_and_after(spec):
+    p = concat_in_place_train(lowered(spec, "Shuffle"))
+    assert listing(p.renumbered()) == SHUFFLE_IN_PLACE
+    assert listing(split_channels(p).renumbered()) == SHUFFLE_SPLIT
+    assert listing(train_plan(checked_net(spec, "Shuffle"))) == SHUFFLE_SPLIT
+
+
 def test_each_pass_leaves_a_plan_without_its_pattern_alone(spec):
     lenet = lowered(str(ROOT / "specs" / "lenet.net"), "LeNet5")  # no batch norm, no join
-    for rewrite in (block_outputs, deferred_bn, concat_in_place_train, depthwise_direct_train):
+    for rewrite in (block_outputs, deferred_bn, concat_in_place_train, depthwise_direct_train, split_channels):
         assert rewrite(lenet) == lenet
+    mixed = lowered(spec, "Mixed")  # forks read by convs and pools, not channel ranges
+    assert split_channels(mixed) == mixed
     resnet = lowered(str(ROOT / "specs" / "resnet.net"), "ResNet18")  # no concatenation, no depthwise conv
     assert concat_in_place_train(resnet) == resnet and depthwise_direct_train(resnet) == resnet
     # a basic block starts with a 3×3 conv: nothing makes its input as it loads
@@ -249,11 +308,15 @@ def test_each_pass_leaves_a_plan_without_its_pattern_alone(spec):
 
 CASES = [("Blocks", ()), ("Mixed", ()), ("Depthwise", ()),
          ("Blocks", ("block_outputs",)), ("Blocks", ("deferred_bn",)), ("Mixed", ("concat_in_place",)),
-         ("Mixed", ("deferred_bn",)), ("Depthwise", ("depthwise_direct",))]
+         ("Mixed", ("deferred_bn",)), ("Depthwise", ("depthwise_direct",)), ("Shuffle", ()),
+         ("Shuffle", ("split_channels",)), ("Gap", ())]
 
 
 # (the default plans of Mixed and Depthwise are the ones the fork, dense-block and depthwise tests run)
-@pytest.mark.parametrize("name,off", [c if c == CASES[0] else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
+FAST = (("Blocks", ()), ("Shuffle", ()))
+
+
+@pytest.mark.parametrize("name,off", [c if c in FAST else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
                          ids=[f"{n}-{'-'.join(o) or 'all'}" for n, o in CASES])
 def test_each_plan_computes_what_torch_does(spec, name, off):
     """The module with every pass, and without each in turn: outputs and gradients as torch's."""

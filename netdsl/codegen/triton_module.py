@@ -193,6 +193,10 @@ def _train_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
         x = reads[0] if reads else None
         if op == "fork":
             lines.append(f"{', '.join(step.outs)} = rt.fork(K, {x}, {len(step.outs)})")
+        elif op == "split":
+            ranges = tuple((l.attrs["start"], l.attrs["stop"]) for l in u)
+            at = ", ".join(f"{l.name} ({where(l)})" for l in u)
+            lines.append(f"{', '.join(step.outs)} = rt.split_channels(K, {x}, {ranges!r}, at={at!r})")
         elif op == "buffer":
             what = "dense block" if isinstance(u, ir.Dense) else "concat"
             lines.append(f"{v} = rt.concat_buffer({x}, {plan.value(v).shape[0]}, {x}.shape[2], {x}.shape[3])  "

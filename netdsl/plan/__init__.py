@@ -3,6 +3,7 @@
     graph --fuse--> fused graph --lower--> plan --shuffle_in_concat--> plan
           --depthwise_direct--> plan --gate_in_prologue--> plan --concat_in_place--> plan
     fused graph --split_input_activations--> --lower_train--> plan --concat_in_place_train--> plan
+          --split_channels--> plan
           --depthwise_direct_train--> plan --block_outputs--> plan --deferred_bn--> plan
 
 Each pass is a pure function; `inference_plan` and `train_plan` list them
@@ -22,6 +23,7 @@ from .deferred_bn import deferred_bn
 from .depthwise_direct import depthwise_direct, depthwise_direct_train
 from .gate_in_prologue import gate_in_prologue
 from .shuffle_in_concat import shuffle_in_concat
+from .split_channels import split_channels
 from .ir import Plan
 from .lower import lower
 from .lower_train import lower_train
@@ -47,6 +49,8 @@ def train_plan(net: ir.Net, disable=frozenset(), fused: bool = False) -> Plan:
     p = lower_train(g)  # one step per autograd Function; a fork where a tensor has several consumers
     if "concat_in_place" not in disable:
         p = concat_in_place_train(p)  # convs store a concatenation's parts and dense features in its buffer
+    if "split_channels" not in disable:
+        p = split_channels(p)  # a fork read only by channel ranges: one split, its gradients written side by side
     if "depthwise_direct" not in disable:
         p = depthwise_direct_train(p)  # depthwise convs by the direct kernel; their BN and act by the kernels after
     if "block_outputs" not in disable:

@@ -29,7 +29,7 @@ class Step:
     """One call of the generated forward: a launch, or an allocation (buffer)."""
 
     op: str  # the runtime function called: conv, linear, batchnorm, activation, add, copy, pool, ..., buffer
-    unit: object  # what it covers: an ir.Fused, ir.Layer, ir.Join or ir.Dense
+    unit: object  # what it covers: an ir.Fused, ir.Layer, ir.Join or ir.Dense (a split: its channels layers)
     reads: tuple[str, ...]  # the input, then a residual or second operand
     out: str
     in_place: bool = False  # a buffer whose parts may be stored in it by their producers (they keep its size)
@@ -48,6 +48,8 @@ class Step:
         u = self.unit
         if isinstance(u, ir.Fused):
             return u.layers + ((u.act,) if u.act is not None else ())
+        if isinstance(u, tuple):  # (a split's: its channels layers)
+            return u
         return (u,) if isinstance(u, ir.Layer) else ()
 
     @property
