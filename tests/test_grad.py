@@ -14,14 +14,15 @@ GRADCHECK = [c for c in CONFIGS if "dropout" not in c[2]]
 
 def _gradcheck_cases():
     """Every family in train mode in the default run; the random convs (the
-    slowest under the interpreter in float64), the deferred batch norms (the
-    default run has test_deferred_bn.py's comparisons with torch) and eval
+    slowest under the interpreter in float64), the deferred batch norms and
+    projection shortcuts (the default run has test_deferred_bn.py's
+    comparisons with torch), dense blocks (test_fork_grads.py's) and eval
     mode in the slow run."""
     cases = []
     for name, shape, body in GRADCHECK:
         for mode in ("train", "eval"):
             slow = mode == "eval" or (name.startswith("Conv") and name not in ("Conv0", "ConvT0")) \
-                or name in ("Depthwise", "Wide", "Deferred")
+                or name in ("Depthwise", "Wide", "Deferred", "Dense", "ResidualProj")
             marks = [pytest.mark.slow] if slow else []
             cases.append(pytest.param(name, shape, body, mode, marks=marks, id=f"{name}-{mode}"))
     return cases

@@ -5,6 +5,7 @@ statistics, and parameter gradients that add up to its."""
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -116,6 +117,7 @@ def test_two_synchronised_processes_equal_one_on_the_whole_batch(tmp_path_factor
     assert not _close(plain[0][3]["1.running_mean"], state["1.running_mean"], 1e-3)
 
 
+@pytest.mark.slow
 def test_the_synchronised_kernels_compile_for_sm90_and_sm80(tmp_path, monkeypatch):
     """What a synchronised step launches besides the rest (this process's
     statistics kept, the finishes from the all-gathered and all-reduced

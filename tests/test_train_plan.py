@@ -307,16 +307,14 @@ def test_each_pass_leaves_a_plan_without_its_pattern_alone(spec):
 
 
 CASES = [("Blocks", ()), ("Mixed", ()), ("Depthwise", ()),
-         ("Blocks", ("block_outputs",)), ("Blocks", ("deferred_bn",)), ("Mixed", ("concat_in_place",)),
-         ("Mixed", ("deferred_bn",)), ("Depthwise", ("depthwise_direct",)), ("Shuffle", ()),
+         ("Blocks", ("block_outputs",)), ("Mixed", ("concat_in_place",)), ("Mixed", ("deferred_bn",)),
+         ("Depthwise", ("depthwise_direct",)), ("Shuffle", ()),
          ("Shuffle", ("split_channels",)), ("Gap", ())]
 
 
-# (the default plans of Mixed and Depthwise are the ones the fork, dense-block and depthwise tests run)
-FAST = (("Blocks", ()), ("Shuffle", ()))
-
-
-@pytest.mark.parametrize("name,off", [c if c in FAST else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
+# (slow: the default plans are the ones the deferred-BN, fork, dense-block, depthwise and ShuffleNet tests run)
+@pytest.mark.slow
+@pytest.mark.parametrize("name,off", CASES,
                          ids=[f"{n}-{'-'.join(o) or 'all'}" for n, o in CASES])
 def test_each_plan_computes_what_torch_does(spec, name, off):
     """The module with every pass, and without each in turn: outputs and gradients as torch's."""
