@@ -182,13 +182,8 @@ def _train_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
     """The training forward: one line a step of its plan (plan.train_plan),
     each an autograd Function with Triton backward kernels; the steps that
     feed only training's outputs under `if self.training:`."""
-    lines, guarded, prev = [], False, None
-    for step in plan.steps:
-        if step.training_only != guarded:
-            guarded = step.training_only
-            if guarded:
-                lines.append("if self.training:  # (what only training's outputs need)")
-        start = len(lines)
+    def step_lines(step, prev):
+        lines = []
         v, u, op, reads = step.out, step.unit, step.op, step.reads
         x = reads[0] if reads else None
         if op == "fork":
@@ -223,10 +218,23 @@ def _train_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
             lines += _train_fused_lines(step, kernels)
         else:
             lines.append(_layer_line(u, kernels, v, x, "", train=True, size_of=reads[1] if len(reads) > 1 else None))
-        if guarded:
-            lines[start:] = ["    " + line for line in lines[start:]]
+        return lines
+
+    return _guarded(plan, step_lines), returned(plan.outputs, str, plan.result)
+
+
+def _guarded(plan, step_lines) -> list[str]:
+    """step_lines(step, the step before) for each step of plan, in order; the
+    steps that feed only training's outputs under `if self.training:`."""
+    lines, guarded, prev = [], False, None
+    for step in plan.steps:
+        if step.training_only != guarded:
+            guarded = step.training_only
+            if guarded:
+                lines.append("if self.training:  # (what only training's outputs need)")
+        lines += ["    " + line if guarded else line for line in step_lines(step, prev)]
         prev = step
-    return lines, returned(plan.outputs, str, plan.result)
+    return lines
 
 
 def _train_fused_lines(step, kernels: _Kernels) -> list[str]:
@@ -254,13 +262,8 @@ def _train_fused_lines(step, kernels: _Kernels) -> list[str]:
 def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
     """The inference forward: one line a step of the plan (plan/), in its order;
     the steps that feed only training's outputs under `if self.training:`."""
-    lines, guarded = [], False
-    for step in plan.steps:
-        if step.training_only != guarded:
-            guarded = step.training_only
-            if guarded:
-                lines.append("if self.training:  # (what only training's outputs need)")
-        start = len(lines)
+    def step_lines(step, _):
+        lines = []
         v = plan.value(step.out)
         reads = [plan.ref(r) for r in step.reads]
         x = reads[0]
@@ -280,9 +283,9 @@ def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
                                   gate=reads[-1] if "gate" in step.prologue else None)
         else:
             lines.append(_layer_line(u, kernels, v.name, x, o, size_of=reads[1] if len(reads) > 1 else None))
-        if guarded:
-            lines[start:] = ["    " + line for line in lines[start:]]
-    return lines, returned(plan.outputs, plan.ref, plan.ref(plan.result))
+        return lines
+
+    return _guarded(plan, step_lines), returned(plan.outputs, plan.ref, plan.ref(plan.result))
 
 
 def _act_args(act) -> str:

@@ -63,6 +63,8 @@ class _Lower:
         return out
 
     def emit(self, node, x: str) -> str:
+        """Steps computing node(x); the value they leave.  (The training lowering,
+        lower_train.py, shares this walk and has its own layer, join, concat and dense.)"""
         if isinstance(node, ir.Seq):
             for item in node.items:
                 x = self.emit(item, x)
@@ -72,29 +74,32 @@ class _Lower:
             reads = (x, self.residual[-1]) if node.residual else (x,)
             return self.put(op, node, reads, node.out_shape)
         if isinstance(node, ir.Layer):
-            if node.op == "identity":
-                return x
-            if node.op == "name":
-                self.named[node.attrs["tensor"]] = x
-                return x
-            if node.op == "read":
-                return self.named[node.attrs["tensor"]]
-            if node.op == "upsample" and node.attrs.get("like"):  # (reads the named tensor's size)
-                return self.put("upsample", node, (x, self.named[node.attrs["like"]]), node.out_shape)
-            if node.op == "channels":  # a view of x's channels: no launch, its readers address it by strides
-                return self.new(node.out_shape, base=x, c0=node.attrs["start"])
-            op = _LAYER_OPS.get(node.op)
-            if op is None:
-                raise AssertionError(f"unfused {node.op}")
-            # elementwise ops keep their input's layout
-            keeps = self.values[x].nchw and op in ("activation", "dropout", "softmax", "layernorm", "groupnorm",
-                                                   "layer_scale", "channel_shuffle")
-            return self.put(op, node, (x,), node.out_shape, nchw=keeps or op == "flatten")
+            return self.layer(node, x)
         if isinstance(node, ir.Join):
             return self.join(node, x)
         if isinstance(node, ir.Dense):
             return self.dense(node, x)
         raise AssertionError(type(node).__name__)
+
+    def layer(self, node: ir.Layer, x: str) -> str:
+        if node.op == "identity":
+            return x
+        if node.op == "name":
+            self.named[node.attrs["tensor"]] = x
+            return x
+        if node.op == "read":
+            return self.named[node.attrs["tensor"]]
+        if node.op == "upsample" and node.attrs.get("like"):  # (reads the named tensor's size)
+            return self.put("upsample", node, (x, self.named[node.attrs["like"]]), node.out_shape)
+        if node.op == "channels":  # a view of x's channels: no launch, its readers address it by strides
+            return self.new(node.out_shape, base=x, c0=node.attrs["start"])
+        op = _LAYER_OPS.get(node.op)
+        if op is None:
+            raise AssertionError(f"unfused {node.op}")
+        # elementwise ops keep their input's layout
+        keeps = self.values[x].nchw and op in ("activation", "dropout", "softmax", "layernorm", "groupnorm",
+                                               "layer_scale", "channel_shuffle")
+        return self.put(op, node, (x,), node.out_shape, nchw=keeps or op == "flatten")
 
     def join(self, j: ir.Join, x: str) -> str:
         if j.kind == "concat":

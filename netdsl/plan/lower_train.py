@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .. import ir
 from .ir import Plan, Step, Value
-from .lower import _LAYER_OPS, training_only
+from .lower import _LAYER_OPS, _Lower, training_only
 
 
 def uses(net: ir.Net) -> dict:
@@ -29,7 +29,9 @@ def uses(net: ir.Net) -> dict:
     return count
 
 
-class _LowerTrain:
+class _LowerTrain(_Lower):
+    """The inference lowering's walk (emit) with the training forward's steps."""
+
     def __init__(self, net: ir.Net):
         self.steps: list[Step] = []
         self.values = {"x": Value("x", tuple(net.input_shape), nchw=True)}
@@ -59,23 +61,6 @@ class _LowerTrain:
         self.steps.append(Step("fork", unit, (x,), names[0], training_only=self.training, outs=names))
         return list(names[::-1])
 
-    def emit(self, node, x: str) -> str:
-        if isinstance(node, ir.Seq):
-            for item in node.items:
-                x = self.emit(item, x)
-            return x
-        if isinstance(node, ir.Fused):
-            op = {"conv": "conv", "linear": "linear", "bn": "batchnorm"}[node.kind]
-            reads = (x, self.residual[-1]) if node.residual else (x,)
-            return self.put(op, node, reads, node.out_shape)
-        if isinstance(node, ir.Layer):
-            return self.layer(node, x)
-        if isinstance(node, ir.Join):
-            return self.concat(node, x) if node.kind == "concat" else self.join(node, x)
-        if isinstance(node, ir.Dense):
-            return self.dense(node, x)
-        raise AssertionError(type(node).__name__)
-
     def layer(self, l: ir.Layer, x: str) -> str:
         if l.op == "identity":
             return x
@@ -90,6 +75,8 @@ class _LowerTrain:
         return self.put(_LAYER_OPS.get(l.op, l.op), l, reads, l.out_shape)
 
     def join(self, j: ir.Join, x: str) -> str:
+        if j.kind == "concat":
+            return self.concat(j, x)
         xs = self.fork(j, x, len(j.branches))  # (branch i takes xs[i])
         if j.fused:  # the add happens in the epilogue of the body's last kernel
             body, short = j.branches
