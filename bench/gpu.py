@@ -11,7 +11,8 @@ Rows (median of CUDA-event timings after warm-up, milliseconds):
   (train-mode BN) and forward+backward;
 - ResNet-50 and VGG-16: inference (eval, BN folded) and one training step
   (forward, backward, SGD step), fp32 (TF32 allowed) and bf16 (autocast),
-  channels_last;
+  channels_last; the training step also captured in a CUDA graph and
+  replayed (netdsl-cudagraph: no launch overhead left);
 against eager PyTorch on the --target torch twin, torch.compile (default) and,
 with --max-autotune, mode="max-autotune" (with inductor freezing for
 inference, so Inductor folds BN too).  --tune SECONDS first tunes ResNet-50's
@@ -277,11 +278,40 @@ def net_rows(rows, batch, compile_modes):
             combo0.train(), add0.train()
             t["netdsl-combo0"] = timed(step(combo0), reps=5)  # each conv's dgrad and wgrad launched apart
             t["netdsl-add0"] = timed(step(add0), reps=5)  # every weight gradient by its wgrad's programs
+            if dev == "cuda":
+                t["netdsl-cudagraph"] = timed(graphed_step(tri, x, y, dtype), reps=5)
             if TUNED:
                 t["netdsl-untuned"] = timed(untuned(step(tri)), reps=5)
             for cm in compile_modes:
                 t[cm] = timed(step(torch.compile(ref, mode=None if cm == "compile" else cm)), reps=5)
             rows.append(("net", f"{net} train step {dname} b{batch}", t, None, None))
+
+
+def graphed_step(m, x, y, dtype):
+    """m's training step on x, y (SGD with momentum) captured in a CUDA graph,
+    after warm-up steps on a side stream; returns its replay."""
+    dev = RUN["device"]
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+    def once():
+        # (autocast's cast cache would hold tensors from outside the graph)
+        with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+            loss = F.cross_entropy(m(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            once()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        once()
+    return graph.replay
 
 
 def tune_rows(rows, batch, budget):
