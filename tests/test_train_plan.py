@@ -306,13 +306,11 @@ def test_each_pass_leaves_a_plan_without_its_pattern_alone(spec):
     assert block_outputs(mixed) == mixed
 
 
-CASES = [("Blocks", ()), ("Mixed", ()), ("Depthwise", ()),
-         ("Blocks", ("block_outputs",)), ("Mixed", ("concat_in_place",)), ("Mixed", ("deferred_bn",)),
-         ("Depthwise", ("depthwise_direct",)), ("Shuffle", ()),
-         ("Shuffle", ("split_channels",)), ("Gap", ())]
+# (each pass on: the default plans, which the deferred-BN, fork, dense-block, depthwise and ShuffleNet tests
+# run; all the switches off at once: test_switches.py)
+CASES = [("Blocks", ("block_outputs",)), ("Mixed", ("deferred_bn",)), ("Shuffle", ("split_channels",)), ("Gap", ())]
 
 
-# (slow: the default plans are the ones the deferred-BN, fork, dense-block, depthwise and ShuffleNet tests run)
 @pytest.mark.slow
 @pytest.mark.parametrize("name,off", CASES,
                          ids=[f"{n}-{'-'.join(o) or 'all'}" for n, o in CASES])
