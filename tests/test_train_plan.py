@@ -1,7 +1,8 @@
 """The plan of the training (autograd) forward (netdsl/plan/, train_plan):
-each of its passes stated as plan text before and after, a plan it leaves
-alone, and gradients against torch with the pass on and off; and the
-generated forward_autograd as the plan's own lines."""
+each of its passes stated as plan text before and after, and a plan it
+leaves alone; gradients against torch with a pass off (with every pass on,
+the default plans, the other test files check them); and the generated
+forward_autograd as the plan's own lines."""
 import re
 
 import pytest
