@@ -172,7 +172,7 @@ class _Progress:
 
 
 def train(opts: Options, log=print) -> EpochResult:
-    from .cache import build
+    from . import build
 
     torch.manual_seed(opts.seed)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -189,9 +189,7 @@ def _train(opts: Options, log, build, device, group) -> EpochResult:
         device = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(device)
     dataset = D.load(opts.data, seed=opts.seed)
-    model = build(opts.file, opts.net, **opts.overrides).to(device)
-    if opts.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = build(opts.file, opts.net, sync_bn=opts.sync_bn, **opts.overrides).to(device)
     input_shape = tuple(model.input_shape)
     if len(input_shape) != 3:
         raise TrainError(f"{opts.net} takes [N, {input_shape[0]}] features; training needs an image network [N, C, H, W]")
