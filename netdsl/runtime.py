@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from . import grad as _grad
 from .kernels import depthwise as _dw
 from .kernels import elementwise as _ew
+from .kernels import gate as _gate
 from .kernels import groupnorm as _gn
 from .kernels import layernorm as _ln
 from .kernels import norm as _norm
@@ -215,7 +216,8 @@ def conv(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, o
                         act=act, slope=slope, **kw)
 
 
-def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, stats=None, at=""):
+def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=None, out=None, stats=None,
+              pool=False, at=""):
     """A depthwise conv [+ BN] [+ residual] [+ act] by the direct kernel.
     Eval: BN folded into the epilogue.  Train mode without gradients: the
     conv with its bias and the BN statistics' per-tile sums in its epilogue,
@@ -224,7 +226,15 @@ def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=No
     the generated code runs its batch norm next.  Given stats (True or
     False: the module's training mode) it returns (out, partials): with True
     the per-tile sums that batch norm takes its statistics from
-    (rt.batchnorm's partials), so it never reads out for them; else None."""
+    (rt.batchnorm's partials), so it never reads out for them; else None.
+    pool (the inference plan's se_gate, no gradients): it returns (out,
+    sums), sums the per-tile sums of out that se_gate pools (None where a
+    train-mode batch norm after the conv makes out: se_gate pools out)."""
+    if pool:
+        if _grad.wanted(x, layer.weight, layer.bias) or stats is not None:
+            raise AssertionError(f"{at}: a depthwise conv leaves pool sums in the inference forward only")
+        if bn is not None and (bn.training or bn.running_mean is None):
+            return depthwise(K, kernel, layer, x, bn=bn, act=act, slope=slope, residual=residual, out=out, at=at), None
     _channels(x, layer.in_channels, at)
     Ho, Wo = _spatial(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, False, at)
     shape = (x.shape[0], layer.out_channels, Ho, Wo)
@@ -250,16 +260,44 @@ def depthwise(K, kernel, layer, x, *, bn=None, act=None, slope=0.01, residual=No
     if out is None:
         out = empty(shape, x)
     if bn is None:
-        _dw.depthwise2d(_rt, kernel, x, weight, out, shift=layer.bias, residual=residual, act=act, slope=slope)
-    elif bn.training or bn.running_mean is None:
+        sums = _dw.depthwise2d(_rt, kernel, x, weight, out, shift=layer.bias, residual=residual, act=act, slope=slope,
+                               pool=pool)
+        return (out, sums) if pool else out
+    if bn.training or bn.running_mean is None:
         raw = empty(shape, x)
         partials = _dw.depthwise2d(_rt, kernel, x, weight, raw, shift=layer.bias, stats=True)
         scale, shift, mean, _ = _bn_scale_shift(K, bn, raw, True, partials=partials)
         _norm.channel_affine(_rt, K.channel_affine, raw, scale, shift, out, residual, act, slope, center=mean)
     else:
         scale, shift, _, _ = _bn_scale_shift(K, bn, out, False, conv_bias=layer.bias)
-        _dw.depthwise2d(_rt, kernel, x, weight, out, scale=scale, shift=shift, residual=residual, act=act,
-                        slope=slope)
+        sums = _dw.depthwise2d(_rt, kernel, x, weight, out, scale=scale, shift=shift, residual=residual, act=act,
+                               slope=slope, pool=pool)
+        return (out, sums) if pool else out
+    return out
+
+
+def se_gate(K, x, sums, squeeze, excite, *, act1=None, act2=None, slope1=0.01, slope2=0.01, at=""):
+    """A squeeze-and-excitation gate [N, C, 1, 1] of x in one launch (the
+    inference plan's se_gate): its global average pool, the squeeze conv
+    and act1, the excite conv and act2.  sums: the per-tile sums of x its
+    depthwise conv left (rt.depthwise's pool), or None to pool x itself."""
+    N, C, H, W = x.shape
+    if _grad.wanted(x, squeeze.weight, excite.weight):
+        raise AssertionError(f"{at}: a fused gate runs in the inference forward only")
+    _channels(x, squeeze.in_channels, at)
+    if sums is not None:
+        src, count = sums.transpose(1, 2), H * W  # [N, C, tiles]
+    elif H == 1 or W == 1 or x.stride(2) == W * x.stride(3):  # the pixels as one strided dimension
+        src = x.as_strided((N, C, H * W), (x.stride(0), x.stride(1), x.stride(3) if W > 1 else x.stride(2)),
+                           x.storage_offset())
+        count = H * W
+    else:
+        src, count = adaptive_avgpool(K, x, (1, 1), at=at).view(N, C, 1), 1
+    w1, w2 = squeeze.weight, excite.weight
+    out = torch.empty((N, C, 1, 1), device=x.device, dtype=x.dtype)
+    _gate.se_gate(_rt, K.se_gate, src, count, (w1.view(w1.shape[0], w1.shape[1]), squeeze.bias),
+                  (w2.view(w2.shape[0], w2.shape[1]), excite.bias), out, act1=act1, act2=act2, slope1=slope1,
+                  slope2=slope2)
     return out
 
 

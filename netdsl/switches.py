@@ -26,6 +26,9 @@ SWITCHES = {
                       "writing the ranges' gradients side by side (training)",
     "gate_in_prologue": "a squeeze-and-excitation product x · gate is a launch of its own instead of being made "
                         "by its conv as it loads x (inference forward)",
+    "se_gate": "a squeeze-and-excitation gate after a depthwise conv runs as three launches (pool, squeeze conv, "
+               "excite conv), the pool reading the conv's output, instead of one launch pooling the per-tile sums "
+               "the depthwise conv's epilogue left (inference forward)",
     "combo": "a conv's input and weight gradients run as two launches instead of one",
     "wgrad_add": "a 1×1 stride-1 conv's weight gradient is summed by its own programs instead of added into by "
                  "its dgrad's (atomic adds)",

@@ -20,7 +20,7 @@ def test_unknown_names_and_unmet_needs_are_one_line_errors(tmp_path):
     assert rc == 2 and not (tmp_path / "x.py").exists()
     assert err == ("netdsl: error: --disable grid_merges: no such fusion; the fusions are "
                    "deferred_bn, block_outputs, grid_merge, concat_in_place, shuffle_in_concat, depthwise_direct, "
-                   "split_channels, gate_in_prologue, "
+                   "split_channels, gate_in_prologue, se_gate, "
                    "combo, wgrad_add\n")
     rc, _, err = run("compile", "specs/lenet.net", "--disable", "combo", "-o", str(tmp_path / "x.py"))
     assert rc == 2

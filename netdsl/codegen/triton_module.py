@@ -8,6 +8,7 @@ from ..diagnostics import Diagnostic, NetdslError
 from ..kernels import conv as kconv
 from ..kernels import depthwise as kdw
 from ..kernels import elementwise as kew
+from ..kernels import gate as kgate
 from ..kernels import groupnorm as kgn
 from ..kernels import layernorm as kln
 from ..kernels import norm as knorm
@@ -36,6 +37,7 @@ GENERIC = {  # kernels with nothing spec-specific; one copy per file
     "groupnorm": kgn.GROUPNORM,
     "groupnorm_backward": kgn.GROUPNORM_BACKWARD,
     "depthwise_wgrad_sum": kdw.DEPTHWISE_WGRAD_SUM,
+    "se_gate": kgate.SE_GATE,
     "bn_sync_finish": knorm.BN_SYNC_FINISH,
     "bn_grad_sync_finish": knorm.BN_GRAD_SYNC_FINISH,
 }
@@ -103,6 +105,7 @@ _GENERIC_DOC = {
     "groupnorm": "group norm: one program per sample and group",
     "groupnorm_backward": "backward of group norm: dx, and each sample's per-channel sums for dγ and dβ",
     "depthwise_wgrad_sum": "backward of a depthwise conv: its weight and bias gradients from per-program partials",
+    "se_gate": "a squeeze-and-excitation gate: global average pool, squeeze and excite 1×1 convs, one program a sample",
     "bn_sync_finish": "a batch norm synchronised over processes: the global batch's statistics from each process's",
     "bn_grad_sync_finish": "its backward: the input gradient's coefficients from the sums all-reduced over processes",
 }
@@ -278,9 +281,11 @@ def _plan_lines(plan, kernels: _Kernels) -> tuple[list[str], str]:
             lines.append(f"rt.copy(K, {x}, {plan.ref(v.name)})")
         elif op in ("add", "mul"):
             lines.append(f"{v.name} = rt.{op}(K, {x}, {reads[1]}{o}, at={(u.name or op) + ' (' + where(u) + ')'!r})")
+        elif op == "se_gate":
+            lines += _gate_lines(u, v.name, x, reads[1])
         elif isinstance(u, ir.Fused):
-            lines += _fused_lines(u, kernels, v.name, x, reads[1] if u.residual else None, o, op,
-                                  gate=reads[-1] if "gate" in step.prologue else None)
+            lines += _fused_lines(u, kernels, ", ".join(step.outs) or v.name, x, reads[1] if u.residual else None, o,
+                                  op, gate=reads[-1] if "gate" in step.prologue else None, pool=bool(step.outs))
         else:
             lines.append(_layer_line(u, kernels, v.name, x, o, size_of=reads[1] if len(reads) > 1 else None))
         return lines
@@ -295,7 +300,21 @@ def _act_args(act) -> str:
     return f", act={name!r}" + "".join(f", {k}={v!r}" for k, v in extra.items())
 
 
-def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv", gate=None) -> list[str]:
+def _gate_lines(g, v, x, sums) -> list[str]:
+    """plan/se_gate.py's step: the pool and both convs of a squeeze-and-excitation gate in one launch."""
+    acts = ""
+    for i, f in enumerate((g.squeeze, g.excite), 1):
+        if f.act is not None:
+            name, extra = act_kernel_args(f.act.op, f.act.attrs)
+            acts += f", act{i}={name!r}" + "".join(f", {k}{i}={val!r}" for k, val in extra.items())
+    chain = " -> ".join(l.name for l in g.layers)
+    at = f"{g.pool.name} ({where(g.pool)})"
+    return [f"# {chain}  ({where(g.pool)})",
+            f"{v} = rt.se_gate(K, {x}, {sums}, self.layer({g.squeeze.main.name!r}), "
+            f"self.layer({g.excite.main.name!r}){acts}, at={at!r})"]
+
+
+def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv", gate=None, pool=False) -> list[str]:
     main = f.main
     at = f"{main.name} ({where(main)})"
     act = _act_args(f.act)
@@ -306,7 +325,9 @@ def _fused_lines(f: ir.Fused, kernels: _Kernels, v, x, residual, o, op="conv", g
         consts.pop("GROUPS")
         kern = kernels.get(kdw.DEPTHWISE2D, "depthwise_" + f.describe(), _chain_text(f), main.name, **consts)
         bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""
-        return [head, f"{v} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{o}, at={at!r})"]
+        pooled = ", pool=True" if pool else ""  # (it returns the output and its per-tile sums: plan/se_gate.py)
+        return [head, f"{v} = rt.depthwise(K, {kern}, self.layer({main.name!r}), {x}{bn}{res}{act}{o}{pooled}, "
+                      f"at={at!r})"]
     if f.kind == "conv":
         kern = kernels.get(kconv.CONV2D, f.describe(), _chain_text(f), main.name, **_conv_consts(main.attrs))
         bn = f", bn=self.layer({f.bn.name!r})" if f.bn is not None else ""

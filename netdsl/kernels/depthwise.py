@@ -24,11 +24,22 @@ from .norm import reduce_dtype
 
 PIXEL_TILE = r'''
 @triton.jit
-def $NAME(N, C, H, W, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def $NAME(N, C, H, W, PER_SAMPLE: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # this program's [BLOCK_M pixels of an N×H×W grid, BLOCK_C channels]: (n, h, w, channels, pixel mask,
-    # channel mask); offsets in int64 past 2^31 elements
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # channel mask); offsets in int64 past 2^31 elements.  PER_SAMPLE: no tile spans two samples (each
+    # sample's H·W pixels take cdiv(H·W, BLOCK_M) programs), so a tile's sums over its pixels are one sample's
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if PER_SAMPLE:
+        tiles = tl.cdiv(H * W, BLOCK_M)
+        offs_p = (tl.program_id(0) % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.zeros((BLOCK_M,), dtype=tl.int32) + tl.program_id(0) // tiles
+        p_mask = offs_p < H * W
+        if IDX64:
+            offs_p = offs_p.to(tl.int64)
+            n = n.to(tl.int64)
+            offs_c = offs_c.to(tl.int64)
+        return n, offs_p // W, offs_p % W, offs_c, p_mask, offs_c < C
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
         offs_m = offs_m.to(tl.int64)
         offs_c = offs_c.to(tl.int64)
@@ -46,10 +57,13 @@ def $NAME(
     sxn, sxc, sxh, sxw, swc, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
     # meta-parameters
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
-    ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    POOL: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # POOL (not with STATS): each tile also stores its per-channel sum of the stored output in row
+    # program_id(0) of psum ([N, tiles per sample, C]: the tiles are per sample), for a global average pool
+    # of y (a squeeze-and-excitation's) that then reads those sums instead of y
     $GEOMETRY
-    n, oh, ow, offs_c, m_mask, c_mask = pixel_tile(N, C, Ho, Wo, IDX64, BLOCK_M, BLOCK_C)
+    n, oh, ow, offs_c, m_mask, c_mask = pixel_tile(N, C, Ho, Wo, POOL, IDX64, BLOCK_M, BLOCK_C)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
@@ -83,6 +97,9 @@ def $NAME(
         d = tl.where(mask, v - (sm / cnt)[None, :], 0.0)
         tl.store(psum_ptr + tl.program_id(0) * C + offs_c, sm, mask=c_mask)
         tl.store(pm2_ptr + tl.program_id(0) * C + offs_c, tl.sum(d * d, axis=0), mask=c_mask)
+    if POOL:
+        PS = psum_ptr.dtype.element_ty
+        tl.store(psum_ptr + tl.program_id(0) * C + offs_c, tl.sum(tl.where(mask, y.to(PS), 0.0), axis=0), mask=c_mask)
 '''
 
 DEPTHWISE2D_DGRAD = r'''
@@ -99,7 +116,7 @@ def $NAME(
 ):
     $GEOMETRY
     # [BLOCK_M input pixels, BLOCK_C channels]: each gathers dy·w over the outputs whose window held it
-    n, ih, iw, offs_c, m_mask, c_mask = pixel_tile(N, C, H, W, IDX64, BLOCK_M, BLOCK_C)
+    n, ih, iw, offs_c, m_mask, c_mask = pixel_tile(N, C, H, W, False, IDX64, BLOCK_M, BLOCK_C)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for kh in range(KH):
         th = ih + PH - kh * DH
@@ -133,7 +150,7 @@ def $NAME(
     # this program's [BLOCK_M output pixels] share of each channel's weight gradient, tap by tap, and of its
     # bias gradient: row program_id(0) of the partials, laid out [C, KH·KW + 1]
     TAPS: tl.constexpr = KH * KW
-    n, oh, ow, offs_c, m_mask, c_mask = pixel_tile(N, C, Ho, Wo, IDX64, BLOCK_M, BLOCK_C)
+    n, oh, ow, offs_c, m_mask, c_mask = pixel_tile(N, C, Ho, Wo, False, IDX64, BLOCK_M, BLOCK_C)
     mask = m_mask[:, None] & c_mask[None, :]
     dy = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + offs_c[None, :] * sdc, mask=mask,
                  other=0.0).to(ACC)
@@ -183,33 +200,47 @@ def is_depthwise(attrs) -> bool:
 
 
 def _tiles(rt, x, M, C):
-    if rt.gpu_tiles(x):
+    return tile_sizes(rt.gpu_tiles(x), M, C)
+
+
+def tile_sizes(on_gpu, M, C):
+    """(BLOCK_M, BLOCK_C) of M pixels and C channels."""
+    if on_gpu:
         return 32, max(16, min(64, triton.next_power_of_2(C)))
     # the interpreter runs each program in Python: few, large tiles
     bc = min(512, triton.next_power_of_2(C))
     return max(2, min((1 << 16) // bc, triton.next_power_of_2(M))), bc
 
 
+def pool_tiles(on_gpu, HW, C) -> int:
+    """The rows of pool sums a sample of HW output pixels and C channels gets (depthwise2d's pool)."""
+    return triton.cdiv(HW, tile_sizes(on_gpu, HW, C)[0])
+
+
 def depthwise2d(rt, kernel, x, weight, out, scale=None, shift=None, residual=None, act=None, slope=0.01,
-                stats=False):
+                stats=False, pool=False):
     """out[N, C, Ho, Wo] = act(depthwise_conv(x, weight) · scale + shift + residual).  With stats, returns
-    (psum, pm2, tile): the per-tile partial sums norm.bn_stats merges into batch statistics."""
+    (psum, pm2, tile): the per-tile partial sums norm.bn_stats merges into batch statistics.  With pool,
+    returns sums[N, T, C]: each sample's T tiles' per-channel sums of out (gate.se_gate's input)."""
+    assert not (stats and pool), "a tile's pool sums are a sample's; its statistics' tiles span samples"
     N, C, H, W = x.shape
     Ho, Wo = out.shape[2], out.shape[3]
     M = N * Ho * Wo
-    bm, bc = _tiles(rt, x, M, C)
+    bm, bc = _tiles(rt, x, Ho * Wo if pool else M, C)
     r = residual if residual is not None else out
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    grid = (N * triton.cdiv(Ho * Wo, bm) if pool else triton.cdiv(M, bm), triton.cdiv(C, bc))
     psum = pm2 = out
     if stats:
         psum, pm2 = (torch.empty((grid[0], C), device=x.device, dtype=reduce_dtype(rt, x)) for _ in range(2))
+    if pool:
+        psum = torch.empty((N, grid[0] // N, C), device=x.device, dtype=reduce_dtype(rt, x))
     rt.launch(kernel, grid, x, weight,
               scale if scale is not None else out, shift if shift is not None else out, r, out, psum, pm2,
               N, C, H, W, Ho, Wo, float(slope), *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
               *r.stride(), *out.stride(), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-              HAS_RES=residual is not None, ACT=ACT_CODES[act], STATS=stats, ACC=rt.acc(x),
+              HAS_RES=residual is not None, ACT=ACT_CODES[act], STATS=stats, POOL=pool, ACC=rt.acc(x),
               IDX64=rt.needs_int64(x, out, r), BLOCK_M=bm, BLOCK_C=bc)
-    return (psum, pm2, bm) if stats else None
+    return (psum, pm2, bm) if stats else psum if pool else None
 
 
 def depthwise2d_dgrad(rt, kernel, dy, weight, dx):

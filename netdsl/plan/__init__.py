@@ -1,7 +1,7 @@
 """The kernel plans of a network's forwards, made at compile time.
 
     graph --fuse--> fused graph --lower--> plan --shuffle_in_concat--> plan
-          --depthwise_direct--> plan --gate_in_prologue--> plan --concat_in_place--> plan
+          --depthwise_direct--> plan --gate_in_prologue--> plan --se_gate--> plan --concat_in_place--> plan
     fused graph --split_input_activations--> --lower_train--> plan --concat_in_place_train--> plan
           --split_channels--> plan
           --depthwise_direct_train--> plan --block_outputs--> plan --deferred_bn--> plan
@@ -22,6 +22,7 @@ from .concat_in_place import concat_in_place, concat_in_place_train
 from .deferred_bn import deferred_bn
 from .depthwise_direct import depthwise_direct, depthwise_direct_train
 from .gate_in_prologue import gate_in_prologue
+from .se_gate import se_gate
 from .shuffle_in_concat import shuffle_in_concat
 from .split_channels import split_channels
 from .ir import Plan
@@ -38,6 +39,8 @@ def inference_plan(net: ir.Net, disable=frozenset(), fused: bool = False) -> Pla
         p = depthwise_direct(p)  # depthwise convs by the direct kernel, not the implicit GEMM
     if "gate_in_prologue" not in disable:
         p = gate_in_prologue(p)  # a squeeze-and-excitation product made by its conv as it loads x
+    if "se_gate" not in disable:
+        p = se_gate(p)  # a squeeze-and-excitation gate in one launch, pooling its depthwise conv's per-tile sums
     if "concat_in_place" not in disable:
         p = concat_in_place(p)  # branch and dense-layer outputs stored straight into their channels
     return p.renumbered()  # t1, t2, ... in the order the forward makes them

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .. import ir
+from ..kernels.depthwise import pool_tiles
 from .ir import Plan, Step
 
 ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -51,13 +52,18 @@ def _is_view_flatten(plan: Plan, step: Step) -> bool:
 
 
 def launches(plan: Plan, batch: int, dtype: str = "fp32") -> Figures:
-    """The launches of plan's inference forward in eval mode, steady state."""
+    """The launches of plan's inference forward in eval mode, steady state, with a GPU's tiles."""
     e, stat = ELEMENT[dtype], 4
     out = []
     folds = 0
+    made = {o: s for s in plan.steps for o in s.outs}
 
     def size(name):
-        return batch * math.prod(plan.value(name).shape) * e
+        v = plan.value(name)
+        if v.sums:  # fp32, a row per tile of each sample (the depthwise conv that left them)
+            hw = math.prod(plan.value(made[name].outs[0]).shape[1:])
+            return batch * pool_tiles(True, hw, v.shape[0]) * v.shape[0] * stat
+        return batch * math.prod(v.shape) * e
 
     for s in plan.steps:
         if s.op == "buffer" or (s.op == "flatten" and _is_view_flatten(plan, s)) or s.training_only:
@@ -67,8 +73,11 @@ def launches(plan: Plan, batch: int, dtype: str = "fp32") -> Figures:
             continue
         # (an upsampling to a tensor's size reads only its shape)
         reads = s.reads[:1] if s.op == "upsample" and s.unit.attrs.get("like") else s.reads
+        if s.op == "se_gate":  # (x for its shape: the kernel reads its per-tile sums)
+            reads = s.reads[1:]
         operands = {_root(plan, r): size(r) for r in reads}
-        operands[_root(plan, s.out)] = size(s.out)
+        for o in s.outs or (s.out,):
+            operands[_root(plan, o)] = size(o)
         nbytes = sum(operands.values())
         u = s.unit
         if isinstance(u, ir.Fused):
@@ -82,6 +91,9 @@ def launches(plan: Plan, batch: int, dtype: str = "fp32") -> Figures:
                 nbytes += 2 * bn.attrs["num_features"] * stat  # the folded scale and shift
         elif s.op == "conv_transpose":
             nbytes += _weight(u) * e + (u.attrs["out_channels"] * e if u.attrs["bias"] else 0)
+        elif s.op == "se_gate":  # both convs' weights and biases
+            nbytes += sum(_weight(f.main) + (_out_channels(f.main) if f.main.attrs.get("bias") else 0)
+                          for f in (u.squeeze, u.excite)) * e
         elif s.op in ("layernorm", "groupnorm", "layer_scale"):  # γ (and β)
             nbytes += sum(math.prod(t.shape) for t in u.tensors) * e
         out.append(Launch(s, nbytes))

@@ -22,6 +22,22 @@ class Value:
     c0: int = 0
     nchw: bool = False  # NCHW-contiguous (the caller's input); netdsl's own 4-d tensors are channels-last
     step: int = 1  # (a shuffled concatenation's part: every step-th channel)
+    sums: bool = False  # per-tile fp32 sums an epilogue left (shape: one sample's tiles × channels)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A squeeze-and-excitation gate run as one kernel (plan/se_gate.py): its
+    global average pool, then the squeeze and excite convs with their activations."""
+
+    pool: ir.Layer
+    squeeze: ir.Fused
+    excite: ir.Fused
+
+    @property
+    def layers(self) -> tuple:
+        return (self.pool,) + tuple(l for f in (self.squeeze, self.excite)
+                                    for l in f.layers + ((f.act,) if f.act is not None else ()))
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,8 @@ class Step:
             return u.layers + ((u.act,) if u.act is not None else ())
         if isinstance(u, tuple):  # (a split's: its channels layers)
             return u
+        if isinstance(u, Gate):
+            return u.layers
         return (u,) if isinstance(u, ir.Layer) else ()
 
     @property

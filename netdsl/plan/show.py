@@ -39,7 +39,7 @@ def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: s
         text = (" → ".join(name for name, _ in spots) + f" ({file}:"
                 + ",".join(at.rsplit(":", 1)[1] for at in lines_at if at.startswith(file + ":")) + ")")
         rows.append((str(i), kernel_text(s), ", ".join(_ref(plan, r) for r in s.reads),
-                     _ref(plan, s.out), f"{launch.bytes / 1e6:.2f}", text))
+                     ", ".join(_ref(plan, o) for o in s.outs or (s.out,)), f"{launch.bytes / 1e6:.2f}", text))
     widths = [max(len(r[k]) for r in rows) for k in range(5)]
     lines = [head]
     for r in rows:
@@ -79,6 +79,7 @@ def to_json(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype:
                        **({"into": plan.value(s.out).base, "channel": plan.value(s.out).c0,
                            "channel_step": plan.value(s.out).step}
                           if plan.value(s.out).base is not None else {})},
+            **({"tile_sums": s.outs[1]} if len(s.outs) > 1 else {}),  # (se_gate's: per-tile sums of the output)
             "bytes": launch.bytes,
         })
     ops, eb = eager
