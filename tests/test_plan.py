@@ -171,6 +171,8 @@ def test_netdsl_plan_prints_the_plan_and_its_totals():
     lines = out.splitlines()
     assert lines[0] == "ResNet18: inference forward (eval), batch 8, fp32, input 3×224×224"
     assert re.match(r" 1  conv_bn_relu +x +t1 +30\.55  conv1 → bn1 → relu \(resnet\.net:[\d,]+\)$", lines[2])
+    # (the flatten between them is a view, no launch: the linear reads the pool's output)
+    assert re.match(r"22  global_avgpool +(t\d+) +(t\d+) .*\n23  linear +\2 ", "\n".join(lines[-4:-2]))
     assert lines[-2] == ("launches 23 (eager PyTorch: 68 ops, 0.34×); bytes moved 253.1 MB "
                          "(eager: 620.9 MB, 0.41×)")
     assert lines[-1] == "after a parameter changes, the first forward also runs 20 bn_fold launches"

@@ -31,6 +31,17 @@ def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: s
     head = (f"{net.name}: inference forward (eval), batch {batch}, {dtype}, input {shape_text(net.input_shape)}"
             + (f", without {', '.join(sorted(disabled))}" if disabled else ""))
     rows = [("#", "kernel", "reads", "writes", "MB", "covers")]
+    # a step that launches nothing (a flatten that is a view, an eval dropout) passes its input on: the table
+    # names that input where a launch reads its output
+    launched = {id(l.step) for l in fig.launches}
+    alias = {s.out: s.reads[0] for s in plan.steps if id(s) not in launched and s.op != "buffer" and s.reads
+             and not s.training_only}
+
+    def source(name):
+        while name in alias:
+            name = alias[name]
+        return name
+
     for i, launch in enumerate(fig.launches, 1):
         s = launch.step
         spots = covers(s)
@@ -38,7 +49,7 @@ def table(plan: Plan, fig: Figures, eager: tuple[int, int], batch: int, dtype: s
         file = lines_at[0].rsplit(":", 1)[0]
         text = (" → ".join(name for name, _ in spots) + f" ({file}:"
                 + ",".join(at.rsplit(":", 1)[1] for at in lines_at if at.startswith(file + ":")) + ")")
-        rows.append((str(i), kernel_text(s), ", ".join(_ref(plan, r) for r in s.reads),
+        rows.append((str(i), kernel_text(s), ", ".join(_ref(plan, source(r)) for r in s.reads),
                      ", ".join(_ref(plan, o) for o in s.outs or (s.out,)), f"{launch.bytes / 1e6:.2f}", text))
     widths = [max(len(r[k]) for r in rows) for k in range(5)]
     lines = [head]
