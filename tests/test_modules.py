@@ -399,3 +399,39 @@ def test_a_recursive_block_against_its_torch_twin(spec_file):
     x = torch.randn(2, 3, 6, 6)
     compare(tri, ref, x)
     grad_compare(tri, ref, x)
+
+
+# The launched kernels that still take more than 64 arguments (pointers, sizes, strides and constexprs), with
+# their counts: the conv family's epilogues and prologues are constexpr-selected roles of one kernel each.
+# These counts may only go down; every other kernel stays within 64.
+WIDE_KERNELS = {"CONV2D": 84, "CONV2D_BACKWARD": 178, "CONV_TRANSPOSE2D": 111}
+
+
+def test_launched_kernels_take_at_most_64_arguments_but_the_conv_familys():
+    from netdsl.codegen import triton_module as tm
+    from netdsl.compiler import compile_program
+    from netdsl.kernels import conv as kconv
+    from netdsl.parser import load
+
+    helpers = {name for _, name, _ in tm.HELPERS}
+    templates = {name: getattr(kconv, name) for name in WIDE_KERNELS}
+    counts, wide = {}, {}
+    for file in sorted(SPECS.glob("*.net")):
+        source, _ = compile_program(load(str(file)), None)
+        for name, params in re.findall(r"^@triton\.jit\ndef (\w+)\((.*?)\):", source, flags=re.M | re.S):
+            if name in helpers:
+                continue
+            n = len([p for line in params.splitlines() for p in line.split("#")[0].split(",") if p.strip()])
+            counts[name] = n
+            if n > 64:
+                template = [t for t, text in templates.items() if _same_signature(text, source, name)]
+                assert template, f"{file.name}: {name} takes {n} arguments"
+                wide[template[0]] = max(wide.get(template[0], 0), n)
+    assert wide == WIDE_KERNELS
+    assert len(counts) > 100 and max(n for k, n in counts.items() if n <= 64) > 40  # (the parse found them)
+
+
+def _same_signature(template: str, source: str, name: str) -> bool:
+    """Is the generated kernel `name` an instance of template (its signature's text, the name apart)?"""
+    head = template.split("):\n")[0].split("def $NAME(")[1]
+    return f"def {name}({head}):" in source
