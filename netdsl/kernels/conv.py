@@ -509,9 +509,41 @@ CONV_TRANSPOSE_TILE = (
                                out_db_ptr, out_dcb_ptr, out_coef_ptr, OUT_AFFINE, OUT_TRAIN, OUT_CBIAS)
 ''')
 
-CONV_TRANSPOSE2D = _kernel(_TRANSPOSE_PARAMS, "conv_transpose_tile",
-                           "tl.program_id(0), tl.program_id(1), tl.program_id(2), "
-                           "tl.num_programs(0), tl.num_programs(1), tl.num_programs(2)")
+# A transposed conv layer's forward: the dgrad's tile with none of its backward roles.  Its own narrow
+# signature hands the tile a dummy pointer (y's), zero strides and slopes, and constexpr 0 for every role, so a
+# launch passes 31 arguments instead of the tile's 107.
+_PLAIN_TRANSPOSE_PARAMS = """\
+    # pointers
+    x_ptr, w_ptr, shift_ptr, y_ptr,
+    # sizes
+    N, H, W, C_in, Ho, Wo, C_out,
+    # strides
+    sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw,
+    # meta-parameters
+    ACC: tl.constexpr, HAS_SHIFT: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+"""
+
+
+def _plain_transpose_kernel() -> str:
+    own = set(_names(_PLAIN_TRANSPOSE_PARAMS))
+    meta = set(_names(_TRANSPOSE_PARAMS.split("    # meta-parameters\n")[1]))
+
+    def arg(name):
+        if name in own:
+            return name
+        if name.endswith("_ptr"):
+            return "y_ptr"
+        return "0" if name in meta or name.startswith("s") else "0.0"  # (a role's flag, a stride; a slope)
+
+    ids = "tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(1), " \
+          "tl.num_programs(2)"
+    call = "    conv_transpose_tile("
+    args = _wrap(ids.split(", ") + [arg(n) for n in _names(_TRANSPOSE_PARAMS)] + _GEOMETRY_ARGS.split(", "), len(call))
+    return f"@triton.jit\ndef $NAME(\n{_PLAIN_TRANSPOSE_PARAMS}):\n{call}{args})\n"
+
+
+CONV_TRANSPOSE2D = _plain_transpose_kernel()
 
 
 # Weight gradient (backward of CONV2D): for each tap and group,
@@ -1086,10 +1118,22 @@ def _transpose_site(x, weight, out, bias=None, groups=1, grad_in=None, grad_out=
                                     merge=merge is not None)
 
 
-def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
-                     out_mask=None, merge=None, config=None):
-    return _launch(rt, kernel, _transpose_part(rt, x, weight, out, bias, groups, grad_in, grad_out, residual,
-                                               out_mask, merge, config))
+def conv_transpose2d(rt, kernel, x, weight, out, bias=None, groups=1, config=None):
+    """out = conv_transpose(x, weight) + bias (CONV_TRANSPOSE2D: the dgrad's tile without its roles)."""
+    config = config or {}
+    N, C_in, H, W = x.shape
+    C_out, Ho, Wo = out.shape[1], out.shape[2], out.shape[3]
+    M = N * Ho * Wo
+    BM, BN, BK = conv_blocks(M, C_out // groups, C_in // groups, rt.gpu_tiles(x))
+    BM, BN, BK = config.get("BLOCK_M", BM), config.get("BLOCK_N", BN), config.get("BLOCK_K", BK)
+    grid = (triton.cdiv(M, BM), triton.cdiv(C_out // groups, BN), groups)
+    args = (x, weight, bias if bias is not None else out, out, N, H, W, C_in, Ho, Wo, C_out,
+            *x.stride(), *weight.stride(), *out.stride())
+    meta = dict(ACC=rt.acc(x), HAS_SHIFT=bias is not None, IDX64=rt.needs_int64(x, weight, out),
+                PRECISION=rt.precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, STAGES=config.get("STAGES", 3))
+    options = dict(gpu_options(rt, x))
+    _config_options(rt, x, options, config)
+    return _launch(rt, kernel, _Part(grid, args, meta, options, out))
 
 
 def _transpose_part(rt, x, weight, out, bias=None, groups=1, grad_in=None, grad_out=None, residual=None,
