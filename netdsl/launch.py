@@ -141,6 +141,8 @@ def shuffled_grid(seed: int):
 
 
 def launch(kernel, grid, *args, **meta):
+    if getattr(_local, "shapes_only", False):  # (traced.py's fake forward: its outputs' shapes, nothing else)
+        return
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     for log in getattr(_local, "logs", ()) or ():
         log.append((kernel.fn.__name__, tuple(grid)))
@@ -246,8 +248,20 @@ def _warmup(kernel, grid, args, meta, mode):
 
 
 def dry() -> bool:
-    """True while launches compute nothing (planned, or compiled only)."""
-    return getattr(_local, "plan", None) is not None or _compile_only is not None
+    """True while launches compute nothing (planned, compiled only, or a trace's shapes)."""
+    return getattr(_local, "plan", None) is not None or _compile_only is not None \
+        or getattr(_local, "shapes_only", False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Launch nothing and record nothing: a forward on fake (or symbolic) tensors for its outputs' shapes."""
+    was = getattr(_local, "shapes_only", False)
+    _local.shapes_only = True
+    try:
+        yield
+    finally:
+        _local.shapes_only = was
 
 
 def gpu_tiles(x) -> bool:
@@ -378,6 +392,7 @@ class _RT:
     gpu_tiles = staticmethod(gpu_tiles)
     batch_stats_empty = staticmethod(batch_stats_empty)
     counters = staticmethod(counters)
+    shapes_only = staticmethod(lambda: getattr(_local, "shapes_only", False))
 
     def __init__(self, disabled=frozenset()):
         self.disabled = frozenset(disabled)

@@ -23,6 +23,7 @@ from .launch import (  # noqa: F401  (the generated modules' and the tools' rt.*
     channel_range, compile_only, concat_buffer, copy, counters, dry, empty, gpu_tiles, grid_merge,
     in_launch, kernel_log, launch, needs_int64, plan_launches, precision, shuffled_grid, stat_empty, tuned)
 from .ops import window_out
+from .traced import run as traced_run, tracing as traced  # noqa: F401  (the generated forward's traced path)
 from .tuning import register as register_tuned  # noqa: F401  (generated modules' baked-in tables)
 
 # ------------------------------------------------------------------ steps

@@ -244,7 +244,7 @@ def tunable(kind: str, site):
 
 def _lookup(kind, launcher, rt, kernel, site, args, kwargs) -> dict:
     rec = _recorder
-    if not enabled() and rec is None:
+    if (not enabled() and rec is None) or rt.shapes_only():  # (a trace's shapes: sizes may be symbolic)
         return {}
     tensors, flags = site(*args, **kwargs)
     memo = (id(kernel), kind, tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors if t is not None),

@@ -436,8 +436,15 @@ def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
     for net, (lines, result), (train_lines, train_result) in classes:
         out += class_lines(net)
         out += ["",
+                "    # the traced forward's (rt.traced_run): this class's name for netdsl::forward, and what its",
+                "    # eval forward returns (None: one tensor; n: a tuple of n; names: a dict)",
+                f"    traced_key = __name__ + '|' + __file__ + '|{net.name}'",
+                f"    traced_returns = {_eval_returns(net)!r}",
+                "",
                 "    def forward(self, x):",
                 f"        x = rt.check_input(x, self.input_shape, {net.name!r})",
+                "        if rt.traced():  # (torch.compile, torch.export: the whole forward as one op, netdsl::forward)",
+                "            return rt.traced_run(self, x)",
                 "        if rt.grad_wanted(self, x):",
                 "            return self.forward_autograd(x)"]
         out += [f"        {line}" for line in lines]
@@ -448,6 +455,13 @@ def generate(nets: list[ir.Net], source: str, disable=frozenset()) -> str:
         out += [f"        return {train_result}", ""]
     out += ["", f"NETWORKS = {{{', '.join(f'{n.name!r}: {n.name}' for n, *_ in classes)}}}", ""]
     return "\n".join(out)
+
+
+def _eval_returns(net: ir.Net):
+    outs = [o for o in net.outputs if not o.training]
+    if len(outs) <= 1 and all(o.key is None for o in outs):
+        return None
+    return tuple(o.key for o in outs) if outs[0].key is not None else len(outs)
 
 
 def kernel_names(source: str) -> list[str]:
