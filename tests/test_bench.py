@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_gpu_bench_runs_end_to_end_on_the_cpu():
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--tune", "20"],
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--tune", "2"],
                          capture_output=True, text=True, timeout=1500, env=dict(os.environ))
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.split("\n\n")[-1].splitlines()
