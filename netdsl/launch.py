@@ -254,14 +254,19 @@ def dry() -> bool:
 
 
 @contextlib.contextmanager
-def shapes_only():
-    """Launch nothing and record nothing: a forward on fake (or symbolic) tensors for its outputs' shapes."""
-    was = getattr(_local, "shapes_only", False)
-    _local.shapes_only = True
+def thread_flag(local, name: str):
+    """local.<name> true for the with-block, then as it was (blocks may nest)."""
+    was = getattr(local, name, False)
+    setattr(local, name, True)
     try:
         yield
     finally:
-        _local.shapes_only = was
+        setattr(local, name, was)
+
+
+def shapes_only():
+    """Launch nothing and record nothing: a forward on fake (or symbolic) tensors for its outputs' shapes."""
+    return thread_flag(_local, "shapes_only")
 
 
 def gpu_tiles(x) -> bool:

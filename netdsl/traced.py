@@ -17,14 +17,13 @@ settled by autograd Functions at run time (grad.py), which a trace cannot
 follow.  A traced module in train mode is an error that says so."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 import threading
 
 import torch
 
-from .launch import shapes_only
+from .launch import shapes_only, thread_flag
 
 
 class TracedModeError(RuntimeError):
@@ -39,14 +38,8 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() and not getattr(_local, "inside", False)
 
 
-@contextlib.contextmanager
 def _inside():
-    was = getattr(_local, "inside", False)
-    _local.inside = True
-    try:
-        yield
-    finally:
-        _local.inside = was
+    return thread_flag(_local, "inside")
 
 
 def _state(m) -> list:
