@@ -7,8 +7,9 @@ module's parameters and buffers, in registration order), on a private eval
 instance of the generated class, so an exported program runs the weights it
 carries.  Its fake implementation runs the same forward on the fake tensors
 with nothing launched (launch.shapes_only): the runtime's own shape checks,
-shape arithmetic and allocations give the outputs, symbolic sizes included,
-so one compile serves every batch (and image) size.  key names the
+shape arithmetic and allocations give the outputs, so one compile serves
+every batch size (image sizes are symbolic too, though a launcher's tile
+choice may guard them into another compile).  key names the
 generated file and class, so a program exported here and loaded in another
 process finds the module in the netdsl cache.
 

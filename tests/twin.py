@@ -33,9 +33,6 @@ def spread(module, seed, names):
 
 
 def twins(path, net, seed=0, **overrides):
-    # the weights randomize leaves to the layers' default init draw from the global generator: seeded, they are
-    # the same whatever tests ran before in this worker
-    torch.manual_seed(seed)
     tri = netdsl.build(path, net, **overrides)
     ref = netdsl.build(path, net, target="torch", **overrides)
     randomize(ref, seed)
